@@ -1,0 +1,7 @@
+"""disalign.calib — fit DisAlign and its baselines on cached stage-1 tensors (feature banks)."""
+
+from calib.errors import ArtifactError, BankError, DisalignError, InputError, NotFittedError
+
+__version__ = "0.1.0"
+
+__all__ = ["ArtifactError", "BankError", "DisalignError", "InputError", "NotFittedError", "__version__"]

@@ -1,0 +1,33 @@
+"""Exceptions raised by disalign.
+
+Every user-facing failure is a :class:`DisalignError` carrying one clear sentence that names the field,
+what was expected and what was found. The CLI prints ``error: <sentence>`` and exits with status 2; the
+server turns it into a JSON error body. Anything else escaping is a bug.
+
+- :class:`BankError` — a feature bank is missing, unreadable, or does not match its spec.
+- :class:`ArtifactError` — a calibration artifact is missing, corrupt, or does not match a bank/model.
+- :class:`InputError` — tensors or arguments passed to an estimator have the wrong shape, dtype or values.
+- :class:`NotFittedError` — an estimator was used before ``fit`` or ``load``.
+"""
+
+from __future__ import annotations
+
+
+class DisalignError(ValueError):
+    """Base class: a user-facing error with one clear sentence."""
+
+
+class BankError(DisalignError):
+    """A feature bank is missing, unreadable or malformed."""
+
+
+class ArtifactError(DisalignError):
+    """A calibration artifact is missing, corrupt, or incompatible."""
+
+
+class InputError(DisalignError):
+    """Tensors or arguments have the wrong shape, dtype or values."""
+
+
+class NotFittedError(DisalignError):
+    """An estimator was used before fit() or load()."""
