@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 
+from calib.baselines import BASELINES
 from calib.disalign import DisAlign
 from calib.errors import ArtifactError, InputError
 from calib.estimator import Calibrator, read_artifact
 
 METHODS: dict[str, type[Calibrator]] = {
     DisAlign.method: DisAlign,
+    **BASELINES,
 }
 
 

@@ -1,0 +1,92 @@
+"""Shared pieces of the baselines: the hyper-parameter contract, clean-view rows, validation scoring.
+
+Every baseline lists its ``__init__`` keyword hyper-parameters in ``hyperparameter_names``; ``get_params``
+returns exactly those (JSON-able), so ``Calibrator.load`` can rebuild the estimator with ``cls(**hp)``.
+Validation-based choices (τ of logit adjustment and τ-norm) score the clean view (``view == 0``) of the
+labelled validation rows: best mean-class accuracy, ties broken by lower NLL, then by grid order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from calib.bank import Bank
+from calib.errors import InputError
+from calib.estimator import Calibrator
+from calib.metrics import mean_class_accuracy, negative_log_likelihood
+
+
+class Baseline(Calibrator):
+    """A :class:`Calibrator` whose hyper-parameters are the attributes named in ``hyperparameter_names``."""
+
+    hyperparameter_names: ClassVar[tuple[str, ...]] = ()
+
+    def get_params(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.hyperparameter_names}
+
+
+def clean_labelled(bank: Bank, role: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The clean-view labelled rows of a bank: features (M, d) float32, logits (M, K), labels (M,); M >= 1."""
+    keep = (bank.view == 0) & (bank.labels >= 0)
+    if not bool(keep.any()):
+        raise InputError(f"{role} bank {bank.info.path} has no labelled rows in its clean view (view 0).")
+    return bank.features[keep].float(), bank.logits[keep], bank.labels[keep]
+
+
+def score(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Validation metrics of calibrated logits (M, K) against labels (M,)."""
+    predictions = logits.argmax(dim=1)
+    return {
+        "val_mean_class_accuracy": mean_class_accuracy(predictions, labels, logits.shape[1]),
+        "val_accuracy": float((predictions == labels).double().mean()),
+        "val_nll": negative_log_likelihood(logits, labels),
+    }
+
+
+def choose_on_val(
+    name: str, grid: Sequence[float], logits_for: Callable[[float], torch.Tensor], labels: torch.Tensor
+) -> tuple[float, list[dict[str, float]]]:
+    """Pick the grid value whose logits score best on validation; returns ``(value, curve)``.
+
+    ``logits_for(value) -> (M, K)`` validation logits; ``curve`` holds one ``{name, val_*}`` point per value.
+    Best = highest mean-class accuracy, then lowest NLL; an exact tie keeps the earlier (smaller) value.
+    """
+    curve: list[dict[str, float]] = []
+    best, best_key = grid[0], (-math.inf, -math.inf)
+    for value in grid:
+        point = {name: float(value), **score(logits_for(value), labels)}
+        curve.append(point)
+        key = (point["val_mean_class_accuracy"], -point["val_nll"])
+        if key > best_key:
+            best, best_key = float(value), key
+    return best, curve
+
+
+def check_choice(field: str, value: float | str, *, low: float = 0.0) -> None:
+    """A hyper-parameter that is a number >= ``low`` or the string "auto"."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise InputError(f"{field} should be a number >= {low:g} or 'auto', found {value!r}.")
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < low:
+        raise InputError(f"{field} should be a number >= {low:g} or 'auto', found {value!r}.")
+
+
+def check_grid(field: str, grid: Sequence[float], *, low: float = 0.0) -> tuple[float, ...]:
+    """A non-empty grid of finite numbers >= ``low``, as a tuple of floats."""
+    values = tuple(grid)
+    if not values:
+        raise InputError(f"{field} should hold at least one value, found an empty grid.")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < low:
+            raise InputError(f"{field} should hold finite numbers >= {low:g}, found {value!r}.")
+    return tuple(float(v) for v in values)
+
+
+def linear_grid(stop: float, step: float = 0.1) -> tuple[float, ...]:
+    """0, step, …, stop rounded to 10 decimals (so 0.3 is 0.3, not 0.30000000000000004)."""
+    return tuple(round(i * step, 10) for i in range(int(round(stop / step)) + 1))

@@ -1,0 +1,106 @@
+"""τ-normalised classifier (Kang et al., ICLR 2020, "Decoupling representation and classifier").
+
+    W̃_j = W_j / ‖W_j‖^τ          ẑ = x · W̃ᵀ          (no bias, as classifier-balancing's ``pnorm``)
+
+W (K, d) is the stage-1 classifier stored in the train bank (``classifier/weight``). τ = 0 is the
+stage-1 classifier without its bias, τ = 1 scores each class by ‖x‖·cos(x, W_j). ``tau="auto"``
+chooses τ on the validation bank from ``tau_grid`` (0, 0.1, …, 2 as the reference sweep; best mean-class
+accuracy, ties → lower NLL); without a validation bank τ = 1. Features are stored as float16: all products
+are computed in float32. The fit report records ``logit_reconstruction_error``, max |x·Wᵀ + b − z| / max |z|
+over the first clean rows of the train bank: a large value means the stored weights do not produce the
+stored logits (e.g. a cosine classifier), and τ-norm results are then not comparable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from calib.bank import Bank
+from calib.baselines.common import (
+    Baseline,
+    check_choice,
+    check_grid,
+    choose_on_val,
+    clean_labelled,
+    linear_grid,
+    score,
+)
+from calib.errors import InputError
+from calib.estimator import require_shape
+
+DEFAULT_TAU = 1.0
+DEFAULT_TAU_GRID = linear_grid(2.0)  # 0, 0.1, …, 2
+RECONSTRUCTION_ROWS = 1024
+
+
+def tau_normalise(weight: torch.Tensor, tau: float) -> torch.Tensor:
+    """W_j / ‖W_j‖^τ for every row of weight (K, d) → (K, d) float32; all-zero rows stay zero."""
+    weight = weight.to(torch.float32)
+    norms = weight.norm(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    return weight / norms.pow(tau)
+
+
+def tau_norm_logits(features: torch.Tensor, normalised_weight: torch.Tensor) -> torch.Tensor:
+    """x · W̃ᵀ: features (N, d) any float dtype, normalised_weight (K, d) → (N, K) float32."""
+    return features.to(torch.float32) @ normalised_weight.T
+
+
+def reconstruction_error(features: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
+    """max |x·Wᵀ + b − z| / max |z| over rows of features (N, d) and logits (N, K)."""
+    recon = features.to(torch.float32) @ weight.to(torch.float32).T
+    if bias is not None:
+        recon = recon + bias.to(torch.float32)
+    scale = float(logits.abs().max()) if logits.numel() else 0.0
+    return float((recon - logits).abs().max()) / scale if scale > 0 else 0.0
+
+
+class TauNorm(Baseline):
+    """τ-normalised stage-1 classifier; ``tau`` is a number >= 0 or "auto" (see module docstring)."""
+
+    method = "tau-norm"
+    hyperparameter_names = ("tau", "tau_grid")
+
+    def __init__(self, tau: float | str = "auto", *, tau_grid: tuple[float, ...] | list[float] = DEFAULT_TAU_GRID):
+        self.tau = tau
+        self.tau_grid = tuple(tau_grid)
+
+    def _fit(self, train: Bank, val: Bank | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        check_choice("tau", self.tau)
+        grid = check_grid("tau_grid", self.tau_grid)
+        weight = train.classifier_weight
+        if weight is None:
+            raise InputError(
+                f"train bank {train.info.path} has no classifier weights (dataset 'classifier/weight'), which tau-norm needs; "
+                "re-extract the bank with a model whose final linear layer is reachable."
+            )
+        weight = weight.to(torch.float32)
+        features, logits, _ = clean_labelled(train, "train")
+        report: dict[str, Any] = {
+            "logit_reconstruction_error": reconstruction_error(
+                features[:RECONSTRUCTION_ROWS], logits[:RECONSTRUCTION_ROWS], weight, train.classifier_bias
+            )
+        }
+        if val is not None:
+            val_features, _, val_labels = clean_labelled(val, "val")
+        if self.tau == "auto" and val is not None:
+            tau, curve = choose_on_val(
+                "tau", grid, lambda t: tau_norm_logits(val_features, tau_normalise(weight, t)), val_labels
+            )
+            report["tau_curve"] = curve
+        else:
+            tau = DEFAULT_TAU if self.tau == "auto" else float(self.tau)
+        report["tau"] = tau
+        normalised = tau_normalise(weight, tau)
+        if val is not None:
+            report["validation"] = score(tau_norm_logits(val_features, normalised), val_labels)
+        return {"weight": normalised, "tau": torch.tensor(tau)}, report
+
+    def _predict_logits(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return tau_norm_logits(features, self.params_["weight"])
+
+    def _check_loaded_params(self) -> None:
+        where = "tau-norm calibration"
+        require_shape(self.params_, "weight", (self.meta_.num_classes, self.meta_.feature_dim), where)
+        require_shape(self.params_, "tau", (), where)
