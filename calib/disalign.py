@@ -12,14 +12,15 @@ refitting with the chosen ρ.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 import numpy as np
 import torch
 
-from calib.bank import Bank
-from calib.estimator import Calibrator, require_shape
+from calib.bank import Bank, BankReader
+from calib.estimator import Calibrator, as_bank, check_banks_agree, require_shape
 from calib.errors import InputError
 from calib.grw import grw_cross_entropy, grw_weights
 from calib.head import confidence_gate, disalign_logits, initial_parameters
@@ -83,6 +84,37 @@ class DisAlign(Calibrator):
         return SGDRecipe(self.epochs, self.batch_size, self.lr, self.momentum, self.weight_decay, self.seed)
 
     # -- fitting --------------------------------------------------------------------------------
+    def fit(self, train: Bank | str | os.PathLike, val: Bank | str | os.PathLike | None = None, *,
+            max_memory: int | None = None) -> DisAlign:
+        """Fit on a bank (or its path). With ``max_memory`` (bytes) smaller than the bank's row data,
+        the training bank is streamed from disk in windows of chunks instead of loaded."""
+        if max_memory is None or isinstance(train, Bank):
+            return super().fit(train, val)
+        if max_memory <= 0:
+            raise InputError(f"max_memory should be a positive number of bytes, found {max_memory}.")
+        with BankReader(train) as reader:
+            info = reader.info
+            row_bytes = info.feature_dim * np.dtype(info.feature_dtype).itemsize + info.num_classes * 4
+            if info.num_rows * row_bytes <= max_memory // 2:
+                return super().fit(reader.load(), val)
+            val_bank = as_bank(val, "val") if val is not None else None
+            if val_bank is not None:
+                check_banks_agree(info, val_bank.info, "val")
+            labels = torch.from_numpy(reader.column("labels"))
+            if not (labels >= 0).any():
+                raise InputError(f"train bank {info.path} has no labelled rows (all labels are -1).")
+            sample_index, view = torch.from_numpy(reader.column("sample_index")), torch.from_numpy(reader.column("view"))
+            counts = info.class_counts
+            if counts is None:
+                clean = (view == 0) & (labels >= 0)
+                counts = np.bincount(labels[clean].numpy(), minlength=info.num_classes).astype(np.int64)
+            # A window holds the block read from disk plus its float32 copy of the selected rows.
+            window_rows = max(info.chunk_rows, int(max_memory // 2 // (row_bytes + info.feature_dim * 4 + info.num_classes * 4)))
+            source = RowSource(reader=reader, window_rows=window_rows)
+            params, report = self.fit_source(source, labels, sample_index, view, counts, info.background_index, val_bank)
+            report["streamed"] = {"window_rows": window_rows, "max_memory": max_memory}
+            return self._set_fitted(info, counts, params, report)
+
     def _fit(self, train: Bank, val: Bank | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return self.fit_source(RowSource(bank=train), train.labels, train.sample_index, train.view,
                                train.training_class_counts(), train.info.background_index, val)

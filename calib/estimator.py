@@ -113,7 +113,10 @@ class Calibrator:
         if not (train_bank.labels >= 0).any():
             raise InputError(f"train bank {train_bank.info.path} has no labelled rows (all labels are -1).")
         params, report = self._fit(train_bank, val_bank)
-        info = train_bank.info
+        return self._set_fitted(train_bank.info, train_bank.training_class_counts(), params, report)
+
+    def _set_fitted(self, info: BankInfo, class_counts, params: dict[str, torch.Tensor], report: dict[str, Any]) -> Calibrator:
+        """Store fitted tensors and the metadata that makes the artifact self-describing."""
         self.params_ = {name: t.detach().to(torch.float32).contiguous() for name, t in params.items()}
         self.meta_ = CalibrationMeta(
             method=self.method,
@@ -123,7 +126,7 @@ class Calibrator:
             model_fingerprint=info.model_fingerprint,
             hyperparameters=_jsonable(self.get_params()),
             background_index=info.background_index,
-            class_counts=[int(c) for c in train_bank.training_class_counts()],
+            class_counts=[int(c) for c in class_counts],
             report=_jsonable(report),
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )

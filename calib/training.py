@@ -82,9 +82,9 @@ class RowSource:
     """Where batches come from: an in-memory :class:`Bank`, or a bank file streamed in windows.
 
     ``batches(rows, batch_size, generator)`` yields ``(features float32 (B, d), logits (B, K), labels (B,))``.
-    In memory the batches follow ``rows`` exactly. Streaming sorts the epoch's rows into windows of
-    contiguous chunks that fit ``window_rows``, visits the windows in random order and shuffles rows
-    within each window (block shuffling: each row is still visited exactly as often as in ``rows``).
+    In memory the batches follow ``rows`` exactly. Streaming reads windows of randomly chosen whole
+    chunks (about ``window_rows`` rows) and shuffles the rows within each window (block shuffling: each
+    row is still visited exactly as often as in ``rows``, only the order differs).
     """
 
     def __init__(self, bank: Bank | None = None, reader: BankReader | None = None, window_rows: int | None = None):
@@ -105,32 +105,39 @@ class RowSource:
     def _streamed(self, rows: torch.Tensor, batch_size: int, generator: torch.Generator):
         reader = self.reader
         assert reader is not None
-        chunk = reader.info.chunk_rows
-        window = max(chunk, (self.window_rows or chunk) // chunk * chunk)
-        sorted_rows = torch.sort(rows).values.numpy()
-        num_windows = math.ceil(reader.info.num_rows / window)
+        chunk, n = reader.info.chunk_rows, reader.info.num_rows
+        # Banks are usually sorted by class, so a window is made of randomly chosen chunks from all
+        # over the file rather than one contiguous range: batches then mix classes.
+        chunks_per_window = max(1, (self.window_rows or chunk) // chunk)
+        counts = torch.bincount(rows, minlength=n)  # how often each row is visited this epoch
+        chunk_ids = torch.randperm(math.ceil(n / chunk), generator=generator)
         carry: list[torch.Tensor] = []  # leftover rows of the last window join the next
-        for w in torch.randperm(num_windows, generator=generator).tolist():
-            lo, hi = w * window, min((w + 1) * window, reader.info.num_rows)
-            a, b = np.searchsorted(sorted_rows, [lo, hi])
-            if a == b:
+        for w in range(0, chunk_ids.numel(), chunks_per_window):
+            parts: list[tuple[torch.Tensor, ...]] = []
+            for c in sorted(chunk_ids[w : w + chunks_per_window].tolist()):
+                lo, hi = c * chunk, min((c + 1) * chunk, n)
+                repeat = counts[lo:hi]
+                if int(repeat.sum()) == 0:
+                    continue
+                block = reader.read_rows(lo, hi)
+                local = torch.repeat_interleave(torch.arange(hi - lo), repeat)
+                parts.append((torch.from_numpy(block["features"])[local], torch.from_numpy(block["logits"])[local],
+                               torch.from_numpy(block["labels"])[local]))
+            if not parts:
                 continue
-            block = reader.read_rows(lo, hi)
-            local = torch.from_numpy(sorted_rows[a:b] - lo)
-            local = local[torch.randperm(local.numel(), generator=generator)]
-            feats = torch.from_numpy(block["features"])[local].float()
-            logits = torch.from_numpy(block["logits"])[local]
-            labels = torch.from_numpy(block["labels"])[local]
             if carry:
-                feats, logits, labels = (torch.cat([c, x]) for c, x in zip(carry, (feats, logits, labels), strict=True))
-                carry = []
-            full = feats.shape[0] // batch_size * batch_size
+                parts.insert(0, tuple(carry))
+            feats, logits, labels = (torch.cat(column) for column in zip(*parts, strict=True))
+            carry = []
+            order = torch.randperm(labels.numel(), generator=generator)
+            feats, logits, labels = feats[order], logits[order], labels[order]
+            full = labels.numel() // batch_size * batch_size
             for start in range(0, full, batch_size):
-                yield feats[start : start + batch_size], logits[start : start + batch_size], labels[start : start + batch_size]
-            if full < feats.shape[0]:
+                yield feats[start : start + batch_size].float(), logits[start : start + batch_size], labels[start : start + batch_size]
+            if full < labels.numel():
                 carry = [feats[full:], logits[full:], labels[full:]]
         if carry:
-            yield carry[0], carry[1], carry[2]
+            yield carry[0].float(), carry[1], carry[2]
 
 
 def run_sgd(

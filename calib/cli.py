@@ -1,0 +1,186 @@
+"""The ``disalign`` command line: a thin layer over the estimators, the extractor and the server.
+
+    disalign fit TRAIN.h5 [--val VAL.h5] [--rho FLOAT|auto] [--epochs N] [--method disalign|…] --out CALIB_DIR
+    disalign eval TEST.h5 --calibration CALIB_DIR [--train TRAIN.h5] [--val VAL.h5]
+                  [--methods joint,disalign,logit-adjust,tau-norm,lws,crt,ncm] [--json OUT] [--plots DIR]
+    disalign extract …   (feature_extract.cli)
+    disalign serve …     (service.cli)
+
+Any :class:`~calib.errors.DisalignError` is printed as one ``error: …`` line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from calib.errors import DisalignError, InputError
+
+ALL_METHODS = ("joint", "disalign", "logit-adjust", "tau-norm", "lws", "crt", "ncm")
+
+
+def parse_bytes(text: str) -> int:
+    """'512M', '2G', '1.5GiB' or a plain byte count → bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size like 512M or 2G, found {text!r}")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2).lower()]
+    return int(float(match.group(1)) * scale)
+
+
+def parse_rho(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'auto', found {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'auto', found {text!r}")
+    return value
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# -- fit ------------------------------------------------------------------------------------------
+def add_fit_parser(subparsers) -> None:
+    p = subparsers.add_parser("fit", help="fit a calibration on a training bank",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("train", type=Path, help="training bank (HDF5)")
+    p.add_argument("--val", type=Path, help="validation bank, used to choose rho / tau")
+    p.add_argument("--method", default="disalign", help=f"one of {', '.join(ALL_METHODS)}")
+    p.add_argument("--rho", type=parse_rho, default="auto", help="GRW exponent, or 'auto' (grid search on --val)")
+    p.add_argument("--epochs", type=int, default=10, help="SGD epochs (disalign, lws, crt)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cosine", action="store_true", help="gate on L2-normalised features (cosine classifiers)")
+    p.add_argument("--no-magnitude", action="store_true", help="ablation: no magnitude term alpha")
+    p.add_argument("--no-margin", action="store_true", help="ablation: no margin term beta")
+    p.add_argument("--no-grw", action="store_true", help="ablation: plain cross-entropy instead of GRW")
+    p.add_argument("--max-memory", type=parse_bytes, help="stream the training bank when its rows exceed this (e.g. 512M)")
+    p.add_argument("--out", type=Path, required=True, help="calibration directory to write")
+    p.set_defaults(func=run_fit)
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from calib.disalign import DisAlign
+    from calib.methods import method_class
+
+    cls = method_class(args.method)
+    if cls is DisAlign:
+        estimator = DisAlign(rho=args.rho, epochs=args.epochs, seed=args.seed, cosine=args.cosine,
+                             use_magnitude=not args.no_magnitude, use_margin=not args.no_margin, use_grw=not args.no_grw)
+        estimator.fit(args.train, val=args.val, max_memory=args.max_memory)
+    else:
+        accepted = cls().get_params()
+        kwargs = {name: value for name, value in (("epochs", args.epochs), ("seed", args.seed)) if name in accepted}
+        estimator = cls(**kwargs).fit(args.train, val=args.val)
+    estimator.save(args.out)
+    report = estimator.meta_.report
+    summary = {k: report[k] for k in ("rho", "tau", "validation", "fit_seconds") if k in report}
+    print(f"wrote {args.method} calibration to {args.out}: {json.dumps(summary)}")
+    return 0
+
+
+# -- eval -----------------------------------------------------------------------------------------
+def add_eval_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a calibration and the baselines on a test bank",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("test", type=Path, help="test bank (HDF5)")
+    p.add_argument("--calibration", type=Path, required=True, help="calibration directory from 'disalign fit'")
+    p.add_argument("--train", type=Path, help="training bank: needed to fit the baselines")
+    p.add_argument("--val", type=Path, help="validation bank: tunes the baselines' tau")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all with --train, else joint + the calibration)")
+    p.add_argument("--many-above", type=int, default=100, help="'many' classes have more training samples than this")
+    p.add_argument("--few-below", type=int, default=20, help="'few' classes have fewer training samples than this")
+    p.add_argument("--json", type=Path, help="write the report as JSON here")
+    p.add_argument("--plots", type=Path, help="write PNG plots into this directory")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from calib.bank import load_bank
+    from calib.estimator import check_banks_agree
+    from calib.evaluate import evaluate_methods, fit_baselines, format_table
+    from calib.methods import load_calibration
+
+    calibration = load_calibration(args.calibration)
+    test = load_bank(args.test)
+    calibration.check_compatible(num_classes=test.num_classes, feature_dim=test.feature_dim,
+                                 model_fingerprint=test.info.model_fingerprint, source=f"test bank {args.test}")
+    train = load_bank(args.train) if args.train else None
+    val = load_bank(args.val) if args.val else None
+    for role, bank in (("train", train), ("val", val)):
+        if bank is not None:
+            check_banks_agree(test.info, bank.info, role)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else (
+        list(ALL_METHODS) if train is not None else ["joint", calibration.method])
+    unknown = [m for m in names if m not in ALL_METHODS]
+    if unknown:
+        raise InputError(f"--methods should be a subset of {','.join(ALL_METHODS)}, found {','.join(unknown)}.")
+    to_fit = [m for m in names if m != calibration.method and m != "joint"]
+    if to_fit and train is None:
+        raise InputError(f"--train is needed to fit {', '.join(to_fit)}; pass the training bank or drop them from --methods.")
+    # joint learns nothing, so without a training bank it is "fitted" on the test bank's header only.
+    estimators = fit_baselines([m for m in names if m != calibration.method], train if train is not None else test, val)
+    if calibration.method in names:
+        estimators[calibration.method] = calibration
+    estimators = {name: estimators[name] for name in names}
+    class_counts = np.asarray(calibration.meta_.class_counts if calibration.meta_.class_counts is not None
+                              else test.training_class_counts())
+    report = evaluate_methods(test, estimators, class_counts=class_counts, many_above=args.many_above, few_below=args.few_below)
+    print(format_table(report))
+    if args.json:
+        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
+    if args.plots:
+        from calib.plots import write_plots
+
+        rho_curve = calibration.meta_.report.get("rho_curve") if calibration.method == "disalign" else None
+        written = write_plots(args.plots, report, rho_curve=rho_curve)
+        print(f"wrote {len(written)} plots to {args.plots}")
+    return 0
+
+
+# -- entry point ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="disalign", description="Post-hoc distribution alignment of long-tail classifiers.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{fit,eval,extract,serve}")
+    add_fit_parser(subparsers)
+    add_eval_parser(subparsers)
+    from feature_extract.cli import add_parser as add_extract_parser
+    from service.cli import add_parser as add_serve_parser
+
+    add_extract_parser(subparsers)
+    add_serve_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DisalignError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unwritable output, disk full …: still one sentence, no traceback
+        print(f"error: {exc.strerror or exc} ({exc.filename or 'file'}).", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

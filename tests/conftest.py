@@ -1,0 +1,35 @@
+"""Fixtures shared by all test packages: the shared real data and small synthetic banks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calib.synthetic import write_synthetic_bank
+
+REPO = Path(__file__).resolve().parents[1]
+# CI clones the repository with shared/ beside it; a developer checkout has it at ../shared as well.
+SHARED = Path(os.environ.get("DISALIGN_SHARED_DIR", REPO.parent / "shared"))
+LT_COUNTS = (5000 * (1 / 50) ** (np.arange(10) / 9)).astype(np.int64)  # CIFAR-10-LT IR50 shape
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not (SHARED / "models").is_dir():
+        pytest.fail(f"the shared data directory {SHARED} is missing; set DISALIGN_SHARED_DIR")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def lt_banks(tmp_path_factory) -> dict[str, Path]:
+    """Synthetic CIFAR-10-LT-shaped train / val / test banks (K=10, d=32) sharing one 'model'."""
+    root = tmp_path_factory.mktemp("lt_banks")
+    counts = LT_COUNTS // 10  # 500 … 10 rows: small but still long-tailed (IR50)
+    return {
+        "train": write_synthetic_bank(root / "train.h5", counts, feature_dim=32, seed=0, prior_bias=1.5),
+        "val": write_synthetic_bank(root / "val.h5", counts, rows_per_class=np.full(10, 30), feature_dim=32, seed=1, prior_bias=1.5),
+        "test": write_synthetic_bank(root / "test.h5", counts, rows_per_class=np.full(10, 200), feature_dim=32, seed=2, prior_bias=1.5),
+    }
