@@ -1,0 +1,18 @@
+"""disalign.feature_extract — batch job: images + frozen stage-1 model → HDF5 feature bank.
+
+One GPU (or CPU)::
+
+    disalign extract --model model.ts --card card.json --root DIR --list train.txt --out train.h5
+    python -m feature_extract --model model.ts --card card.json --root DIR --list train.txt --out train.h5
+
+Many nodes (each rank takes a contiguous slice of the list, writes its shard; rank 0 assembles)::
+
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
+        -m feature_extract --model model.ts --card card.json --root DIR --list train.txt \\
+        --out /shared/fs/train.h5 --device cuda [--assemble concat|virtual]
+
+Modules: :mod:`.preprocess` (decode, views, normalisation), :mod:`.models` (three ways to load a model),
+:mod:`.data` (list files, folders, the decoding dataset), :mod:`.extract` (the chunked, resumable job),
+:mod:`.distributed` (ranks, shards, assembly), :mod:`.cli` (the ``extract`` subcommand).
+Nothing is loaded or read at import.
+"""

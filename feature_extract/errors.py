@@ -1,0 +1,22 @@
+"""Exceptions raised by feature_extract; all are :class:`calib.errors.DisalignError` subclasses.
+
+- :class:`ExtractError` — a bad argument, list file, model, or work directory (one clear sentence).
+- :class:`ImageDecodeError` — an image file is missing, truncated or not an image.
+- :class:`ImageTooLargeError` — an image has more pixels than allowed (checked before the full decode).
+"""
+
+from __future__ import annotations
+
+from calib.errors import DisalignError
+
+
+class ExtractError(DisalignError):
+    """A user-facing extraction error: the argument, what was expected and what was found."""
+
+
+class ImageDecodeError(ExtractError):
+    """An image cannot be read or decoded."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image has more pixels than ``max_pixels``."""

@@ -1,0 +1,276 @@
+"""Load a frozen stage-1 model three ways and expose ``features_and_logits``.
+
+``spec`` is one of:
+
+- a TorchScript file (``.ts`` / ``.pt``) with ``forward_features(x)`` and a final linear ``fc``
+  (logits = ``fc(features)``), or whose ``forward(x)`` returns ``(features, logits)``;
+- ``torchvision:<arch>`` (torchvision is an optional extra, imported only here) + ``weights`` state_dict;
+- ``package.module:function`` returning an ``nn.Module`` + ``weights`` state_dict.
+
+For eager models (the last two) the features are the input of the final classifier layer, captured by a
+forward pre-hook; the logits are the model output. The classifier is ``classifier_layer`` if given, else
+the first of ``fc`` / ``classifier`` / ``head`` / ``heads``; for an ``nn.Sequential`` its last ``nn.Linear``.
+Checkpoints are read with ``torch.load(weights_only=True)``: no arbitrary unpickling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from feature_extract.errors import ExtractError
+
+CLASSIFIER_NAMES = ("fc", "classifier", "head", "heads")
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """``sha256:<hex>`` of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """``sha256:<hex>`` of a module's state (names, shapes, bytes): for models built without a weights file."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return f"sha256:{digest.hexdigest()}"
+
+
+@dataclass
+class LoadedModel:
+    """A frozen model in eval mode on its device, with its classifier (if reachable) as float32 CPU tensors."""
+
+    module: nn.Module  # or torch.jit.ScriptModule
+    kind: str  # "torchscript" | "torchvision" | "factory"
+    fingerprint: str  # "sha256:<hex>" of the model file (torchscript) or weights file
+    feature_dim: int
+    num_classes: int
+    classifier_weight: torch.Tensor | None  # (K, d) float32
+    classifier_bias: torch.Tensor | None  # (K,)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _classifier: nn.Module | None = field(default=None, repr=False)  # eager: hooked layer; script: fc
+    _captured: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (N, 3, H, W) float, already normalised → features (N, d) float32, logits (N, K) float32.
+
+        On CUDA the forward runs under bf16 autocast with channels-last input.
+        """
+        amp = images.device.type == "cuda"
+        if amp:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            if self.kind == "torchscript":
+                features, logits = self._script_forward(images)
+            else:
+                self._captured.clear()
+                logits = self.module(images)
+                if not self._captured:
+                    raise ExtractError("the classifier layer was not called during the forward pass; pass --classifier-layer NAME.")
+                features = self._captured.pop()
+                self._captured.clear()
+        return features.flatten(1).float(), logits.float()
+
+    def _script_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if hasattr(self.module, "forward_features"):
+            features = self.module.forward_features(images)
+            logits = self._classifier(features) if self._classifier is not None else self.module(images)
+            return features, logits
+        out = self.module(images)
+        if not (isinstance(out, tuple | list) and len(out) == 2):
+            raise ExtractError(
+                f"the TorchScript model should expose forward_features(x) or return (features, logits); its forward returned {type(out).__name__}."
+            )
+        return out[0], out[1]
+
+
+def _linear_of(layer: nn.Module, name: str) -> nn.Module:
+    """The nn.Linear at ``name``: the layer itself, or the last Linear of a Sequential/ModuleList."""
+    if isinstance(layer, nn.Linear):
+        return layer
+    if isinstance(layer, nn.Sequential | nn.ModuleList):
+        linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+        if linears:
+            return linears[-1]
+    raise ExtractError(f"classifier layer '{name}' should be an nn.Linear or a Sequential ending in one, found {type(layer).__name__}.")
+
+
+def find_classifier(module: nn.Module, classifier_layer: str | None = None) -> nn.Module:
+    """The final nn.Linear: ``classifier_layer`` if given, else auto-detected among fc / classifier / head / heads."""
+    names = (classifier_layer,) if classifier_layer else CLASSIFIER_NAMES
+    for name in names:
+        try:
+            layer = module.get_submodule(name)
+        except AttributeError:
+            continue
+        return _linear_of(layer, name)
+    if classifier_layer:
+        raise ExtractError(f"--classifier-layer '{classifier_layer}' is not a submodule of the model.")
+    raise ExtractError(
+        f"could not find the classifier layer (looked for {', '.join(CLASSIFIER_NAMES)}); pass --classifier-layer NAME."
+    )
+
+
+def _load_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(weights)
+    if not path.is_file():
+        raise ExtractError(f"--weights file {path} does not exist.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad/unsafe file
+        raise ExtractError(f"--weights {path} is not a tensors-only checkpoint loadable with weights_only=True ({exc}).") from exc
+    if isinstance(state, dict) and len(state) == 1 and next(iter(state)) in ("state_dict", "model"):
+        state = next(iter(state.values()))
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise ExtractError(f"--weights {path} should hold a state_dict (names to tensors), found {type(state).__name__}.")
+    return state
+
+
+def _apply_weights(module: nn.Module, state: dict[str, torch.Tensor], weights: str | Path) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])
+        raise ExtractError(f"--weights {weights} does not match the model architecture: {detail}") from exc
+
+
+def _torchvision_module(arch: str, state: dict[str, torch.Tensor] | None, classifier_layer: str | None) -> nn.Module:
+    try:
+        import torchvision  # noqa: F401 - optional extra
+        from torchvision import models as tv_models
+    except ImportError as exc:
+        raise ExtractError(
+            f"--model torchvision:{arch} needs the optional dependency torchvision; install it with pip install 'disalign[torchvision]'."
+        ) from exc
+    available = tv_models.list_models(module=tv_models)
+    if arch not in available:
+        raise ExtractError(f"--model torchvision:{arch} is not a torchvision classification model; choose one of {', '.join(sorted(available))}.")
+    kwargs = {}
+    if state is not None:  # fine-tuned heads: take the class count from the checkpoint
+        probe = tv_models.get_model(arch, weights=None)
+        head = find_classifier(probe, classifier_layer)
+        head_name = next(name for name, m in probe.named_modules() if m is head)
+        if f"{head_name}.weight" in state and state[f"{head_name}.weight"].shape[0] != head.out_features:
+            kwargs["num_classes"] = int(state[f"{head_name}.weight"].shape[0])
+    return tv_models.get_model(arch, weights=None, **kwargs)
+
+
+def _factory_module(spec: str) -> nn.Module:
+    module_name, _, func_name = spec.partition(":")
+    try:
+        package = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ExtractError(f"--model {spec}: module '{module_name}' cannot be imported ({exc}).") from exc
+    factory = getattr(package, func_name, None)
+    if not callable(factory):
+        raise ExtractError(f"--model {spec}: '{func_name}' should be a function in {module_name} returning an nn.Module, found {factory!r}.")
+    module = factory()
+    if not isinstance(module, nn.Module):
+        raise ExtractError(f"--model {spec} should return a torch.nn.Module, found {type(module).__name__}.")
+    return module
+
+
+def _load_torchscript(path: Path, classifier_layer: str | None, device: torch.device, input_size: tuple[int, int]) -> LoadedModel:
+    try:
+        module = torch.jit.load(str(path), map_location=device)
+    except Exception as exc:  # noqa: BLE001 - jit raises RuntimeError/ValueError variants
+        raise ExtractError(
+            f"--model {path} is not a TorchScript file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            "for a state_dict use --model torchvision:<arch> or package.module:function with --weights."
+        ) from exc
+    module.eval()
+    fc_name = classifier_layer or "fc"
+    fc = getattr(module, fc_name, None)
+    weight = getattr(fc, "weight", None) if fc is not None else None
+    linear = fc if isinstance(weight, torch.Tensor) and weight.ndim == 2 else None
+    if classifier_layer and linear is None:
+        raise ExtractError(f"--classifier-layer '{classifier_layer}' is not a linear layer of the TorchScript model {path}.")
+    model = LoadedModel(
+        module=module,
+        kind="torchscript",
+        fingerprint=file_fingerprint(path),
+        feature_dim=0,
+        num_classes=0,
+        classifier_weight=None,
+        classifier_bias=None,
+        device=device,
+        _classifier=linear,
+    )
+    if linear is not None:
+        model.classifier_weight = linear.weight.detach().float().cpu().clone()
+        bias = getattr(linear, "bias", None)
+        model.classifier_bias = bias.detach().float().cpu().clone() if isinstance(bias, torch.Tensor) else None
+        model.num_classes, model.feature_dim = model.classifier_weight.shape
+    else:  # (features, logits) model without a reachable fc: probe the widths once
+        probe = torch.zeros(1, 3, *input_size, device=device)
+        features, logits = model.features_and_logits(probe)
+        model.feature_dim, model.num_classes = int(features.shape[1]), int(logits.shape[1])
+    return model
+
+
+def load_model(
+    spec: str,
+    weights: str | None = None,
+    *,
+    classifier_layer: str | None = None,
+    device: str = "cpu",
+    input_size: tuple[int, int] = (224, 224),
+) -> LoadedModel:
+    """Load ``spec`` (TorchScript path, ``torchvision:<arch>`` or ``pkg.module:function``) frozen on ``device``.
+
+    ``input_size`` (H, W) is only used to probe the output widths of a TorchScript model without ``fc``.
+    On CUDA eager models are converted to channels-last.
+    """
+    dev = torch.device(device)
+    if spec.startswith(TORCHVISION_PREFIX):
+        kind = "torchvision"
+    elif Path(spec).is_file():
+        if weights is not None:
+            raise ExtractError(f"--weights is only for torchvision:<arch> or package.module:function models, but --model {spec} is a file.")
+        return _load_torchscript(Path(spec), classifier_layer, dev, input_size)
+    elif ":" in spec and not spec.startswith((".", "/")):
+        kind = "factory"
+    else:
+        raise ExtractError(
+            f"--model should be a TorchScript file, torchvision:<arch> or package.module:function, found {spec!r} (no such file)."
+        )
+    state = _load_state_dict(weights) if weights is not None else None
+    if kind == "torchvision":
+        module = _torchvision_module(spec[len(TORCHVISION_PREFIX) :], state, classifier_layer)
+    else:
+        module = _factory_module(spec)
+    if state is not None:
+        _apply_weights(module, state, weights)
+    module.eval().requires_grad_(False)
+    linear = find_classifier(module, classifier_layer)
+    fingerprint = file_fingerprint(weights) if weights is not None else state_fingerprint(module)
+    module.to(dev)
+    if dev.type == "cuda":
+        module.to(memory_format=torch.channels_last)
+    model = LoadedModel(
+        module=module,
+        kind=kind,
+        fingerprint=fingerprint,
+        feature_dim=int(linear.in_features),
+        num_classes=int(linear.out_features),
+        classifier_weight=linear.weight.detach().float().cpu().clone(),
+        classifier_bias=linear.bias.detach().float().cpu().clone() if linear.bias is not None else None,
+        device=dev,
+        _classifier=linear,
+    )
+    captured = model._captured
+    linear.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    return model

@@ -1,0 +1,277 @@
+"""Image preprocessing: decode with Pillow, clean and augmented views as uint8, normalisation on the device.
+
+The data path never needs torchvision. A view is built on the CPU (in a DataLoader worker) as a uint8
+``(H, W, 3)`` array; batches travel to the device as uint8 and :func:`normalize` turns them into the
+float input of the model there (``x / 255``, then ``(x - mean) / std``, as torchvision's ``ToTensor`` +
+``Normalize`` do).
+
+Views: view 0 is the clean test transform (shorter side resized to ``resize``, then a centre crop; or,
+with ``resize=None``, a straight resize to the crop size — a no-op when the image already has it).
+Views 1..N-1 are augmentations seeded by ``(seed, list row, view)``: random resized crop + horizontal
+flip, or for small inputs (crop ≤ 64 px, CIFAR-style) pad 4 + random crop + flip of the clean view.
+JPEGs are decoded with ``Image.draft`` (DCT-domain downscale by 2, 4 or 8) when the target is at least
+twice smaller than the file, which is much faster and keeps at least the target resolution.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from feature_extract.errors import ExtractError, ImageDecodeError, ImageTooLargeError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SMALL_INPUT = 64  # crops up to this size use pad-and-crop augmentation instead of random resized crop
+PAD = 4
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3 / 4, 4 / 3)
+
+__all__ = [
+    "ImageDecodeError",
+    "ImageTooLargeError",
+    "Preprocessing",
+    "augmented_view",
+    "clean_view",
+    "decode_image",
+    "make_view",
+    "normalize",
+]
+
+
+def _triple(value, field: str, source: str) -> tuple[float, float, float]:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise ExtractError(f"{source}: '{field}' should be 3 numbers (R, G, B), found {value!r}.") from exc
+    if len(out) != 3:
+        raise ExtractError(f"{source}: '{field}' should be 3 numbers (R, G, B), found {len(out)}.")
+    return out  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model input. ``crop`` is (H, W); ``resize`` the shorter side before the crop."""
+
+    resize: int | None
+    crop: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self):
+        if len(self.crop) != 2 or min(self.crop) < 1:
+            raise ExtractError(f"crop should be (H, W) with positive sizes, found {self.crop!r}.")
+        if self.resize is not None and self.resize < 1:
+            raise ExtractError(f"resize should be a positive shorter-side size or None, found {self.resize!r}.")
+        if min(self.std) <= 0:
+            raise ExtractError(f"std should be positive for each channel, found {self.std!r}.")
+
+    @classmethod
+    def imagenet(cls) -> Preprocessing:
+        """ImageNet evaluation defaults: shorter side 256, centre crop 224, ImageNet mean/std."""
+        return cls(resize=256, crop=(224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+    @classmethod
+    def from_card(cls, path: str | Path) -> Preprocessing:
+        """Read ``input.size`` ([H, W] or one int), ``input.mean``, ``input.std`` and optional ``input.resize``."""
+        path = Path(path)
+        try:
+            card = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ExtractError(f"model card {path} does not exist.") from exc
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ExtractError(f"model card {path} is not readable JSON ({exc}).") from exc
+        spec = card.get("input") if isinstance(card, dict) else None
+        if not isinstance(spec, dict):
+            raise ExtractError(f"model card {path}: field 'input' should be an object with size, mean and std, found {spec!r}.")
+        for key in ("size", "mean", "std"):
+            if key not in spec:
+                raise ExtractError(f"model card {path}: field 'input.{key}' is missing.")
+        size = spec["size"]
+        if isinstance(size, int):
+            size = [size, size]
+        if not (isinstance(size, list | tuple) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+            raise ExtractError(f"model card {path}: field 'input.size' should be [H, W] positive integers, found {size!r}.")
+        resize = spec.get("resize")
+        if resize is not None and not (isinstance(resize, int) and resize > 0):
+            raise ExtractError(f"model card {path}: field 'input.resize' should be a positive integer, found {resize!r}.")
+        source = f"model card {path}"
+        return cls(
+            resize=resize,
+            crop=(int(size[0]), int(size[1])),
+            mean=_triple(spec["mean"], "input.mean", source),
+            std=_triple(spec["std"], "input.std", source),
+        )
+
+    @property
+    def small(self) -> bool:
+        """Small inputs (≤ 64 px) are augmented by pad-and-crop instead of random resized crop."""
+        return max(self.crop) <= SMALL_INPUT
+
+    @property
+    def augmentation(self) -> str:
+        return "pad4-crop-flip" if self.small else "random-resized-crop-flip"
+
+    @property
+    def draft_size(self) -> tuple[int, int]:
+        """(W, H) the decoded JPEG must keep at least: the resize target, so ``Image.draft`` never loses detail."""
+        if self.resize is not None:
+            return (self.resize, self.resize)
+        return (self.crop[1], self.crop[0])
+
+    def to_dict(self) -> dict:
+        return {
+            "resize": self.resize,
+            "crop": list(self.crop),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": "bilinear",
+            "augmentation": self.augmentation,
+        }
+
+
+def decode_image(
+    data: bytes | str | Path, max_pixels: int | None = None, *, draft_size: tuple[int, int] | None = None
+) -> Image.Image:
+    """Decode a file or bytes to an RGB image.
+
+    The pixel count is checked from the header, before the full decode. ``draft_size`` (W, H) lets a
+    JPEG be decoded at 1/2, 1/4 or 1/8 scale while staying at least that large.
+    Raises :class:`ImageDecodeError` (missing, truncated, not an image) or :class:`ImageTooLargeError`.
+    """
+    name = "<bytes>" if isinstance(data, bytes | bytearray | memoryview) else str(data)
+    source = io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else data
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns on large or odd files; our own checks below decide instead.
+            warnings.simplefilter("ignore")
+            with Image.open(source) as img:
+                width, height = img.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageTooLargeError(
+                        f"image {name} has {width}x{height} = {width * height} pixels, more than max_pixels={max_pixels}."
+                    )
+                if draft_size is not None and img.format == "JPEG":
+                    img.draft("RGB", draft_size)
+                img.load()
+                return img.convert("RGB") if img.mode != "RGB" else img.copy()
+    except ImageDecodeError:
+        raise
+    except FileNotFoundError as exc:
+        raise ImageDecodeError(f"image {name} does not exist.") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image {name} is too large to decode safely ({exc}).") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageDecodeError(f"image {name} could not be decoded ({exc}).") from exc
+
+
+def _resize_crop(img: Image.Image, prep: Preprocessing) -> Image.Image:
+    """The clean view as a PIL image of size crop: resize + centre crop in one resampling pass."""
+    out_h, out_w = prep.crop
+    w, h = img.size
+    if prep.resize is None:
+        if (w, h) == (out_w, out_h):
+            return img
+        return img.resize((out_w, out_h), Image.Resampling.BILINEAR)
+    scale = prep.resize / min(w, h)
+    new_w, new_h = (prep.resize, round(h * scale)) if w <= h else (round(w * scale), prep.resize)
+    top = int(round((new_h - out_h) / 2.0))
+    left = int(round((new_w - out_w) / 2.0))
+    if (new_w, new_h) == (w, h) and top >= 0 and left >= 0:
+        return img.crop((left, top, left + out_w, top + out_h))  # no resampling needed
+    sx, sy = w / new_w, h / new_h
+    box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
+    return img.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box)
+
+
+def _hwc(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _rng(seed: int, row: int, view: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(row), int(view)])
+
+
+def _random_resized_crop_box(rng: np.random.Generator, w: int, h: int) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop parameters (scale 0.08–1, ratio 3/4–4/3) as a (left, top, right, bottom) box."""
+    area = w * h
+    log_ratio = (math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*RRC_SCALE)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(rng.integers(0, h - ch + 1))
+            left = int(rng.integers(0, w - cw + 1))
+            return (left, top, left + cw, top + ch)
+    ratio = w / h  # fallback: centre crop with the ratio clamped to the allowed range
+    if ratio < RRC_RATIO[0]:
+        cw, ch = w, int(round(w / RRC_RATIO[0]))
+    elif ratio > RRC_RATIO[1]:
+        cw, ch = int(round(h * RRC_RATIO[1])), h
+    else:
+        cw, ch = w, h
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return (left, top, left + cw, top + ch)
+
+
+def _augmented_hwc(img: Image.Image, prep: Preprocessing, rng: np.random.Generator) -> np.ndarray:
+    out_h, out_w = prep.crop
+    if prep.small:
+        clean = _hwc(_resize_crop(img, prep))
+        padded = np.pad(clean, ((PAD, PAD), (PAD, PAD), (0, 0)))
+        top, left = int(rng.integers(0, 2 * PAD + 1)), int(rng.integers(0, 2 * PAD + 1))
+        out = padded[top : top + out_h, left : left + out_w]
+    else:
+        box = _random_resized_crop_box(rng, *img.size)
+        out = _hwc(img.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box))
+    if rng.random() < 0.5:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
+
+
+def make_view(img: Image.Image, prep: Preprocessing, view: int = 0, *, seed: int = 0, row: int = 0) -> np.ndarray:
+    """View ``view`` of an image as a uint8 (H, W, 3) array; views ≥ 1 are seeded by (seed, row, view)."""
+    if view == 0:
+        return _hwc(_resize_crop(img, prep))
+    return _augmented_hwc(img, prep, _rng(seed, row, view))
+
+
+def clean_view(img: Image.Image, prep: Preprocessing) -> torch.Tensor:
+    """The clean test view: (3, H, W) uint8."""
+    return torch.from_numpy(make_view(img, prep, 0).copy()).permute(2, 0, 1).contiguous()
+
+
+def augmented_view(img: Image.Image, prep: Preprocessing, *, seed: int, row: int, view: int) -> torch.Tensor:
+    """Augmented view ``view`` ≥ 1 of list row ``row``: (3, H, W) uint8, deterministic given (seed, row, view)."""
+    if view < 1:
+        raise ExtractError(f"augmented views are numbered from 1 (view 0 is the clean view), found view={view}.")
+    return torch.from_numpy(make_view(img, prep, view, seed=seed, row=row)).permute(2, 0, 1).contiguous()
+
+
+@lru_cache(maxsize=16)
+def _stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return m, s
+
+
+def normalize(batch: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """uint8 (N, 3, H, W) on any device → float32 ``(x / 255 - mean) / std`` on the same device.
+
+    The memory format of ``batch`` is kept (a channels-last uint8 batch gives a channels-last float batch).
+    """
+    if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] != 3:
+        raise ExtractError(f"normalize expects a uint8 (N, 3, H, W) batch, found {batch.dtype} of shape {tuple(batch.shape)}.")
+    mean, std = _stats(prep.mean, prep.std, batch.device)
+    return batch.float().div_(255.0).sub_(mean).div_(std)
