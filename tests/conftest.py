@@ -29,7 +29,7 @@ def lt_banks(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("lt_banks")
     counts = LT_COUNTS // 10  # 500 … 10 rows: small but still long-tailed (IR50)
     return {
-        "train": write_synthetic_bank(root / "train.h5", counts, feature_dim=32, seed=0, prior_bias=1.5),
-        "val": write_synthetic_bank(root / "val.h5", counts, rows_per_class=np.full(10, 30), feature_dim=32, seed=1, prior_bias=1.5),
-        "test": write_synthetic_bank(root / "test.h5", counts, rows_per_class=np.full(10, 200), feature_dim=32, seed=2, prior_bias=1.5),
+        "train": write_synthetic_bank(root / "train.h5", counts, feature_dim=32, seed=0, separation=1.5),
+        "val": write_synthetic_bank(root / "val.h5", counts, rows_per_class=np.full(10, 30), feature_dim=32, seed=1, separation=1.5),
+        "test": write_synthetic_bank(root / "test.h5", counts, rows_per_class=np.full(10, 200), feature_dim=32, seed=2, separation=1.5),
     }
