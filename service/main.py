@@ -1,0 +1,92 @@
+"""Assembles the FastAPI app; nothing is loaded at import.
+
+    app = create_app(Settings(model="model.ts", card="model.json", calibration="calib_dir"))
+
+The lifespan loads the model and the calibration on the inference thread, refuses to start with one
+sentence when they do not fit (K, d, model fingerprint), runs one warm-up forward pass, starts the
+micro-batcher, and only then marks the app ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import Message, Receive, Scope, Send
+
+from calib import __version__
+from calib.errors import DisalignError
+from service.errors import install_error_handlers
+from service.limits import BodyLimitMiddleware
+from service.metrics import MetricsMiddleware, ServiceMetrics
+from service.routers import admin, calibrate, health, metrics, predict, v2
+from service.runtime import Runtime
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    runtime = Runtime(app.state.settings, app.state.metrics)
+    app.state.reload_lock = asyncio.Lock()
+    try:
+        await runtime.batcher.run_in_thread(runtime.load)
+        await runtime.batcher.run_in_thread(runtime.warm_up)
+    except DisalignError as exc:
+        app.state.startup_error = str(exc)
+        runtime.batcher.executor.shutdown(wait=False)
+        raise
+    await runtime.batcher.start()
+    runtime.ready = True
+    app.state.runtime = runtime
+    try:
+        yield
+    finally:
+        runtime.ready = False
+        await runtime.batcher.stop()
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="disalign",
+        version=__version__,
+        summary="Post-hoc DisAlign calibration of a long-tail classifier, served over REST (Open Inference Protocol v2).",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = ServiceMetrics()
+    app.state.runtime = None
+    app.state.startup_error = None
+    for module in (health, v2, predict, calibrate, admin, metrics):
+        app.include_router(module.router)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: counts 413s too
+    return app
+
+
+class QuietStartupErrors:
+    """ASGI wrapper for uvicorn: a DisalignError at start-up is logged as its sentence, not a traceback."""
+
+    def __init__(self, app: FastAPI):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def quiet_send(message: Message) -> None:
+            sentence = self.app.state.startup_error
+            if message["type"] == "lifespan.startup.failed" and sentence:
+                message = {**message, "message": f"refusing to start: {sentence}"}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, quiet_send)
+        except DisalignError:
+            pass  # already reported through lifespan.startup.failed

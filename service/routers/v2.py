@@ -1,0 +1,125 @@
+"""Open Inference Protocol (KServe v2) model routes: ``GET /v2/models/{name}`` and ``POST /v2/models/{name}/infer``.
+
+Inputs are either ``features`` (FP32, [N, d]) and ``logits`` (FP32, [N, K]), or ``image`` (BYTES, [N],
+base64-encoded files). Outputs: ``probabilities`` (FP32, [N, K], the default) and/or ``logits`` (the
+calibrated logits). ``model_version`` and ``parameters.calibration_version`` name the calibration that
+computed every output of the response.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from calib.errors import InputError
+from service.deps import ModelName, RuntimeDep
+from service.routers.common import check_count, decode_base64, finite_or_raise
+from service.runtime import CalibrationState, Runtime
+from service.schemas import (
+    InferInput,
+    InferOutput,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    TensorSpec,
+    error_responses,
+)
+
+router = APIRouter(prefix="/v2/models", tags=["v2"])
+
+OUTPUT_NAMES = ("probabilities", "logits")
+
+
+@router.get("/{name}", response_model=ModelMetadata, responses=error_responses(404, 422, 503))
+async def metadata(name: ModelName, runtime: RuntimeDep) -> ModelMetadata:
+    """Inputs, outputs, class names and the calibration version of the served model."""
+    model, state = runtime.model, runtime.calibration
+    k, d = model.num_classes, model.feature_dim
+    return ModelMetadata(
+        name=name,
+        versions=[state.version],
+        platform=f"pytorch_{model.kind}",
+        inputs=[TensorSpec(name="features", datatype="FP32", shape=[-1, d]),
+                TensorSpec(name="logits", datatype="FP32", shape=[-1, k]),
+                TensorSpec(name="image", datatype="BYTES", shape=[-1])],
+        outputs=[TensorSpec(name="probabilities", datatype="FP32", shape=[-1, k]),
+                 TensorSpec(name="logits", datatype="FP32", shape=[-1, k])],
+        classes=state.class_names,
+        num_classes=k,
+        feature_dim=d,
+        model_fingerprint=model.fingerprint,
+        calibration_version=state.version,
+        calibration_method=state.meta.method,
+        calibration_created=state.meta.created,
+    )
+
+
+def fp32_tensor(tensor: InferInput, width: int, max_rows: int) -> torch.Tensor:
+    """An FP32 input of shape [N, width] → (N, width) float32."""
+    name = tensor.name
+    if tensor.datatype != "FP32" or any(isinstance(v, str) for v in tensor.data):
+        raise InputError(f"input '{name}' should have datatype FP32 with numbers as data, found {tensor.datatype}.")
+    if len(tensor.shape) != 2 or tensor.shape[1] != width or tensor.shape[0] < 1:
+        raise InputError(f"input '{name}' should have shape [N, {width}], found {tensor.shape}.")
+    check_count(f"input '{name}' rows", tensor.shape[0], max_rows, "max_rows")
+    if len(tensor.data) != math.prod(tensor.shape):
+        raise InputError(f"input '{name}' has {len(tensor.data)} values but its shape {tensor.shape} needs {math.prod(tensor.shape)}.")
+    return torch.tensor(tensor.data, dtype=torch.float32).reshape(tensor.shape)
+
+
+def image_blobs(tensor: InferInput, max_images: int) -> list[bytes]:
+    """A BYTES input of shape [N] of base64 strings → N image files."""
+    if tensor.datatype != "BYTES" or any(not isinstance(v, str) for v in tensor.data):
+        raise InputError(f"input 'image' should have datatype BYTES with base64 strings as data, found {tensor.datatype}.")
+    if len(tensor.shape) != 1 or tensor.shape[0] != len(tensor.data) or not tensor.data:
+        raise InputError(f"input 'image' should have shape [N] with N = {len(tensor.data)} (the number of strings), found {tensor.shape}.")
+    check_count("images", len(tensor.data), max_images, "max_images")
+    return decode_base64([str(v) for v in tensor.data], "inputs.image.data")
+
+
+def requested_outputs(body: InferRequest) -> list[str]:
+    names = [o.name for o in body.outputs] if body.outputs else ["probabilities"]
+    for n in names:
+        if n not in OUTPUT_NAMES:
+            raise InputError(f"output '{n}' does not exist; the outputs are {', '.join(OUTPUT_NAMES)}.")
+    return list(dict.fromkeys(names))
+
+
+def _calibrate_tensors(runtime: Runtime, inputs: dict[str, InferInput]) -> tuple[CalibrationState, torch.Tensor]:
+    model, rows = runtime.model, runtime.settings.max_rows
+    features = fp32_tensor(inputs["features"], model.feature_dim, rows)
+    logits = fp32_tensor(inputs["logits"], model.num_classes, rows)
+    if features.shape[0] != logits.shape[0]:
+        raise InputError(f"input 'features' has {features.shape[0]} rows but input 'logits' has {logits.shape[0]}.")
+    return runtime.calibrate(features, logits)
+
+
+@router.post("/{name}/infer", response_model=InferResponse, responses=error_responses(400, 404, 413, 422, 503))
+async def infer(name: ModelName, body: InferRequest, runtime: RuntimeDep) -> InferResponse:
+    """Calibrated probabilities for v2 JSON tensors (``features`` + ``logits``, or ``image``)."""
+    inputs = {t.name: t for t in body.inputs}
+    outputs = requested_outputs(body)
+    if len(inputs) != len(body.inputs):
+        raise InputError("each input name may appear only once.")
+    if set(inputs) == {"features", "logits"}:
+        state, calibrated = await run_in_threadpool(_calibrate_tensors, runtime, inputs)
+    elif set(inputs) == {"image"}:
+        blobs = image_blobs(inputs["image"], runtime.settings.max_images)
+        images = await run_in_threadpool(runtime.image_tensor, blobs)
+        result = await runtime.classify(images)
+        state, calibrated = result.calibration, result.calibrated_logits
+    else:
+        raise InputError(f"inputs should be 'features' and 'logits' (FP32) or 'image' (BYTES), found {sorted(inputs)}.")
+    finite_or_raise(calibrated, "calibrated logits")
+    tensors = {"logits": calibrated, "probabilities": torch.softmax(calibrated, dim=1)}
+    return InferResponse(
+        model_name=name,
+        model_version=state.version,
+        id=body.id,
+        parameters={"calibration_version": state.version},
+        outputs=[InferOutput(name=n, datatype="FP32", shape=list(tensors[n].shape), data=tensors[n].reshape(-1).tolist())
+                 for n in outputs],
+    )

@@ -1,0 +1,167 @@
+"""The serving runtime: the loaded model, the current calibration, and the inference functions.
+
+Domain objects only (no HTTP): the routers turn requests into tensors, call these, and turn results
+into response schemas. The current calibration is one immutable :class:`CalibrationState`; a reload
+swaps the reference atomically, and every request or batch takes one snapshot of it, so a response is
+always computed with a single calibration version, which it reports.
+
+Shapes: features (N, d), logits (N, K), images (N, 3, H, W) uint8 before normalisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from calib.errors import ArtifactError, DisalignError, InputError
+from calib.estimator import Calibrator, CalibrationMeta
+from calib.methods import load_calibration
+from feature_extract.models import LoadedModel, load_model
+from feature_extract.preprocess import Preprocessing, clean_view, decode_image, normalize
+from service.batcher import MicroBatcher
+from service.metrics import ServiceMetrics
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+
+class IncompatibleCalibration(ArtifactError):
+    """A readable calibration artifact that does not fit the served model (K, d or fingerprint)."""
+
+
+@dataclass(frozen=True)
+class CalibrationState:
+    """One loaded calibration and its version; never mutated (a reload makes a new one)."""
+
+    calibrator: Calibrator
+    version: str
+
+    @property
+    def meta(self) -> CalibrationMeta:
+        return self.calibrator.meta_
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.calibrator.meta_.class_names
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """What one request's images give: stage-1 and calibrated logits (n, K), and the version used."""
+
+    raw_logits: torch.Tensor
+    calibrated_logits: torch.Tensor
+    calibration: CalibrationState
+
+
+def calibration_version(calibrator: Calibrator) -> str:
+    """``<method>-<12 hex>``: a digest of the parameters and the metadata, stable across reloads of the same artifact."""
+    digest = hashlib.sha256()
+    for name in sorted(calibrator.params_):
+        tensor = calibrator.params_[name].detach().to(torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(json.dumps(list(tensor.shape)).encode())
+        digest.update(tensor.numpy().tobytes())
+    digest.update(json.dumps(asdict(calibrator.meta_), sort_keys=True, default=str).encode())
+    return f"{calibrator.meta_.method}-{digest.hexdigest()[:12]}"
+
+
+def read_calibration(directory: Path) -> Calibrator:
+    """Load the artifact; raises :class:`ArtifactError` (one sentence) whatever is wrong with it."""
+    try:
+        return load_calibration(directory)
+    except DisalignError:
+        raise
+    except Exception as exc:  # unreadable file, bad hyper-parameters …: still one sentence
+        raise ArtifactError(f"{directory} could not be read as a calibration ({type(exc).__name__}: {exc}).") from exc
+
+
+def check_calibration(calibrator: Calibrator, model: LoadedModel, model_name: str) -> CalibrationState:
+    """Refuse a calibration that does not fit the model; raises :class:`IncompatibleCalibration`."""
+    try:
+        calibrator.check_compatible(num_classes=model.num_classes, feature_dim=model.feature_dim,
+                                    model_fingerprint=model.fingerprint, source=f"served model '{model_name}'")
+    except ArtifactError as exc:
+        raise IncompatibleCalibration(str(exc)) from None
+    return CalibrationState(calibrator, calibration_version(calibrator))
+
+
+def top_k(probabilities: torch.Tensor, k: int, class_names: list[str]) -> list[list[dict]]:
+    """Per row the k most probable classes as ``{label, index, probability}``. probabilities (N, K)."""
+    values, indices = probabilities.topk(k, dim=1)  # (N, k)
+    return [
+        [{"label": class_names[i], "index": i, "probability": p} for i, p in zip(row_i, row_p, strict=True)]
+        for row_i, row_p in zip(indices.tolist(), values.tolist(), strict=True)
+    ]
+
+
+class Runtime:
+    """The model, its preprocessing, the current calibration and the micro-batcher of one server."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics):
+        self.settings = settings
+        self.metrics = metrics
+        self.ready = False
+        self.model: LoadedModel
+        self.preprocessing: Preprocessing
+        self.calibration: CalibrationState
+        self.batcher = MicroBatcher(self._forward_batch, max_batch=settings.max_batch,
+                                    max_wait_ms=settings.max_wait_ms, rows=lambda images: int(images.shape[0]),
+                                    on_batch=metrics.batch_size.observe)
+
+    # -- start-up (called from the lifespan, on the inference thread) ---------------------------
+    def load(self) -> None:
+        """Load the model and the calibration; raises a DisalignError with one sentence if they do not fit."""
+        s = self.settings
+        torch.set_num_threads(s.torch_threads)
+        self.preprocessing = Preprocessing.from_card(s.card) if s.card else Preprocessing.imagenet()
+        self.model = load_model(s.model, s.weights, classifier_layer=s.classifier_layer, device=s.device,
+                                input_size=self.preprocessing.crop)
+        self.calibration = check_calibration(read_calibration(s.calibration), self.model, s.model_name)
+        self.metrics.set_model(s.model_name, self.model)
+        self.metrics.set_calibration(self.calibration)
+        log.info("loaded model %s (%s, K=%d, d=%d) and calibration %s", s.model_name, self.model.fingerprint[:19],
+                 self.model.num_classes, self.model.feature_dim, self.calibration.version)
+
+    def warm_up(self) -> None:
+        """One forward pass and one calibration on a blank image, so the first request is not slow."""
+        h, w = self.preprocessing.crop
+        self._forward_batch([torch.zeros((1, 3, h, w), dtype=torch.uint8)])
+
+    # -- inference ------------------------------------------------------------------------------
+    def calibrate(self, features: torch.Tensor, logits: torch.Tensor) -> tuple[CalibrationState, torch.Tensor]:
+        """Calibrated logits (N, K) from features (N, d) and logits (N, K), with the calibration used."""
+        state = self.calibration  # one snapshot for the whole request
+        return state, state.calibrator.predict_logits(features, logits)
+
+    def image_tensor(self, blobs: list[bytes]) -> torch.Tensor:
+        """Decode and resize a request's images → (n, 3, H, W) uint8; raises ImageDecodeError / ImageTooLargeError."""
+        prep, limit = self.preprocessing, self.settings.max_pixels
+        views = [clean_view(decode_image(blob, max_pixels=limit, draft_size=prep.draft_size), prep) for blob in blobs]
+        return torch.stack(views)
+
+    async def classify(self, images: torch.Tensor) -> ImageResult:
+        """Run a request's images (n, 3, H, W) uint8 through the micro-batcher."""
+        return await self.batcher.submit(images)
+
+    def _forward_batch(self, requests: list[torch.Tensor]) -> list[ImageResult]:
+        """Inference thread: one forward pass (in chunks of max_batch) for all requests of a batch."""
+        state = self.calibration  # one snapshot for the whole batch
+        sizes = [int(images.shape[0]) for images in requests]
+        batch = torch.cat(requests)  # (B, 3, H, W) uint8
+        raw_parts, feature_parts = [], []
+        with torch.inference_mode():
+            for chunk in batch.split(self.settings.max_batch):
+                features, logits = self.model.features_and_logits(normalize(chunk, self.preprocessing).to(self.settings.device))
+                feature_parts.append(features.float().cpu())
+                raw_parts.append(logits.float().cpu())
+        features, raw = torch.cat(feature_parts), torch.cat(raw_parts)  # (B, d), (B, K)
+        if not torch.isfinite(raw).all() or not torch.isfinite(features).all():
+            raise InputError("the model produced NaN or inf for an image.")
+        calibrated = state.calibrator.predict_logits(features, raw)
+        return [ImageResult(r, c, state) for r, c in zip(raw.split(sizes), calibrated.split(sizes), strict=True)]

@@ -1,0 +1,153 @@
+"""Request and response bodies of the REST API (pydantic); the domain objects live in :mod:`service.runtime`.
+
+The ``/v2`` bodies follow the Open Inference Protocol (KServe v2) JSON tensors: ``data`` is the
+row-major flattened tensor, ``shape`` its shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="one sentence saying what was wrong and what was expected")
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+# -- /v2 (Open Inference Protocol) ------------------------------------------------------------------
+class TensorSpec(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 marks a dimension of any size")
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    classes: list[str]
+    num_classes: int
+    feature_dim: int
+    model_fingerprint: str
+    calibration_version: str
+    calibration_method: str
+    calibration_created: str
+
+
+class InferInput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(max_length=64)
+    shape: list[int] = Field(min_length=1, max_length=4)
+    datatype: Literal["FP32", "BYTES"]
+    data: list[float] | list[str]
+    parameters: dict[str, Any] | None = None
+
+
+class RequestedOutput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(max_length=64)
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = Field(None, max_length=256)
+    inputs: list[InferInput] = Field(min_length=1, max_length=2)
+    outputs: list[RequestedOutput] | None = Field(None, max_length=2)
+    parameters: dict[str, Any] | None = None
+
+
+class InferOutput(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[float]
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str = Field(description="the calibration version that computed every output")
+    id: str | None = None
+    parameters: dict[str, str]
+    outputs: list[InferOutput]
+
+
+# -- /predict and /calibrate ------------------------------------------------------------------------
+class Prediction(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class ImagePredictions(BaseModel):
+    top_k: list[Prediction] = Field(description="calibrated model")
+    raw_top_k: list[Prediction] | None = Field(None, description="stage-1 model (with raw=true)")
+
+
+class PredictJSON(BaseModel):
+    """JSON alternative to multipart: images as base64 strings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[str] = Field(min_length=1, description="base64-encoded image files (JPEG, PNG, …)")
+
+
+class PredictResponse(BaseModel):
+    model_name: str
+    calibration_version: str
+    predictions: list[ImagePredictions] = Field(description="one entry per image, in request order")
+
+
+class CalibrateRow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    features: list[float] = Field(description="stage-1 features (d values)")
+    logits: list[float] = Field(description="stage-1 logits (K values)")
+
+
+class CalibrateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rows: list[CalibrateRow] = Field(min_length=1)
+    top_k: int | None = Field(None, ge=1, description="classes per row in top_k (default min(5, K))")
+
+
+class CalibrateResult(BaseModel):
+    logits: list[float] = Field(description="calibrated logits (K values)")
+    probabilities: list[float] = Field(description="softmax of the calibrated logits (K values)")
+    top_k: list[Prediction]
+
+
+class CalibrateResponse(BaseModel):
+    model_name: str
+    calibration_version: str
+    results: list[CalibrateResult]
+
+
+# -- /admin -----------------------------------------------------------------------------------------
+class ReloadResponse(BaseModel):
+    calibration_version: str
+    previous_version: str
+    changed: bool
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries: every listed status answers an :class:`ErrorBody`."""
+    descriptions = {400: "Undecodable input", 401: "Missing or wrong token", 403: "Admin routes disabled",
+                    404: "Unknown model or route", 409: "Calibration does not fit the model",
+                    413: "Body or image too large", 415: "Unsupported Content-Type",
+                    422: "Invalid request", 503: "Model not loaded"}
+    return {code: {"model": ErrorBody, "description": descriptions[code]} for code in codes}
