@@ -97,6 +97,7 @@ class NCM(Baseline):
             val_normalised = cl2n(val_features, mean)
             if self.temperature == "auto":
                 temperature = fit_temperature(ncm_logits(val_normalised, centroids, present, 1.0), val_labels, present)
+                temperature = float(torch.tensor(temperature, dtype=torch.float32))  # the value stored and used
             report["validation"] = score(ncm_logits(val_normalised, centroids, present, temperature), val_labels)
         report["temperature"] = temperature
         params = {"mean": mean, "centroids": centroids, "present": present, "temperature": torch.tensor(temperature)}
