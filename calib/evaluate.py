@@ -45,8 +45,10 @@ def _none_for_nan(values: Sequence[float]) -> list[float | None]:
     return [None if math.isnan(v) else float(v) for v in values]
 
 
-def predict_in_blocks(estimator: Calibrator, features: torch.Tensor, logits: torch.Tensor, block_rows: int = PREDICT_BLOCK_ROWS) -> torch.Tensor:
-    """Calibrated logits (N, K) of features (N, d) and logits (N, K), computed ``block_rows`` rows at a time."""
+def predict_in_blocks(estimator: Calibrator, features: torch.Tensor, logits: torch.Tensor, block_rows: int | None = None) -> torch.Tensor:
+    """Calibrated logits (N, K) of features (N, d) and logits (N, K), ``block_rows`` (default
+    :data:`PREDICT_BLOCK_ROWS`) rows at a time to bound the memory of large test banks."""
+    block_rows = block_rows or PREDICT_BLOCK_ROWS
     parts = [estimator.predict_logits(features[s : s + block_rows], logits[s : s + block_rows]) for s in range(0, logits.shape[0], block_rows)]
     return torch.cat(parts) if parts else torch.empty(0, logits.shape[1])
 

@@ -1,0 +1,111 @@
+"""calib.evaluate: the report on hand cases and a synthetic bank, fit_baselines, format_table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from calib.bank import load_bank, write_bank
+from calib.baselines import CRT, Joint, LogitAdjustment
+from calib.errors import ArtifactError, InputError
+from calib.evaluate import evaluate_methods, fit_baselines, format_table
+
+# K = 4; class 3 is absent from the test rows. Predictions 0 0 1 1 2 2 for labels 0 0 0 1 1 2 (as test_metrics).
+HAND_PREDICTIONS = np.array([0, 0, 1, 1, 2, 2])
+HAND_LABELS = np.array([0, 0, 0, 1, 1, 2])
+
+
+@pytest.fixture
+def hand_bank(tmp_path):
+    logits = np.eye(4, dtype=np.float32)[HAND_PREDICTIONS] * 5.0
+    # + one augmented view per image that predicts class 3, and one unlabelled clean row: neither is evaluated
+    logits = np.concatenate([logits, np.tile(np.eye(4, dtype=np.float32)[3] * 5.0, (6, 1)), np.zeros((1, 4), np.float32)])
+    labels = np.concatenate([HAND_LABELS, HAND_LABELS, [-1]])
+    sample_index = np.concatenate([np.arange(6), np.arange(6), [6]])
+    view = np.concatenate([np.zeros(6), np.ones(6), [0]]).astype(np.int16)
+    return load_bank(write_bank(tmp_path / "hand.h5", np.zeros((13, 2), np.float32), logits, labels,
+                                sample_index=sample_index, view=view, num_views=2))
+
+
+def test_hand_case_report(hand_bank):
+    report = evaluate_methods(hand_bank, {"joint": Joint().fit(hand_bank)}, class_counts=np.array([200, 50, 5, 1000]))
+    m = report["methods"]["joint"]
+    assert m["accuracy"] == pytest.approx(4 / 6) and m["mean_class_accuracy"] == pytest.approx(13 / 18)
+    # many = classes 0 and 3 (3 is absent from the test rows), medium = class 1, few = class 2
+    assert (m["many"], m["medium"], m["few"]) == pytest.approx((2 / 3, 1 / 2, 1.0))
+    assert report["per_class_accuracy"]["joint"] == pytest.approx([2 / 3, 1 / 2, 1.0, None])
+    assert report["class_counts"] == [200, 50, 5, 1000] and report["num_rows"] == 6
+    rel = report["reliability"]["joint"]
+    assert sum(rel["count"]) == 6 and len(rel["accuracy"]) == 15 and rel["accuracy"][0] is None
+    assert rel["ece"] == m["ece"]
+    json.dumps(report, allow_nan=False)  # plain JSON, no NaN
+
+
+def test_group_without_classes_is_none_and_a_dash(hand_bank):
+    report = evaluate_methods(hand_bank, {"joint": Joint().fit(hand_bank)}, class_counts=np.array([500, 400, 300, 200]))
+    assert report["methods"]["joint"]["medium"] is None and report["methods"]["joint"]["few"] is None
+    assert format_table(report).splitlines()[2].split()[4:6] == ["-", "-"]
+
+
+def test_synthetic_bank_report_matches_the_estimators(long_tailed_banks):
+    b = long_tailed_banks
+    estimators = {"joint": Joint().fit(b.train), "logit-adjust": LogitAdjustment().fit(b.train, b.val)}
+    report = evaluate_methods(b.test, estimators, class_counts=b.counts)
+    assert list(report["methods"]) == ["joint", "logit-adjust"]
+    for name, est in estimators.items():
+        m = report["methods"][name]
+        assert all(0.0 <= m[key] <= 1.0 for key in ("accuracy", "mean_class_accuracy", "many", "medium", "few", "ece"))
+        predictions = est.predict(b.test.features, b.test.logits)
+        assert m["accuracy"] == pytest.approx(float((predictions == b.test.labels).double().mean()))
+        per_class = report["per_class_accuracy"][name]
+        assert len(per_class) == 7 and m["few"] == pytest.approx(np.mean(per_class[5:]))  # counts 12 and 6 are few
+    assert report["methods"]["logit-adjust"]["mean_class_accuracy"] > report["methods"]["joint"]["mean_class_accuracy"]
+
+
+def test_bad_inputs_are_named(long_tailed_banks, hand_bank):
+    b = long_tailed_banks
+    joint = Joint().fit(b.train)
+    with pytest.raises(InputError, match=r"class_counts should have shape \(7,\) like the test bank's logits, found \(3,\)\."):
+        evaluate_methods(b.test, {"joint": joint}, class_counts=np.array([1, 2, 3]))
+    with pytest.raises(ArtifactError, match=r"the calibration has K=7 classes but the test bank .*hand\.h5 has K=4\."):
+        evaluate_methods(hand_bank, {"joint": joint}, class_counts=np.ones(4))
+
+
+def test_unlabelled_test_bank(tmp_path):
+    bank = load_bank(write_bank(tmp_path / "u.h5", np.zeros((2, 1), np.float32), np.zeros((2, 2), np.float32), [-1, -1]))
+    with pytest.raises(InputError, match=r"test bank .*u\.h5 has no labelled rows in its clean view \(view 0\)\."):
+        evaluate_methods(bank, {}, class_counts=np.ones(2))
+
+
+def test_fit_baselines_by_name(long_tailed_banks):
+    b = long_tailed_banks
+    fitted = fit_baselines(["joint", "crt", "joint"], b.train, b.val, seed=3)
+    assert list(fitted) == ["joint", "crt"]
+    assert isinstance(fitted["crt"], CRT) and fitted["crt"].seed == 3 and hasattr(fitted["crt"], "params_")
+    with pytest.raises(InputError, match=r"baseline should be one of joint, logit-adjust, tau-norm, lws, crt, ncm, found 'disalign'\."):
+        fit_baselines(["joint", "disalign"], b.train, None)
+
+
+def test_format_table_is_aligned_with_percentages_and_dashes():
+    report = {"methods": {
+        "joint": {"accuracy": 0.5, "mean_class_accuracy": 0.41234, "many": 0.9, "medium": None, "few": 0.0, "ece": 0.1234, "nll": 1.23456},
+        "logit-adjust": {"accuracy": 1.0, "mean_class_accuracy": 0.5, "many": 0.75, "medium": 0.5, "few": 0.25, "ece": 0.05, "nll": 0.5},
+    }}
+    assert format_table(report) == (
+        "method          acc  mean-cls  many  medium   few   ECE    NLL\n"
+        "------------  -----  --------  ----  ------  ----  ----  -----\n"
+        "joint          50.0      41.2  90.0       -   0.0  12.3  1.235\n"
+        "logit-adjust  100.0      50.0  75.0    50.0  25.0   5.0  0.500"
+    )
+
+
+def test_predictions_in_blocks_give_the_same_report(long_tailed_banks, monkeypatch):
+    import calib.evaluate
+
+    b = long_tailed_banks
+    estimators = {"logit-adjust": LogitAdjustment().fit(b.train)}
+    whole = evaluate_methods(b.test, estimators, class_counts=b.counts)
+    monkeypatch.setattr(calib.evaluate, "PREDICT_BLOCK_ROWS", 64)  # 700 rows → 11 blocks
+    assert evaluate_methods(b.test, estimators, class_counts=b.counts) == whole
