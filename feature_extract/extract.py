@@ -1,0 +1,374 @@
+"""The extraction job: list → decoded uint8 views → model on the device → parts → HDF5 bank.
+
+DataLoader workers decode (each opens its own files) into uint8 batches in shared memory, pinned on
+CUDA; the batch travels to the device as uint8 and is normalised there; on CUDA the forward runs in bf16
+autocast, channels-last, and results come back one batch late so the GPU never waits for the host.
+Rows are grouped in chunks of ``chunk_size`` list rows; batches never cross a chunk boundary, so the
+batches (and therefore the values) are the same whether a run is resumed or split across ranks.
+See :mod:`feature_extract.workdir` for the resume and assembly rules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from calib.bank import FEATURE_DTYPES, BankReader
+from feature_extract.data import ImageList, ViewDataset, collate_views, read_list, scan_folder
+from feature_extract.distributed import DistContext, chunk_range
+from feature_extract.errors import ExtractError, ImageDecodeError
+from feature_extract.models import LoadedModel, load_model
+from feature_extract.preprocess import Preprocessing, normalize
+from feature_extract.workdir import BankHeader, WorkDir, write_bank_from_parts, write_virtual_bank
+
+logger = logging.getLogger("feature_extract")
+ASSEMBLY_MODES = ("concat", "virtual")
+FLOAT16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Arguments of one extraction (the CLI builds this; see ``disalign extract --help``)."""
+
+    model: str
+    out: Path
+    list_file: Path | None = None
+    root: Path | None = None
+    folder: Path | None = None
+    weights: Path | None = None
+    card: Path | None = None
+    prep: Preprocessing | None = None  # None: from the card, else ImageNet defaults
+    classifier_layer: str | None = None
+    views: int = 1
+    seed: int = 0
+    batch_size: int = 256
+    chunk_size: int = 4096  # list rows per resumable part
+    workers: int = 4
+    prefetch: int = 4  # batches per worker in flight
+    device: str = "cpu"
+    threads: int | None = None  # torch intra-op threads of the main process (None: torch's default)
+    feature_dtype: str = "float16"
+    class_counts_from: Path | None = None
+    overwrite: bool = False
+    strict: bool = False
+    max_pixels: int | None = 89_478_485  # Pillow's own decompression-bomb limit
+    draft: bool = True
+    assemble: str = "concat"
+    quiet: bool = False
+
+    def __post_init__(self):
+        if (self.list_file is None) == (self.folder is None):
+            raise ExtractError("give exactly one image source: --list LIST.txt (with --root DIR) or --folder DIR.")
+        if self.list_file is not None and self.root is None:
+            raise ExtractError("--list needs --root DIR, the directory its relative paths start from.")
+        if self.views < 1:
+            raise ExtractError(f"--views should be >= 1 (view 0 is the clean view), found {self.views}.")
+        if self.batch_size < 1 or self.chunk_size < 1:
+            raise ExtractError(f"--batch-size and --chunk-size should be >= 1, found {self.batch_size} and {self.chunk_size}.")
+        if self.workers < 0:
+            raise ExtractError(f"--workers should be >= 0, found {self.workers}.")
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise ExtractError(f"--feature-dtype should be one of {', '.join(FEATURE_DTYPES)}, found {self.feature_dtype!r}.")
+        if self.assemble not in ASSEMBLY_MODES:
+            raise ExtractError(f"--assemble should be one of {', '.join(ASSEMBLY_MODES)}, found {self.assemble!r}.")
+        if self.seed < 0:
+            raise ExtractError(f"--seed should be >= 0, found {self.seed}.")
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    rows: int  # rows written by this process (views included)
+    images: int  # list rows decoded by this process
+    skipped: list[int] = field(default_factory=list)  # list rows this process could not decode
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+def _card(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExtractError(f"model card {path} is not readable JSON ({exc}).") from exc
+
+
+def _class_counts(source: Path | None, images: ImageList, k: int) -> tuple[np.ndarray | None, str]:
+    """Per-class *training* counts: from ``source`` (a bank or a card JSON), else this list's labels."""
+    if source is None:
+        if not images.labelled:
+            return None, "none (unlabelled list)"
+        return np.bincount(images.labels, minlength=k).astype(np.int64), "labels of this list"
+    source = Path(source)
+    if source.suffix == ".json":
+        counts = _card(source).get("class_counts")
+        if counts is None:
+            raise ExtractError(f"--class-counts-from {source}: the card has no 'class_counts' field.")
+    else:
+        with BankReader(source) as reader:
+            counts = reader.info.class_counts
+            if counts is None:
+                clean = (reader.column("view") == 0) & (reader.column("labels") >= 0)
+                counts = np.bincount(reader.column("labels")[clean], minlength=reader.info.num_classes)
+    counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+    if counts.shape[0] != k:
+        raise ExtractError(f"--class-counts-from {source} has {counts.shape[0]} classes but the model has K={k}.")
+    return counts, str(source)
+
+
+def _list_digest(images: ImageList) -> str:
+    digest = hashlib.sha256()
+    for path, label in zip(images.paths, images.labels.tolist(), strict=True):
+        digest.update(f"{path}\t{label}\n".encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _check_labels(images: ImageList, k: int) -> None:
+    bad = np.flatnonzero(images.labels >= k)
+    if len(bad):
+        row = int(bad[0])
+        raise ExtractError(
+            f"list row {row} ({images.paths[row]}) has label {int(images.labels[row])}, but the model has {k} classes (labels 0..{k - 1} or -1)."
+        )
+
+
+# -- the device loop ------------------------------------------------------------------------------
+@dataclass
+class _InFlight:
+    chunk: int
+    last_of_chunk: bool
+    rows: torch.Tensor  # (n,) list rows decoded in this batch
+    bad_rows: torch.Tensor
+    features: torch.Tensor | None = None  # (n·V, d) on the host (pinned on CUDA), maybe still being copied
+    logits: torch.Tensor | None = None
+    event: torch.cuda.Event | None = None
+
+
+class _Runner:
+    """Launch batches on the device, collect them one batch late, write a part when a chunk is done."""
+
+    def __init__(self, model: LoadedModel, prep: Preprocessing, images: ImageList, workdir: WorkDir, cfg: ExtractConfig):
+        self.model, self.prep, self.images, self.workdir, self.cfg = model, prep, images, workdir, cfg
+        self.device = model.device
+        self.feature_dtype = getattr(torch, cfg.feature_dtype)
+        self.pending: deque[_InFlight] = deque()
+        self.chunk_items: list[_InFlight] = []
+        self.skipped: list[int] = []
+        self.rows_written = 0
+
+    def launch(self, chunk: int, last: bool, batch: dict) -> None:
+        item = _InFlight(chunk, last, batch["rows"], batch["bad_rows"])
+        if len(item.rows):
+            x = batch["images"].to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # (B·V, 3, H, W) channels-last view
+            if self.device.type == "cpu":
+                x = x.contiguous()
+            features, logits = self.model.features_and_logits(normalize(x, self.prep))
+            features = features.to(self.feature_dtype)
+            if self.device.type == "cuda":
+                item.features = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+                item.logits = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
+                item.features.copy_(features, non_blocking=True)
+                item.logits.copy_(logits, non_blocking=True)
+                item.event = torch.cuda.Event()
+                item.event.record()
+            else:
+                item.features, item.logits = features, logits
+        self.pending.append(item)
+        while len(self.pending) > 1:
+            self._collect(self.pending.popleft())
+
+    def flush(self) -> None:
+        while self.pending:
+            self._collect(self.pending.popleft())
+
+    def _collect(self, item: _InFlight) -> None:
+        if item.event is not None:
+            item.event.synchronize()
+        self.chunk_items.append(item)
+        if item.last_of_chunk:
+            self._write_part(item.chunk)
+            self.chunk_items = []
+
+    def _write_part(self, chunk: int) -> None:
+        views = self.cfg.views
+        done = [it for it in self.chunk_items if len(it.rows)]
+        rows = torch.cat([it.rows for it in done]).numpy() if done else np.zeros(0, np.int64)
+        sample_index = np.repeat(rows, views)
+        d, k = self.model.feature_dim, self.model.num_classes
+        features = torch.cat([it.features for it in done]).numpy() if done else np.zeros((0, d), self.cfg.feature_dtype)
+        logits = torch.cat([it.logits for it in done]).numpy() if done else np.zeros((0, k), np.float32)
+        for name, values in (("features", features), ("logits", logits)):
+            finite = np.isfinite(values).all(axis=1)
+            if not finite.all():
+                row = int(sample_index[np.flatnonzero(~finite)[0]])
+                hint = " (float16 overflow: rerun with --feature-dtype float32)" if name == "features" and self.cfg.feature_dtype == "float16" else ""
+                raise ExtractError(f"the model gave non-finite {name} for list row {row} ({self.images.paths[row]}){hint}.")
+        skipped = torch.cat([it.bad_rows for it in self.chunk_items]).numpy().astype(np.int64)
+        self.workdir.write_part(
+            chunk,
+            {
+                "features": features,
+                "logits": logits.astype(np.float32, copy=False),
+                "labels": self.images.labels[sample_index],
+                "sample_index": sample_index.astype(np.int64),
+                "view": np.tile(np.arange(views, dtype=np.int16), len(rows)),
+                "skipped": skipped,
+            },
+        )
+        self.skipped.extend(skipped.tolist())
+        self.rows_written += len(sample_index)
+
+
+def _plan(chunks: list[int], num_rows: int, chunk_size: int, batch_size: int) -> list[tuple[int, bool, range]]:
+    """(chunk, last batch of its chunk, list rows) for every batch; batches start at chunk boundaries."""
+    plan = []
+    for chunk in chunks:
+        start, stop = chunk * chunk_size, min((chunk + 1) * chunk_size, num_rows)
+        for b in range(start, stop, batch_size):
+            plan.append((chunk, b + batch_size >= stop, range(b, min(b + batch_size, stop))))
+    return plan
+
+
+def _run_chunks(runner: _Runner, dataset: ViewDataset, plan: list, cfg: ExtractConfig, show: bool) -> int:
+    on_cuda = runner.device.type == "cuda"
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=[rows for _, _, rows in plan],
+        num_workers=cfg.workers,
+        collate_fn=collate_views,
+        pin_memory=on_cuda,
+        prefetch_factor=cfg.prefetch if cfg.workers > 0 else None,
+    )
+    total = sum(len(rows) for _, _, rows in plan)
+    bar = tqdm(total=total, unit="img", file=sys.stderr, disable=not show, smoothing=0.05, dynamic_ncols=True)
+    with bar:
+        for (chunk, last, rows), batch in zip(plan, loader, strict=True):
+            for error in batch["errors"]:
+                if cfg.strict:
+                    raise ImageDecodeError(f"{error} (--strict stops at the first bad image; without it bad images are skipped and listed).")
+                logger.warning("skipped %s", error)
+            runner.launch(chunk, last, batch)
+            bar.update(len(rows))
+        runner.flush()
+    return total
+
+
+# -- the job --------------------------------------------------------------------------------------
+def extract_bank(cfg: ExtractConfig, *, dist: DistContext | None = None) -> ExtractResult:
+    """Run (or resume) one extraction; returns when ``cfg.out`` is a complete bank (on rank 0)."""
+    dist = dist or DistContext()
+    start_time = time.perf_counter()
+    out = Path(cfg.out)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ExtractError("--device cuda was requested but torch.cuda.is_available() is False.")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    card = _card(cfg.card)
+    prep = cfg.prep or (Preprocessing.from_card(cfg.card) if cfg.card else Preprocessing.imagenet())
+    known = card.get("classes")
+    images = read_list(cfg.list_file, cfg.root) if cfg.list_file is not None else scan_folder(cfg.folder, known)
+    model = load_model(cfg.model, str(cfg.weights) if cfg.weights else None, classifier_layer=cfg.classifier_layer, device=str(device), input_size=prep.crop)
+    k = model.num_classes
+    _check_labels(images, k)
+    class_names = [str(c) for c in known] if isinstance(known, list) and len(known) == k else None
+    if class_names is None and images.class_names is not None and len(images.class_names) == k:
+        class_names = list(images.class_names)
+    counts, counts_source = _class_counts(cfg.class_counts_from, images, k)
+    preprocessing = {**prep.to_dict(), "views": cfg.views, "seed": cfg.seed, "decode": "pil", "jpeg_draft": cfg.draft}
+    manifest = {
+        "model": cfg.model,
+        "model_fingerprint": model.fingerprint,
+        "classifier_layer": cfg.classifier_layer,
+        "root": str(images.root.resolve()),
+        "list_digest": _list_digest(images),
+        "num_rows": len(images),
+        "preprocessing": preprocessing,
+        "max_pixels": cfg.max_pixels,
+        "batch_size": cfg.batch_size,
+        "chunk_size": cfg.chunk_size,
+        "feature_dtype": cfg.feature_dtype,
+        "device_type": device.type,
+    }
+    workdir = WorkDir(out)
+    error = None
+    if dist.is_main:  # rank 0 decides; every rank raises the same error
+        try:
+            if out.exists() and not cfg.overwrite:
+                raise ExtractError(f"bank file {out} already exists; pass --overwrite to replace it.")
+            workdir.prepare(manifest)
+        except ExtractError as exc:
+            error = str(exc)
+    error = dist.broadcast_object(error)
+    if error is not None:
+        raise ExtractError(error)
+
+    num_chunks = -(-len(images) // cfg.chunk_size)
+    mine = list(chunk_range(num_chunks, dist.rank, dist.world_size))
+    todo = [c for c in mine if not workdir.has_part(c)]
+    if len(todo) < len(mine):
+        logger.info("rank %d: resuming, %d of %d chunks already done", dist.rank, len(mine) - len(todo), len(mine))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    runner = _Runner(model, prep, images, workdir, cfg)
+    dataset = ViewDataset(images, prep, views=cfg.views, seed=cfg.seed, max_pixels=cfg.max_pixels, draft=cfg.draft)
+    plan = _plan(todo, len(images), cfg.chunk_size, cfg.batch_size)
+    show = not cfg.quiet and dist.is_main and sys.stderr.isatty()
+    decoded = _run_chunks(runner, dataset, plan, cfg, show) if plan else 0
+
+    header = BankHeader(
+        writer_kwargs={
+            "feature_dim": model.feature_dim,
+            "class_names": class_names or [str(i) for i in range(k)],
+            "feature_dtype": cfg.feature_dtype,
+            "class_counts": counts,
+            "model_fingerprint": model.fingerprint,
+            "preprocessing": preprocessing,
+            "num_views": cfg.views,
+            "classifier_weight": model.classifier_weight,
+            "classifier_bias": model.classifier_bias,
+        },
+        extra_attrs={"class_counts_source": counts_source, "source": str(cfg.list_file or cfg.folder), "model_spec": cfg.model},
+    )
+    _assemble(cfg, dist, workdir, header, num_chunks, mine)
+    seconds = time.perf_counter() - start_time
+    result = ExtractResult(out, runner.rows_written, decoded - len(runner.skipped), runner.skipped, seconds)
+    logger.info("rank %d: %d images (%d rows) in %.1f s, %.0f images/s, %d skipped", dist.rank, result.images, result.rows, seconds, result.images_per_second, len(result.skipped))
+    return result
+
+
+def _assemble(cfg: ExtractConfig, dist: DistContext, workdir: WorkDir, header: BankHeader, num_chunks: int, mine: list[int]) -> None:
+    out = Path(cfg.out)
+    if cfg.assemble == "virtual" and dist.world_size > 1:
+        shard_dir = out.with_name(out.name + ".shards")
+        shard_dir.mkdir(exist_ok=True)
+        shard = shard_dir / f"shard-{dist.rank:05d}-of-{dist.world_size:05d}.h5"
+        write_bank_from_parts((workdir.read_part(c) for c in mine), shard, header, overwrite=True,
+                              temporary_path=workdir.path / f"{shard.name}.partial")
+        dist.barrier()
+        if dist.is_main:
+            shards = [shard_dir / f"shard-{r:05d}-of-{dist.world_size:05d}.h5" for r in range(dist.world_size)]
+            write_virtual_bank(shards, out, overwrite=cfg.overwrite)
+            workdir.remove()
+    else:
+        dist.barrier()
+        if dist.is_main:
+            parts = (workdir.read_part(c) for c in range(num_chunks))
+            write_bank_from_parts(parts, out, header, overwrite=cfg.overwrite, temporary_path=workdir.path / "bank.h5.partial")
+            workdir.remove()
+    dist.barrier()

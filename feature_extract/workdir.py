@@ -1,0 +1,157 @@
+"""The resumable work directory of one extraction, and the assembly of banks from it.
+
+HDF5 is not crash-safe, so rows are first written as small numpy files, one per completed chunk of list
+rows, each written under a temporary name, flushed to disk and renamed into place: a part either exists
+complete or not at all. ``BANK.h5.parts/`` holds::
+
+    manifest.json        what determines the rows (model fingerprint, list digest, preprocessing, views,
+                         seed, batch and chunk sizes, device type, …); a restart with other values is refused
+    chunk-000000.npz     features, logits, labels, sample_index, view, skipped (list rows that failed)
+    chunk-000001.npz     …
+
+When every chunk is there, the parts are assembled into the bank with :class:`calib.bank.BankWriter`
+(a temporary name, renamed when complete) and the directory is deleted. Under torchrun with
+``--assemble virtual`` each rank first writes its shard bank into ``BANK.h5.shards/`` and rank 0 writes
+the final bank as HDF5 virtual datasets that point at the shards (which must stay beside it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from calib.bank import REQUIRED_DATASETS, BankReader, BankWriter, temporary_sibling
+from feature_extract.errors import ExtractError
+
+PART_COLUMNS = ("features", "logits", "labels", "sample_index", "view")
+MANIFEST_VERSION = 1
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(fh)`` into a temporary sibling, fsync, rename into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class WorkDir:
+    """``BANK.h5.parts/``: a manifest plus one ``chunk-NNNNNN.npz`` per completed chunk."""
+
+    def __init__(self, bank_path: Path):
+        self.path = bank_path.with_name(bank_path.name + ".parts")
+
+    def prepare(self, manifest: dict) -> None:
+        """Create the directory, or check that an existing one was started with the same manifest."""
+        manifest = json.loads(json.dumps({"version": MANIFEST_VERSION, **manifest}))
+        manifest_path = self.path / "manifest.json"
+        if manifest_path.exists():
+            try:
+                old = json.loads(manifest_path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ExtractError(f"{manifest_path} is not readable JSON ({exc}); delete {self.path} to start over.") from exc
+            if old != manifest:
+                changed = [f"{key}: {old.get(key)!r:.60} → {manifest.get(key)!r:.60}" for key in sorted(set(old) | set(manifest)) if old.get(key) != manifest.get(key)]
+                raise ExtractError(
+                    f"{self.path} holds an unfinished extraction started with different arguments ({'; '.join(changed)}); "
+                    f"rerun with the same arguments to resume, or delete {self.path} to start over."
+                )
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        _atomic_write(manifest_path, lambda fh: fh.write((json.dumps(manifest, indent=1) + "\n").encode()))
+
+    def part_path(self, chunk: int) -> Path:
+        return self.path / f"chunk-{chunk:06d}.npz"
+
+    def has_part(self, chunk: int) -> bool:
+        return self.part_path(chunk).exists()
+
+    def write_part(self, chunk: int, arrays: dict[str, np.ndarray]) -> None:
+        _atomic_write(self.part_path(chunk), lambda fh: np.savez(fh, **arrays))
+
+    def read_part(self, chunk: int) -> dict[str, np.ndarray]:
+        path = self.part_path(chunk)
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {name: npz[name] for name in (*PART_COLUMNS, "skipped")}
+        except (OSError, ValueError, KeyError) as exc:
+            raise ExtractError(f"part {path} is unreadable ({exc}); delete it and rerun to redo that chunk.") from exc
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+@dataclass
+class BankHeader:
+    """Everything of a bank except its rows: :class:`BankWriter` keyword arguments plus extra attributes."""
+
+    writer_kwargs: dict
+    extra_attrs: dict = field(default_factory=dict)
+
+
+def write_bank_from_parts(
+    parts: Iterable[dict[str, np.ndarray]], out: Path, header: BankHeader, *, overwrite: bool, temporary_path: Path | None = None
+) -> Path:
+    """Append the parts in order to a new bank at ``out``; ``skipped`` (list rows) becomes its own dataset."""
+    skipped: list[np.ndarray] = []
+    with BankWriter(out, overwrite=overwrite, temporary_path=temporary_path, **header.writer_kwargs) as writer:
+        for part in parts:
+            skipped.append(part["skipped"])
+            if len(part["logits"]):
+                writer.append(**{name: part[name] for name in PART_COLUMNS})
+        # BankWriter has no hook for a dataset of another length than N; write it before finish() renames.
+        writer._file.create_dataset("skipped", data=np.sort(np.concatenate(skipped or [np.zeros(0, np.int64)])).astype(np.int64))
+        return writer.finish(extra_attrs=header.extra_attrs)
+
+
+def write_virtual_bank(shards: list[Path], out: Path, *, overwrite: bool) -> Path:
+    """A bank whose row datasets are HDF5 virtual datasets over ``shards`` (complete banks, in order).
+
+    Attributes and the classifier are copied from the first shard; ``skipped`` is concatenated. Source
+    files are referenced relative to ``out``'s directory, so the bank and its shards move together.
+    """
+    if out.exists() and not overwrite:
+        raise ExtractError(f"bank file {out} already exists; pass --overwrite to replace it.")
+    sizes = []
+    for shard in shards:
+        with BankReader(shard) as reader:
+            sizes.append(reader.info.num_rows)
+    tmp = temporary_sibling(out)
+    try:
+        with h5py.File(shards[0], "r") as first, h5py.File(tmp, "w") as f:
+            for key, value in first.attrs.items():
+                f.attrs[key] = value
+            f.attrs["complete"] = False
+            for name in REQUIRED_DATASETS:
+                tail, dtype = first[name].shape[1:], first[name].dtype
+                layout = h5py.VirtualLayout(shape=(sum(sizes), *tail), dtype=dtype)
+                start = 0
+                for shard, size in zip(shards, sizes, strict=True):
+                    if size:
+                        source = h5py.VirtualSource(os.path.relpath(shard, out.parent), name, shape=(size, *tail), dtype=dtype)
+                        layout[start : start + size] = source
+                    start += size
+                f.create_virtual_dataset(name, layout)
+            if "classifier" in first:
+                first.copy(first["classifier"], f, "classifier")
+            skipped = []
+            for shard in shards:
+                with h5py.File(shard, "r") as s:
+                    skipped.append(s["skipped"][...])
+            f.create_dataset("skipped", data=np.sort(np.concatenate(skipped)).astype(np.int64))
+            f.attrs["assembly"] = "virtual"
+            f.attrs["shards"] = json.dumps([os.path.relpath(s, out.parent) for s in shards])
+            f.attrs["complete"] = True
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
