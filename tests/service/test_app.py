@@ -1,0 +1,352 @@
+"""The app in process (TestClient): every route, every error status, known answers against offline inference."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from calib.errors import ArtifactError
+from calib.methods import load_calibration
+from feature_extract.models import load_model
+from feature_extract.preprocess import Preprocessing, clean_view, decode_image, normalize
+from service.main import create_app
+from tests.service.conftest import ADMIN_TOKEN, CARD, MODEL, Artifacts, install, make_settings
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:20], data[20:24] = width.to_bytes(4, "big"), height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
+
+
+def offline_probabilities(images: list[Path], calibration: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage-1 and calibrated probabilities (N, K) computed without the server."""
+    model, prep = load_model(str(MODEL)), Preprocessing.from_card(CARD)
+    batch = torch.stack([clean_view(decode_image(p), prep) for p in images])
+    features, logits = model.features_and_logits(normalize(batch, prep))
+    calibrated = load_calibration(calibration).predict_logits(features, logits)
+    return logits.softmax(1), calibrated.softmax(1)
+
+
+def row(k: int = 10, d: int = 64, value: float = 0.5) -> dict:
+    return {"features": [value] * d, "logits": [float(i) for i in range(k)]}
+
+
+def assert_error(response, status: int, match: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and match in body["error"], body
+    assert body["error"].endswith("."), body
+
+
+# -- health and metadata ---------------------------------------------------------------------------
+def test_health_and_metadata(client: TestClient, artifacts: Artifacts, fingerprint: str, class_names: list[str]):
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    meta = client.get("/v2/models/disalign").json()
+    version = meta["calibration_version"]
+    assert version.startswith("disalign-") and meta["versions"] == [version]
+    assert meta["classes"] == class_names and meta["num_classes"] == 10 and meta["feature_dim"] == 64
+    assert meta["model_fingerprint"] == fingerprint
+    assert {t["name"]: t["shape"] for t in meta["inputs"]} == {"features": [-1, 64], "logits": [-1, 10], "image": [-1]}
+    assert {t["name"] for t in meta["outputs"]} == {"probabilities", "logits"}
+
+
+def test_not_ready_before_the_lifespan_ran(calibration_dir: Path):
+    c = TestClient(create_app(make_settings(calibration_dir)))  # no `with`: the model is never loaded
+    assert c.get("/v2/health/live").status_code == 200
+    assert_error(c.get("/v2/health/ready"), 503, "not loaded")
+    assert_error(c.post("/calibrate", json={"rows": [row()]}), 503, "not loaded")
+    assert_error(c.get("/v2/models/disalign"), 503, "not loaded")
+
+
+def test_unknown_model_and_route_are_404(client: TestClient):
+    assert_error(client.get("/v2/models/resnet"), 404, "model 'resnet' is not served here")
+    assert_error(client.post("/v2/models/resnet/infer", json={"inputs": []}), 404, "not served here")
+    assert_error(client.get("/nowhere"), 404, "no route /nowhere")
+
+
+# -- /predict ----------------------------------------------------------------------------------------
+def test_predict_multipart_matches_offline_inference(client: TestClient, cifar_jpegs: list[Path], calibration_dir: Path):
+    images = cifar_jpegs[:4]
+    files = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in images]
+    r = client.post("/predict", files=files, params={"top_k": 3, "raw": "true"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    raw, calibrated = offline_probabilities(images, calibration_dir)
+    assert len(body["predictions"]) == 4
+    for pred, p_raw, p_cal in zip(body["predictions"], raw, calibrated, strict=True):
+        assert [t["index"] for t in pred["top_k"]] == p_cal.topk(3).indices.tolist()
+        assert pred["top_k"][0]["probability"] == pytest.approx(float(p_cal.max()), abs=1e-5)
+        assert [t["index"] for t in pred["raw_top_k"]] == p_raw.topk(3).indices.tolist()
+        assert pred["raw_top_k"][0]["label"] == client.app.state.runtime.calibration.class_names[int(p_raw.argmax())]
+    assert body["calibration_version"] == client.get("/v2/models/disalign").json()["calibration_version"]
+
+
+def test_predict_json_base64_and_default_top_k(client: TestClient, cifar_jpegs: list[Path]):
+    r = client.post("/predict", json={"images": [b64(cifar_jpegs[0]), b64(cifar_jpegs[1])]})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert [len(p["top_k"]) for p in preds] == [5, 5] and preds[0]["raw_top_k"] is None
+    probs = [t["probability"] for t in preds[0]["top_k"]]
+    assert probs == sorted(probs, reverse=True)
+
+
+def test_predict_errors(client: TestClient, cifar_jpegs: list[Path]):
+    jpeg = cifar_jpegs[0].read_bytes()
+    assert_error(client.post("/predict", files=[("file", ("x.jpg", b"not an image", "image/jpeg"))]), 400, "could not be decoded")
+    assert_error(client.post("/predict", json={"images": ["@@not-base64@@"]}), 400, "images[0] is not valid base64")
+    assert_error(client.post("/predict", json={"images": [base64.b64encode(jpeg[:40]).decode()]}), 400, "could not be decoded")
+    assert_error(client.post("/predict", files=[("file", ("b.png", png_bomb(100_000, 100_000), "image/png"))]), 413, "")
+    assert_error(client.post("/predict", content=b"hello", headers={"content-type": "text/plain"}), 415, "multipart/form-data")
+    assert_error(client.post("/predict", files=[("other", ("x.jpg", jpeg, "image/jpeg"))]), 422, "at least one 'file'")
+    mixed = client.post("/predict", data={"file": "text"}, files=[("x", ("x.jpg", jpeg, "image/jpeg"))])
+    assert_error(mixed, 422, "should be a file upload")
+    assert_error(client.post("/predict", json={"images": []}), 422, "images")
+    assert_error(client.post("/predict", json={"images": [b64(cifar_jpegs[0])], "path": "/etc"}), 422, "path")
+    assert_error(client.post("/predict", json={"images": [b64(cifar_jpegs[0])]}, params={"top_k": 11}), 422, "top_k should be between 1 and K=10")
+    assert_error(client.post("/predict", json={"images": [b64(cifar_jpegs[0])]}, params={"top_k": 0}), 422, "top_k")
+    assert_error(client.post("/predict", content=b"{", headers={"content-type": "application/json"}), 422, "not valid JSON")
+
+
+def test_pixel_and_image_count_limits(calibration_dir: Path, cifar_jpegs: list[Path]):
+    with TestClient(create_app(make_settings(calibration_dir, max_pixels=2000, max_images=2))) as c:
+        big = io.BytesIO()
+        Image.new("RGB", (50, 50)).save(big, "PNG")
+        assert_error(c.post("/predict", files=[("file", ("b.png", big.getvalue(), "image/png"))]), 413, "more than max_pixels=2000")
+        assert c.post("/predict", files=[("file", ("s.jpg", cifar_jpegs[0].read_bytes(), "image/jpeg"))]).status_code == 200
+        three = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in cifar_jpegs[:3]]
+        assert c.post("/predict", files=three).status_code in (400, 422)  # refused by the form parser or by the count
+        assert_error(c.post("/predict", json={"images": [b64(p) for p in cifar_jpegs[:3]]}), 422, "at most 2 per request")
+
+
+# -- body limit ----------------------------------------------------------------------------------------
+def test_body_limit_by_content_length_and_by_streamed_bytes(calibration_dir: Path):
+    with TestClient(create_app(make_settings(calibration_dir, max_body_bytes=4096))) as c:
+        r = c.post("/calibrate", content=b"{}", headers={"content-type": "application/json", "content-length": "999999"})
+        assert_error(r, 413, "larger than the limit of 4096 bytes")
+
+        def chunks():  # no Content-Length: Transfer-Encoding chunked
+            for _ in range(10):
+                yield b" " * 1000
+
+        r = c.post("/calibrate", content=chunks(), headers={"content-type": "application/json"})
+        assert_error(r, 413, "larger than the limit of 4096 bytes")
+        r = c.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+        assert_error(r, 413, "larger than the limit")
+        assert c.post("/calibrate", json={"rows": [row()]}).status_code == 200  # still serving
+
+
+# -- /calibrate ------------------------------------------------------------------------------------------
+def test_calibrate_matches_the_calibrator(client: TestClient, calibration_dir: Path):
+    rows = [row(value=0.1), row(value=2.0)]
+    r = client.post("/calibrate", json={"rows": rows, "top_k": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = load_calibration(calibration_dir).predict_logits(
+        torch.tensor([x["features"] for x in rows]), torch.tensor([x["logits"] for x in rows]))
+    for result, z in zip(body["results"], expected, strict=True):
+        assert result["logits"] == pytest.approx(z.tolist(), abs=1e-5)
+        assert result["probabilities"] == pytest.approx(z.softmax(0).tolist(), abs=1e-6)
+        assert [t["index"] for t in result["top_k"]] == z.topk(2).indices.tolist()
+    assert body["calibration_version"] == client.app.state.runtime.calibration.version
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        ({"rows": [row(k=9)]}, "rows[0].logits has 9 values, expected K=10"),
+        ({"rows": [row(), row(d=63)]}, "rows[1].features has 63 values, expected d=64"),
+        ({"rows": []}, "rows"),
+        ({"rows": [row()], "top_k": 11}, "top_k should be between 1 and K=10"),
+        ({"rows": [{"features": ["x"] * 64, "logits": [0.0] * 10}]}, "rows[0].features[0]: input should be a valid number"),
+        ({"rows": [{"features": [0.0] * 64}]}, "rows[0].logits: field required"),
+        ({"rows": [row()], "calibration": "/tmp/other"}, "calibration"),
+    ],
+)
+def test_calibrate_rejects_bad_rows(client: TestClient, payload: dict, match: str):
+    assert_error(client.post("/calibrate", json=payload), 422, match)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_calibrate_rejects_non_finite_values(client: TestClient, literal: str):
+    body = json.dumps({"rows": [row()]}).replace("0.5", literal, 1)
+    r = client.post("/calibrate", content=body, headers={"content-type": "application/json"})
+    assert_error(r, 422, "finite")
+
+
+def test_calibrate_rejects_values_that_overflow_float32(client: TestClient):
+    big = row()
+    big["logits"] = [1e39] * 10  # finite in JSON, inf as float32
+    assert_error(client.post("/calibrate", json={"rows": [big]}), 422, "finite")
+
+
+# -- /v2 infer -------------------------------------------------------------------------------------------
+def tensor(name: str, shape: list[int], data: list, datatype: str = "FP32") -> dict:
+    return {"name": name, "shape": shape, "datatype": datatype, "data": data}
+
+
+def test_v2_infer_features_and_logits(client: TestClient, calibration_dir: Path):
+    features, logits = [0.3] * 128, [float(i % 10) for i in range(20)]
+    r = client.post("/v2/models/disalign/infer", json={
+        "id": "req-1",
+        "inputs": [tensor("features", [2, 64], features), tensor("logits", [2, 10], logits)],
+        "outputs": [{"name": "probabilities"}, {"name": "logits"}],
+    })
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"] == "req-1" and body["model_name"] == "disalign"
+    assert body["model_version"] == body["parameters"]["calibration_version"]
+    out = {o["name"]: o for o in body["outputs"]}
+    expected = load_calibration(calibration_dir).predict_logits(torch.tensor(features).view(2, 64), torch.tensor(logits).view(2, 10))
+    assert out["probabilities"]["shape"] == [2, 10] and out["probabilities"]["datatype"] == "FP32"
+    assert out["probabilities"]["data"] == pytest.approx(expected.softmax(1).flatten().tolist(), abs=1e-6)
+    assert out["logits"]["data"] == pytest.approx(expected.flatten().tolist(), abs=1e-5)
+
+
+def test_v2_infer_image(client: TestClient, cifar_jpegs: list[Path], calibration_dir: Path):
+    r = client.post("/v2/models/disalign/infer", json={"inputs": [tensor("image", [2], [b64(p) for p in cifar_jpegs[:2]], "BYTES")]})
+    assert r.status_code == 200, r.text
+    (out,) = r.json()["outputs"]
+    assert out["name"] == "probabilities" and out["shape"] == [2, 10]
+    _, calibrated = offline_probabilities(cifar_jpegs[:2], calibration_dir)
+    assert out["data"] == pytest.approx(calibrated.flatten().tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "status", "match"),
+    [
+        ([tensor("features", [1, 64], [0.0] * 64), tensor("logits", [1, 9], [0.0] * 9)], 422, "input 'logits' should have shape [N, 10], found [1, 9]"),
+        ([tensor("features", [1, 32], [0.0] * 32), tensor("logits", [1, 10], [0.0] * 10)], 422, "should have shape [N, 64]"),
+        ([tensor("features", [1, 64], [0.0] * 63), tensor("logits", [1, 10], [0.0] * 10)], 422, "has 63 values but its shape [1, 64] needs 64"),
+        ([tensor("features", [2, 64], [0.0] * 128), tensor("logits", [1, 10], [0.0] * 10)], 422, "has 2 rows but input 'logits' has 1"),
+        ([tensor("features", [1, 64], [0.0] * 64)], 422, "inputs should be 'features' and 'logits'"),
+        ([tensor("features", [1, 64], ["a"] * 64), tensor("logits", [1, 10], [0.0] * 10)], 422, "datatype FP32 with numbers"),
+        ([tensor("image", [1], ["!!"], "BYTES")], 400, "is not valid base64"),
+        ([tensor("image", [2], ["aGk="], "BYTES")], 422, "should have shape [N] with N = 1"),
+        ([tensor("image", [1], ["aGk="], "INT8")], 422, "datatype"),
+        ([tensor("image", [1], ["aGk="], "BYTES")], 400, "could not be decoded"),
+    ],
+)
+def test_v2_infer_errors(client: TestClient, inputs: list, status: int, match: str):
+    assert_error(client.post("/v2/models/disalign/infer", json={"inputs": inputs}), status, match)
+
+
+def test_v2_infer_rejects_unknown_outputs_and_nan(client: TestClient):
+    ok = [tensor("features", [1, 64], [0.0] * 64), tensor("logits", [1, 10], [0.0] * 10)]
+    assert_error(client.post("/v2/models/disalign/infer", json={"inputs": ok, "outputs": [{"name": "gate"}]}), 422, "output 'gate' does not exist")
+    body = json.dumps({"inputs": ok}).replace("0.0", "NaN", 1)
+    r = client.post("/v2/models/disalign/infer", content=body, headers={"content-type": "application/json"})
+    assert_error(r, 422, "finite")
+
+
+# -- /admin/reload --------------------------------------------------------------------------------------
+def test_reload_needs_the_token(client: TestClient):
+    r = client.post("/admin/reload")
+    assert_error(r, 401, "Authorization: Bearer")
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert_error(client.post("/admin/reload", headers={"Authorization": "Bearer wrong-token"}), 401, "admin token is wrong")
+    assert_error(client.post("/admin/reload", headers={"Authorization": f"Basic {ADMIN_TOKEN}"}), 401, "Authorization: Bearer")
+
+
+def test_admin_routes_disabled_without_a_token(calibration_dir: Path):
+    with TestClient(create_app(make_settings(calibration_dir, admin_token=None))) as c:
+        assert_error(c.post("/admin/reload", headers=AUTH), 403, "admin routes are disabled")
+
+
+def test_reload_swaps_to_the_new_calibration(client: TestClient, calibration_dir: Path, artifacts: Artifacts):
+    before = client.post("/calibrate", json={"rows": [row()]}).json()
+    assert client.post("/admin/reload", headers=AUTH).json()["changed"] is False
+    install(artifacts.other, calibration_dir)
+    r = client.post("/admin/reload", headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["changed"] is True and body["previous_version"] == before["calibration_version"]
+    after = client.post("/calibrate", json={"rows": [row()]}).json()
+    assert after["calibration_version"] == body["calibration_version"] != before["calibration_version"]
+    assert after["results"][0]["logits"] != before["results"][0]["logits"]
+    assert client.get("/v2/models/disalign").json()["calibration_version"] == body["calibration_version"]
+
+
+@pytest.mark.parametrize(
+    ("artifact", "status", "match"),
+    [
+        ("wrong_k", 409, "the calibration has K=5 classes but the served model 'disalign' has K=10"),
+        ("wrong_fingerprint", 409, "was fitted for model sha256:000000000000"),
+        ("corrupt", 422, "is not valid calibration metadata"),
+        ("missing", 422, "is not a calibration directory"),
+    ],
+)
+def test_a_bad_reload_keeps_the_old_calibration(client: TestClient, calibration_dir: Path, artifacts: Artifacts,
+                                                artifact: str, status: int, match: str):
+    before = client.post("/calibrate", json={"rows": [row()]}).json()
+    if artifact == "corrupt":
+        (calibration_dir / "calibration.json").write_text("{not json")
+    elif artifact == "missing":
+        (calibration_dir / "parameters.safetensors").unlink()
+    else:
+        install(getattr(artifacts, artifact), calibration_dir)
+    assert_error(client.post("/admin/reload", headers=AUTH), status, match)
+    after = client.post("/calibrate", json={"rows": [row()]}).json()
+    assert after == before
+    assert f'disalign_calibration_info{{created="' in client.get("/metrics").text
+
+
+# -- start-up refusal, metrics, schema --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("artifact", "match"),
+    [("wrong_k", "the calibration has K=5 classes but the served model 'disalign' has K=10."),
+     ("wrong_fingerprint", "the calibration was fitted for model sha256:000000000000 but the served model")],
+)
+def test_refuses_to_start_when_the_calibration_does_not_fit(artifacts: Artifacts, artifact: str, match: str):
+    app = create_app(make_settings(getattr(artifacts, artifact)))
+    with pytest.raises(ArtifactError, match=match.replace("(", r"\(")), TestClient(app):
+        pass
+    assert app.state.startup_error.startswith(match[:30])
+
+
+def test_metrics(client: TestClient, cifar_jpegs: list[Path]):
+    client.post("/calibrate", json={"rows": [row()]})
+    client.post("/calibrate", json={"rows": [row(k=3)]})
+    client.post("/predict", json={"images": [b64(cifar_jpegs[0])]})
+    client.get("/v2/models/nope")
+    text = client.get("/metrics").text
+    version = client.app.state.runtime.calibration.version
+    assert 'disalign_requests_total{method="POST",route="/calibrate",status="200"} 1.0' in text
+    assert 'disalign_requests_total{method="POST",route="/calibrate",status="422"} 1.0' in text
+    assert 'disalign_requests_total{method="GET",route="/v2/models/{name}",status="404"} 1.0' in text
+    assert 'disalign_request_duration_seconds_count{method="POST",route="/predict"} 1.0' in text
+    assert "disalign_batch_size_count 1.0" in text  # one /predict (the warm-up bypasses the batcher)
+    assert f'version="{version}"' in text and 'kind="torchscript"' in text
+
+
+def test_openapi_schema(client: TestClient):
+    schema = client.get("/openapi.json").json()
+    assert "/metrics" not in schema["paths"]
+    assert {"/v2/health/live", "/v2/health/ready", "/v2/models/{name}", "/v2/models/{name}/infer", "/predict",
+            "/calibrate", "/admin/reload"} <= set(schema["paths"])
+    predict = schema["paths"]["/predict"]["post"]
+    assert set(predict["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+    for path in schema["paths"].values():  # no parameter anywhere names a server path
+        for op in path.values():
+            names = [p["name"] for p in op.get("parameters", [])]
+            assert not any(n in ("path", "dir", "directory", "calibration", "model") for n in names)
+    assert schema["paths"]["/calibrate"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorBody")

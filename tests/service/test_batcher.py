@@ -1,0 +1,100 @@
+"""The micro-batcher groups concurrent submissions into shared calls on one thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from service.batcher import BatcherStopped, MicroBatcher
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=30))
+
+
+def test_concurrent_submissions_share_calls_on_one_thread():
+    calls: list[list[int]] = []
+    threads: set[int] = set()
+
+    def fn(items):
+        calls.append(list(items))
+        threads.add(threading.get_ident())
+        time.sleep(0.01)
+        return [x * 10 for x in items]
+
+    async def main():
+        batcher = MicroBatcher(fn, max_batch=8, max_wait_ms=50)
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(i) for i in range(20)))
+        finally:
+            await batcher.stop()
+
+    assert run(main()) == [i * 10 for i in range(20)]
+    assert [len(c) for c in calls] == [8, 8, 4]
+    assert len(threads) == 1 and threading.get_ident() not in threads
+
+
+def test_rows_count_towards_max_batch():
+    sizes: list[int] = []
+
+    async def main():
+        batcher = MicroBatcher(lambda items: items, max_batch=5, max_wait_ms=50, rows=len, on_batch=sizes.append)
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit([0] * n) for n in (3, 3, 1, 4)))
+        finally:
+            await batcher.stop()
+
+    run(main())
+    assert sizes == [6, 5]  # 3+3 reaches 5 → one call; then 1+4
+
+
+def test_a_lone_request_waits_at_most_max_wait():
+    async def main():
+        batcher = MicroBatcher(lambda items: items, max_batch=64, max_wait_ms=20)
+        await batcher.start()
+        try:
+            start = time.perf_counter()
+            await batcher.submit(1)
+            return time.perf_counter() - start
+        finally:
+            await batcher.stop()
+
+    assert run(main()) < 0.5
+
+
+def test_an_error_reaches_every_caller_of_the_batch_and_the_batcher_goes_on():
+    def fn(items):
+        if "bad" in items:
+            raise ValueError("boom")
+        return items
+
+    async def main():
+        batcher = MicroBatcher(fn, max_batch=4, max_wait_ms=20)
+        await batcher.start()
+        try:
+            results = await asyncio.gather(batcher.submit("bad"), batcher.submit("ok"), return_exceptions=True)
+            return results, await batcher.submit("later")
+        finally:
+            await batcher.stop()
+
+    results, later = run(main())
+    assert all(isinstance(r, ValueError) for r in results)
+    assert later == "later"
+
+
+def test_submit_before_start_and_after_stop_raises():
+    async def main():
+        batcher = MicroBatcher(lambda items: items, max_batch=4, max_wait_ms=1)
+        with pytest.raises(BatcherStopped, match="not loaded"):
+            await batcher.submit(1)
+        await batcher.start()
+        await batcher.stop()
+        with pytest.raises(BatcherStopped):
+            await batcher.submit(1)
+
+    run(main())
