@@ -66,14 +66,16 @@ def choose_on_val(
     return best, curve
 
 
-def check_choice(field: str, value: float | str, *, low: float = 0.0) -> None:
-    """A hyper-parameter that is a number >= ``low`` or the string "auto"."""
+def check_choice(field: str, value: float | str, *, low: float = 0.0, strict: bool = False) -> None:
+    """A hyper-parameter that is the string "auto" or a finite number >= ``low`` (> ``low`` if ``strict``)."""
+    bound = f"> {low:g}" if strict else f">= {low:g}"
     if isinstance(value, str):
         if value != "auto":
-            raise InputError(f"{field} should be a number >= {low:g} or 'auto', found {value!r}.")
+            raise InputError(f"{field} should be a number {bound} or 'auto', found {value!r}.")
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < low:
-        raise InputError(f"{field} should be a number >= {low:g} or 'auto', found {value!r}.")
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            or value < low or (strict and value == low)):
+        raise InputError(f"{field} should be a number {bound} or 'auto', found {value!r}.")
 
 
 def check_grid(field: str, grid: Sequence[float], *, low: float = 0.0) -> tuple[float, ...]:

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from calib.bank import Bank
 from calib.baselines.common import Baseline, check_choice, clean_labelled, score
-from calib.errors import InputError
 from calib.estimator import require_shape
 
 ABSENT_LOGIT = -1.0e4
@@ -82,12 +81,8 @@ class NCM(Baseline):
         self.temperature = temperature
 
     def _fit(self, train: Bank, val: Bank | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        check_choice("temperature", self.temperature, low=0.0)
-        if not isinstance(self.temperature, str) and self.temperature <= 0:
-            raise InputError(f"temperature should be a number > 0 or 'auto', found {self.temperature!r}.")
+        check_choice("temperature", self.temperature, low=0.0, strict=True)
         features, _, labels = clean_labelled(train, "train")
-        if labels.numel() == 0:
-            raise InputError(f"train bank {train.info.path} has no labelled rows in its clean view (view 0).")
         mean = features.mean(dim=0)
         centroids, present = class_means(cl2n(features, mean), labels, train.num_classes)
         report: dict[str, Any] = {"classes_without_mean": int((present == 0).sum())}

@@ -207,6 +207,7 @@ def test_use_before_fit_is_a_clear_error(name, tmp_path):
         (TauNorm(tau_grid=[0.0, math.nan]), r"tau_grid should hold finite numbers >= 0, found nan\."),
         (TauNorm(tau=math.inf), r"tau should be a number >= 0 or 'auto', found inf\."),
         (NCM(temperature=0), r"temperature should be a number > 0 or 'auto', found 0\."),
+        (NCM(temperature=-2.0), r"temperature should be a number > 0 or 'auto', found -2.0\."),
         (LWS(epochs=0), r"epochs should be >= 1, found 0\."),
         (CRT(lr=0), r"lr should be > 0, found 0\."),
     ],

@@ -73,6 +73,20 @@ def test_bad_inputs_are_named(long_tailed_banks, hand_bank):
         evaluate_methods(hand_bank, {"joint": joint}, class_counts=np.ones(4))
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"class_counts": np.array([5, -1, 3, 2, 1, 1, 1])}, r"class_counts should hold non-negative numbers"),
+        ({"few_below": 200}, r"few_below should be at most many_above \+ 1, found few_below=200 and many_above=100\."),
+        ({"num_bins": 0}, r"num_bins should be >= 1, found 0\."),
+    ],
+)
+def test_bad_settings_are_named(long_tailed_banks, kwargs, message):
+    b = long_tailed_banks
+    with pytest.raises(InputError, match=message):
+        evaluate_methods(b.test, {}, **{"class_counts": b.counts, **kwargs})
+
+
 def test_unlabelled_test_bank(tmp_path):
     bank = load_bank(write_bank(tmp_path / "u.h5", np.zeros((2, 1), np.float32), np.zeros((2, 2), np.float32), [-1, -1]))
     with pytest.raises(InputError, match=r"test bank .*u\.h5 has no labelled rows in its clean view \(view 0\)\."):
