@@ -56,6 +56,7 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def per_class_figure(report: dict) -> Figure:
+    """Training counts (log axis; a zero count is drawn at 0.5) above per-class accuracies, classes by count."""
     counts = np.asarray(report["class_counts"], dtype=np.float64)
     order = np.argsort(-counts, kind="stable")
     rank = np.arange(1, counts.size + 1)
@@ -90,6 +91,7 @@ def per_class_figure(report: dict) -> Figure:
 
 
 def rho_figure(rho_curve: list[dict]) -> Figure | None:
+    """Validation accuracies against ρ; None when no point of the curve has a validation score."""
     points = sorted((p for p in rho_curve if p.get("val_mean_class_accuracy") is not None), key=lambda p: p["rho"])
     if not points:
         return None
@@ -111,6 +113,7 @@ def rho_figure(rho_curve: list[dict]) -> Figure | None:
 
 
 def reliability_figure(reliability: dict[str, dict]) -> Figure:
+    """One reliability diagram per method, three per row."""
     names = list(reliability)
     cols = max(1, min(3, len(names)))
     rows = max(1, math.ceil(len(names) / cols))
