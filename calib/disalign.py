@@ -95,7 +95,7 @@ class DisAlign(Calibrator):
         with BankReader(train) as reader:
             info = reader.info
             row_bytes = info.feature_dim * np.dtype(info.feature_dtype).itemsize + info.num_classes * 4
-            if info.num_rows * row_bytes <= max_memory // 2:
+            if info.num_rows * row_bytes <= max_memory:
                 return super().fit(reader.load(), val)
             val_bank = as_bank(val, "val") if val is not None else None
             if val_bank is not None:
@@ -108,8 +108,8 @@ class DisAlign(Calibrator):
             if counts is None:
                 clean = (view == 0) & (labels >= 0)
                 counts = np.bincount(labels[clean].numpy(), minlength=info.num_classes).astype(np.int64)
-            # A window holds the block read from disk plus its float32 copy of the selected rows.
-            window_rows = max(info.chunk_rows, int(max_memory // 2 // (row_bytes + info.feature_dim * 4 + info.num_classes * 4)))
+            # The shuffled window is the one large buffer; keep room for one chunk read plus its indexed copy.
+            window_rows = max(info.chunk_rows, int(max_memory // row_bytes) - 3 * info.chunk_rows)
             source = RowSource(reader=reader, window_rows=window_rows)
             params, report = self.fit_source(source, labels, sample_index, view, counts, info.background_index, val_bank)
             report["streamed"] = {"window_rows": window_rows, "max_memory": max_memory}

@@ -109,33 +109,43 @@ class RowSource:
         # Banks are usually sorted by class, so a window is made of randomly chosen chunks from all
         # over the file rather than one contiguous range: batches then mix classes.
         chunks_per_window = max(1, (self.window_rows or chunk) // chunk)
-        counts = torch.bincount(rows, minlength=n)  # how often each row is visited this epoch
+        visits = torch.bincount(rows, minlength=n)  # how often each row is visited this epoch
         chunk_ids = torch.randperm(math.ceil(n / chunk), generator=generator)
-        carry: list[torch.Tensor] = []  # leftover rows of the last window join the next
+        carry: tuple[torch.Tensor, ...] = ()  # < batch_size rows left over by the previous window
         for w in range(0, chunk_ids.numel(), chunks_per_window):
-            parts: list[tuple[torch.Tensor, ...]] = []
+            selected = []
             for c in sorted(chunk_ids[w : w + chunks_per_window].tolist()):
                 lo, hi = c * chunk, min((c + 1) * chunk, n)
-                repeat = counts[lo:hi]
-                if int(repeat.sum()) == 0:
-                    continue
-                block = reader.read_rows(lo, hi)
-                local = torch.repeat_interleave(torch.arange(hi - lo), repeat)
-                parts.append((torch.from_numpy(block["features"])[local], torch.from_numpy(block["logits"])[local],
-                               torch.from_numpy(block["labels"])[local]))
-            if not parts:
+                if int(visits[lo:hi].sum()):
+                    selected.append((lo, hi, torch.repeat_interleave(torch.arange(hi - lo), visits[lo:hi])))
+            if not selected:
                 continue
+            # Fill one preallocated window in shuffled order, a chunk at a time: the window is the only
+            # large allocation, so memory stays at about window_rows rows.
+            kept = carry[0].shape[0] if carry else 0
+            total = kept + sum(local.numel() for _, _, local in selected)
+            feats = torch.empty((total, reader.info.feature_dim), dtype=getattr(torch, reader.info.feature_dtype))
+            logits = torch.empty((total, reader.info.num_classes), dtype=torch.float32)
+            labels = torch.empty((total,), dtype=torch.int64)
             if carry:
-                parts.insert(0, tuple(carry))
-            feats, logits, labels = (torch.cat(column) for column in zip(*parts, strict=True))
-            carry = []
-            order = torch.randperm(labels.numel(), generator=generator)
-            feats, logits, labels = feats[order], logits[order], labels[order]
-            full = labels.numel() // batch_size * batch_size
+                feats[:kept], logits[:kept], labels[:kept] = carry
+            destination = kept + torch.randperm(total - kept, generator=generator)
+            pos = 0
+            for lo, hi, local in selected:
+                block = reader.read_rows(lo, hi)
+                dest = destination[pos : pos + local.numel()]
+                feats[dest] = torch.from_numpy(block["features"])[local]
+                logits[dest] = torch.from_numpy(block["logits"])[local]
+                labels[dest] = torch.from_numpy(block["labels"])[local]
+                pos += local.numel()
+                del block
+            full = total // batch_size * batch_size
             for start in range(0, full, batch_size):
-                yield feats[start : start + batch_size].float(), logits[start : start + batch_size], labels[start : start + batch_size]
-            if full < labels.numel():
-                carry = [feats[full:], logits[full:], labels[full:]]
+                # Copies, not views: a batch still held by the caller must not pin the whole window.
+                end = start + batch_size
+                yield feats[start:end].float(), logits[start:end].clone(), labels[start:end].clone()
+            carry = (feats[full:].clone(), logits[full:].clone(), labels[full:].clone()) if full < total else ()
+            del feats, logits, labels
         if carry:
             yield carry[0].float(), carry[1], carry[2]
 
