@@ -150,9 +150,10 @@ class ServerProcess:
     url: str
     log: Path
 
-    def stop(self, timeout: float = 20.0) -> int:
+    def stop(self, timeout: float = 20.0, sig: int = signal.SIGTERM) -> int:
+        """Stop as ``docker stop`` does (SIGTERM); a graceful shutdown exits 0."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(sig)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -200,6 +201,6 @@ def server_calibration(tmp_path_factory, artifacts: Artifacts) -> Path:
 
 @pytest.fixture(scope="module")
 def server(server_calibration: Path, tmp_path_factory) -> Iterator[ServerProcess]:
-    proc = start_server(server_calibration, tmp_path_factory.mktemp("log") / "server.log")
+    proc = start_server(server_calibration, tmp_path_factory.mktemp("log") / "server.log", entry="disalign")
     yield proc
     assert proc.stop() == 0, proc.log.read_text()[-3000:]
