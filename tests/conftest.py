@@ -33,3 +33,14 @@ def lt_banks(tmp_path_factory) -> dict[str, Path]:
         "val": write_synthetic_bank(root / "val.h5", counts, rows_per_class=np.full(10, 30), feature_dim=32, seed=1, separation=1.5),
         "test": write_synthetic_bank(root / "test.h5", counts, rows_per_class=np.full(10, 200), feature_dim=32, seed=2, separation=1.5),
     }
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(shared_dir, tmp_path_factory) -> Path:
+    """The shared CIFAR-10 JPEGs unpacked once per session (never into the repository)."""
+    import tarfile
+
+    root = tmp_path_factory.mktemp("cifar10")
+    with tarfile.open(shared_dir / "data" / "cifar10-jpeg.tar.gz") as tar:
+        tar.extractall(root, filter="data")
+    return root
