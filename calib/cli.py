@@ -59,7 +59,7 @@ def add_fit_parser(subparsers) -> None:
     p.add_argument("--val", type=Path, help="validation bank, used to choose rho / tau")
     p.add_argument("--method", default="disalign", help=f"one of {', '.join(ALL_METHODS)}")
     p.add_argument("--rho", type=parse_rho, default="auto", help="GRW exponent, or 'auto' (grid search on --val)")
-    p.add_argument("--epochs", type=int, default=10, help="SGD epochs (disalign, lws, crt)")
+    p.add_argument("--epochs", type=int, help="SGD epochs of disalign (10), lws (5) and crt (10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cosine", action="store_true", help="gate on L2-normalised features (cosine classifiers)")
     p.add_argument("--no-magnitude", action="store_true", help="ablation: no magnitude term alpha")
@@ -76,12 +76,12 @@ def run_fit(args: argparse.Namespace) -> int:
 
     cls = method_class(args.method)
     if cls is DisAlign:
-        estimator = DisAlign(rho=args.rho, epochs=args.epochs, seed=args.seed, cosine=args.cosine,
+        estimator = DisAlign(rho=args.rho, epochs=args.epochs or 10, seed=args.seed, cosine=args.cosine,
                              use_magnitude=not args.no_magnitude, use_margin=not args.no_margin, use_grw=not args.no_grw)
         estimator.fit(args.train, val=args.val, max_memory=args.max_memory)
     else:
         accepted = cls().get_params()
-        kwargs = {name: value for name, value in (("epochs", args.epochs), ("seed", args.seed)) if name in accepted}
+        kwargs = {name: value for name, value in (("epochs", args.epochs), ("seed", args.seed)) if name in accepted and value is not None}
         estimator = cls(**kwargs).fit(args.train, val=args.val)
     estimator.save(args.out)
     report = estimator.meta_.report
