@@ -18,6 +18,7 @@ model not loaded yet / shutting down  503
 from __future__ import annotations
 
 import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -62,6 +63,8 @@ def install_error_handlers(app: FastAPI) -> None:
         sentence = exc.detail if isinstance(exc.detail, str) else "the request failed."
         if exc.status_code == 404 and sentence == "Not Found":
             sentence = f"there is no route {request.url.path}."
+        elif exc.status_code == 400 and sentence == "There was an error parsing the body":
+            sentence = "the request body could not be parsed; send UTF-8 JSON."
         elif exc.status_code == 405 and sentence == "Method Not Allowed":
             sentence = f"{request.method} is not allowed on {request.url.path}."
         return error_response(exc.status_code, sentence, getattr(exc, "headers", None))

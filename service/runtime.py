@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from calib.errors import ArtifactError, DisalignError, InputError
-from calib.estimator import Calibrator, CalibrationMeta
+from calib.estimator import CalibrationMeta, Calibrator
 from calib.methods import load_calibration
 from feature_extract.models import LoadedModel, load_model
 from feature_extract.preprocess import Preprocessing, clean_view, decode_image, normalize

@@ -10,7 +10,13 @@ from calib.errors import InputError
 from service.deps import RuntimeDep
 from service.routers.common import check_count, finite_or_raise, predictions, resolve_top_k
 from service.runtime import Runtime
-from service.schemas import CalibrateRequest, CalibrateResponse, CalibrateResult, CalibrateRow, error_responses
+from service.schemas import (
+    CalibrateRequest,
+    CalibrateResponse,
+    CalibrateResult,
+    CalibrateRow,
+    error_responses,
+)
 
 router = APIRouter(tags=["calibrate"])
 
@@ -41,7 +47,7 @@ def _calibrate(runtime: Runtime, body: CalibrateRequest) -> CalibrateResponse:
     return CalibrateResponse(model_name=runtime.settings.model_name, calibration_version=state.version, results=results)
 
 
-@router.post("/calibrate", response_model=CalibrateResponse, responses=error_responses(413, 422, 503))
+@router.post("/calibrate", response_model=CalibrateResponse, responses=error_responses(400, 413, 422, 503))
 async def calibrate(body: CalibrateRequest, runtime: RuntimeDep) -> CalibrateResponse:
     """Calibrate rows of cached stage-1 outputs: ``{"rows": [{"features": [d floats], "logits": [K floats]}], "top_k": 5}``."""
     return await run_in_threadpool(_calibrate, runtime, body)

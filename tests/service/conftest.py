@@ -131,8 +131,18 @@ def make_settings(calibration: Path, **overrides) -> Settings:
     return Settings(**values)
 
 
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, artifacts: Artifacts) -> Iterator[TestClient]:
+    """One started app per test module, for tests that do not change its calibration."""
+    target = tmp_path_factory.mktemp("client") / "calibration"
+    install(artifacts.good, target)
+    with TestClient(create_app(make_settings(target))) as c:
+        yield c
+
+
 @pytest.fixture
-def client(calibration_dir: Path) -> Iterator[TestClient]:
+def fresh_client(calibration_dir: Path) -> Iterator[TestClient]:
+    """A started app of its own, serving ``calibration_dir``, for tests that reload or count."""
     with TestClient(create_app(make_settings(calibration_dir))) as c:
         yield c
 

@@ -85,13 +85,13 @@ def test_unknown_model_and_route_are_404(client: TestClient):
 
 
 # -- /predict ----------------------------------------------------------------------------------------
-def test_predict_multipart_matches_offline_inference(client: TestClient, cifar_jpegs: list[Path], calibration_dir: Path):
+def test_predict_multipart_matches_offline_inference(client: TestClient, cifar_jpegs: list[Path], artifacts: Artifacts):
     images = cifar_jpegs[:4]
     files = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in images]
     r = client.post("/predict", files=files, params={"top_k": 3, "raw": "true"})
     assert r.status_code == 200, r.text
     body = r.json()
-    raw, calibrated = offline_probabilities(images, calibration_dir)
+    raw, calibrated = offline_probabilities(images, artifacts.good)
     assert len(body["predictions"]) == 4
     for pred, p_raw, p_cal in zip(body["predictions"], raw, calibrated, strict=True):
         assert [t["index"] for t in pred["top_k"]] == p_cal.topk(3).indices.tolist()
@@ -156,12 +156,12 @@ def test_body_limit_by_content_length_and_by_streamed_bytes(calibration_dir: Pat
 
 
 # -- /calibrate ------------------------------------------------------------------------------------------
-def test_calibrate_matches_the_calibrator(client: TestClient, calibration_dir: Path):
+def test_calibrate_matches_the_calibrator(client: TestClient, artifacts: Artifacts):
     rows = [row(value=0.1), row(value=2.0)]
     r = client.post("/calibrate", json={"rows": rows, "top_k": 2})
     assert r.status_code == 200, r.text
     body = r.json()
-    expected = load_calibration(calibration_dir).predict_logits(
+    expected = load_calibration(artifacts.good).predict_logits(
         torch.tensor([x["features"] for x in rows]), torch.tensor([x["logits"] for x in rows]))
     for result, z in zip(body["results"], expected, strict=True):
         assert result["logits"] == pytest.approx(z.tolist(), abs=1e-5)
@@ -204,7 +204,7 @@ def tensor(name: str, shape: list[int], data: list, datatype: str = "FP32") -> d
     return {"name": name, "shape": shape, "datatype": datatype, "data": data}
 
 
-def test_v2_infer_features_and_logits(client: TestClient, calibration_dir: Path):
+def test_v2_infer_features_and_logits(client: TestClient, artifacts: Artifacts):
     features, logits = [0.3] * 128, [float(i % 10) for i in range(20)]
     r = client.post("/v2/models/disalign/infer", json={
         "id": "req-1",
@@ -216,18 +216,18 @@ def test_v2_infer_features_and_logits(client: TestClient, calibration_dir: Path)
     assert body["id"] == "req-1" and body["model_name"] == "disalign"
     assert body["model_version"] == body["parameters"]["calibration_version"]
     out = {o["name"]: o for o in body["outputs"]}
-    expected = load_calibration(calibration_dir).predict_logits(torch.tensor(features).view(2, 64), torch.tensor(logits).view(2, 10))
+    expected = load_calibration(artifacts.good).predict_logits(torch.tensor(features).view(2, 64), torch.tensor(logits).view(2, 10))
     assert out["probabilities"]["shape"] == [2, 10] and out["probabilities"]["datatype"] == "FP32"
     assert out["probabilities"]["data"] == pytest.approx(expected.softmax(1).flatten().tolist(), abs=1e-6)
     assert out["logits"]["data"] == pytest.approx(expected.flatten().tolist(), abs=1e-5)
 
 
-def test_v2_infer_image(client: TestClient, cifar_jpegs: list[Path], calibration_dir: Path):
+def test_v2_infer_image(client: TestClient, cifar_jpegs: list[Path], artifacts: Artifacts):
     r = client.post("/v2/models/disalign/infer", json={"inputs": [tensor("image", [2], [b64(p) for p in cifar_jpegs[:2]], "BYTES")]})
     assert r.status_code == 200, r.text
     (out,) = r.json()["outputs"]
     assert out["name"] == "probabilities" and out["shape"] == [2, 10]
-    _, calibrated = offline_probabilities(cifar_jpegs[:2], calibration_dir)
+    _, calibrated = offline_probabilities(cifar_jpegs[:2], artifacts.good)
     assert out["data"] == pytest.approx(calibrated.flatten().tolist(), abs=1e-5)
 
 
@@ -272,18 +272,18 @@ def test_admin_routes_disabled_without_a_token(calibration_dir: Path):
         assert_error(c.post("/admin/reload", headers=AUTH), 403, "admin routes are disabled")
 
 
-def test_reload_swaps_to_the_new_calibration(client: TestClient, calibration_dir: Path, artifacts: Artifacts):
-    before = client.post("/calibrate", json={"rows": [row()]}).json()
-    assert client.post("/admin/reload", headers=AUTH).json()["changed"] is False
+def test_reload_swaps_to_the_new_calibration(fresh_client: TestClient, calibration_dir: Path, artifacts: Artifacts):
+    before = fresh_client.post("/calibrate", json={"rows": [row()]}).json()
+    assert fresh_client.post("/admin/reload", headers=AUTH).json()["changed"] is False
     install(artifacts.other, calibration_dir)
-    r = client.post("/admin/reload", headers=AUTH)
+    r = fresh_client.post("/admin/reload", headers=AUTH)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["changed"] is True and body["previous_version"] == before["calibration_version"]
-    after = client.post("/calibrate", json={"rows": [row()]}).json()
+    after = fresh_client.post("/calibrate", json={"rows": [row()]}).json()
     assert after["calibration_version"] == body["calibration_version"] != before["calibration_version"]
     assert after["results"][0]["logits"] != before["results"][0]["logits"]
-    assert client.get("/v2/models/disalign").json()["calibration_version"] == body["calibration_version"]
+    assert fresh_client.get("/v2/models/disalign").json()["calibration_version"] == body["calibration_version"]
 
 
 @pytest.mark.parametrize(
@@ -295,19 +295,19 @@ def test_reload_swaps_to_the_new_calibration(client: TestClient, calibration_dir
         ("missing", 422, "is not a calibration directory"),
     ],
 )
-def test_a_bad_reload_keeps_the_old_calibration(client: TestClient, calibration_dir: Path, artifacts: Artifacts,
+def test_a_bad_reload_keeps_the_old_calibration(fresh_client: TestClient, calibration_dir: Path, artifacts: Artifacts,
                                                 artifact: str, status: int, match: str):
-    before = client.post("/calibrate", json={"rows": [row()]}).json()
+    before = fresh_client.post("/calibrate", json={"rows": [row()]}).json()
     if artifact == "corrupt":
         (calibration_dir / "calibration.json").write_text("{not json")
     elif artifact == "missing":
         (calibration_dir / "parameters.safetensors").unlink()
     else:
         install(getattr(artifacts, artifact), calibration_dir)
-    assert_error(client.post("/admin/reload", headers=AUTH), status, match)
-    after = client.post("/calibrate", json={"rows": [row()]}).json()
+    assert_error(fresh_client.post("/admin/reload", headers=AUTH), status, match)
+    after = fresh_client.post("/calibrate", json={"rows": [row()]}).json()
     assert after == before
-    assert f'disalign_calibration_info{{created="' in client.get("/metrics").text
+    assert 'disalign_calibration_info{created="' in fresh_client.get("/metrics").text
 
 
 # -- start-up refusal, metrics, schema --------------------------------------------------------------------
@@ -323,13 +323,13 @@ def test_refuses_to_start_when_the_calibration_does_not_fit(artifacts: Artifacts
     assert app.state.startup_error.startswith(match[:30])
 
 
-def test_metrics(client: TestClient, cifar_jpegs: list[Path]):
-    client.post("/calibrate", json={"rows": [row()]})
-    client.post("/calibrate", json={"rows": [row(k=3)]})
-    client.post("/predict", json={"images": [b64(cifar_jpegs[0])]})
-    client.get("/v2/models/nope")
-    text = client.get("/metrics").text
-    version = client.app.state.runtime.calibration.version
+def test_metrics(fresh_client: TestClient, cifar_jpegs: list[Path]):
+    fresh_client.post("/calibrate", json={"rows": [row()]})
+    fresh_client.post("/calibrate", json={"rows": [row(k=3)]})
+    fresh_client.post("/predict", json={"images": [b64(cifar_jpegs[0])]})
+    fresh_client.get("/v2/models/nope")
+    text = fresh_client.get("/metrics").text
+    version = fresh_client.app.state.runtime.calibration.version
     assert 'disalign_requests_total{method="POST",route="/calibrate",status="200"} 1.0' in text
     assert 'disalign_requests_total{method="POST",route="/calibrate",status="422"} 1.0' in text
     assert 'disalign_requests_total{method="GET",route="/v2/models/{name}",status="404"} 1.0' in text

@@ -21,7 +21,6 @@ from tests.service.conftest import (
     free_port,
     install,
     server_command,
-    start_server,
 )
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
