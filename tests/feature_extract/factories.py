@@ -1,0 +1,57 @@
+"""Tiny eager models for the factory-model tests (``tests.feature_extract.factories:<name>``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """conv → global pool → ``fc``: features are the pooled 8 channels."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+class SequentialHead(nn.Module):
+    """A ``classifier`` Sequential ending in a Linear (as in VGG / EfficientNet)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Dropout(0.2), nn.Linear(5, 4))
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+
+class NoHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.proj(x.mean(dim=(2, 3)))
+
+
+def tiny_net() -> nn.Module:
+    return TinyNet()
+
+
+def sequential_head() -> nn.Module:
+    return SequentialHead()
+
+
+def no_head() -> nn.Module:
+    return NoHead()
+
+
+def not_a_module():
+    return "nope"

@@ -1,0 +1,152 @@
+"""Preprocessing: card parsing, decoding (corrupt, missing, too large, JPEG draft), views, normalisation."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from feature_extract.errors import ExtractError
+from feature_extract.preprocess import (
+    IMAGENET_MEAN,
+    ImageDecodeError,
+    ImageTooLargeError,
+    Preprocessing,
+    augmented_view,
+    clean_view,
+    decode_image,
+    normalize,
+)
+
+from .conftest import CARD
+
+
+def _jpeg_bytes(width: int, height: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    smooth = rng.integers(0, 255, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+    img = Image.fromarray(smooth).resize((width, height), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_from_card_reads_the_shared_cifar_card():
+    prep = Preprocessing.from_card(CARD)
+    assert prep.resize is None and prep.crop == (32, 32) and prep.small
+    assert prep.mean == pytest.approx((0.4914, 0.4822, 0.4465), abs=1e-6)
+    assert prep.std == pytest.approx((0.2023, 0.1994, 0.2010), abs=1e-6)
+    assert prep.to_dict()["augmentation"] == "pad4-crop-flip"
+
+
+def test_imagenet_defaults():
+    prep = Preprocessing.imagenet()
+    assert (prep.resize, prep.crop, prep.mean) == (256, (224, 224), IMAGENET_MEAN)
+    assert not prep.small and prep.draft_size == (256, 256)
+
+
+@pytest.mark.parametrize(
+    ("card", "match"),
+    [
+        ({"name": "x"}, r"field 'input' should be an object"),
+        ({"input": {"size": [32, 32], "mean": [0, 0, 0]}}, r"field 'input.std' is missing"),
+        ({"input": {"size": [32, -1], "mean": [0, 0, 0], "std": [1, 1, 1]}}, r"'input.size' should be \[H, W\] positive integers, found \[32, -1\]"),
+        ({"input": {"size": 32, "mean": [0, 0], "std": [1, 1, 1]}}, r"'input.mean' should be 3 numbers \(R, G, B\), found 2"),
+        ({"input": {"size": 32, "mean": [0, 0, 0], "std": [1, 0, 1]}}, r"std should be positive for each channel"),
+    ],
+)
+def test_from_card_errors(tmp_path, card, match):
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps(card))
+    with pytest.raises(ExtractError, match=match):
+        Preprocessing.from_card(path)
+
+
+def test_from_card_missing_and_not_json(tmp_path):
+    with pytest.raises(ExtractError, match=r"model card .*nope.json does not exist"):
+        Preprocessing.from_card(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ExtractError, match=r"is not readable JSON"):
+        Preprocessing.from_card(tmp_path / "bad.json")
+
+
+def test_decode_real_cifar_jpeg(cifar_root):
+    img = decode_image(cifar_root / "train" / "cat" / "0000.jpg")
+    assert img.mode == "RGB" and img.size == (32, 32)
+    same = decode_image((cifar_root / "train" / "cat" / "0000.jpg").read_bytes())
+    assert np.array_equal(np.asarray(img), np.asarray(same))
+
+
+def test_decode_errors(tmp_path, cifar_root):
+    with pytest.raises(ImageDecodeError, match=r"image .*missing.jpg does not exist"):
+        decode_image(tmp_path / "missing.jpg")
+    truncated = (cifar_root / "train" / "cat" / "0000.jpg").read_bytes()[:300]
+    with pytest.raises(ImageDecodeError, match=r"image <bytes> could not be decoded"):
+        decode_image(truncated)
+    with pytest.raises(ImageDecodeError, match=r"could not be decoded \(cannot identify image file"):
+        decode_image(b"this is not an image")
+    with pytest.raises(ImageTooLargeError, match=r"has 640x480 = 307200 pixels, more than max_pixels=100000"):
+        decode_image(_jpeg_bytes(640, 480), max_pixels=100_000)
+
+
+def test_decode_converts_grayscale_and_rgba(tmp_path):
+    Image.new("L", (8, 6), 7).save(tmp_path / "g.png")
+    Image.new("RGBA", (8, 6), (1, 2, 3, 4)).save(tmp_path / "a.png")
+    assert decode_image(tmp_path / "g.png").getpixel((0, 0)) == (7, 7, 7)
+    assert decode_image(tmp_path / "a.png").getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_jpeg_draft_keeps_at_least_the_target_size():
+    data = _jpeg_bytes(1024, 768)
+    assert decode_image(data).size == (1024, 768)
+    assert decode_image(data, draft_size=(256, 256)).size == (341, 256) or decode_image(data, draft_size=(256, 256)).size == (512, 384)
+    assert min(decode_image(data, draft_size=(256, 256)).size) >= 256
+    assert decode_image(data, draft_size=(700, 700)).size == (1024, 768)  # less than 2x smaller: full decode
+
+
+def test_clean_view_cifar_is_the_raw_pixels(cifar_root):
+    img = decode_image(cifar_root / "train" / "cat" / "0000.jpg")
+    view = clean_view(img, Preprocessing.from_card(CARD))
+    assert view.dtype == torch.uint8 and view.shape == (3, 32, 32)
+    assert torch.equal(view, torch.from_numpy(np.array(img)).permute(2, 0, 1))
+
+
+def test_clean_view_resize_and_centre_crop():
+    img = Image.open(io.BytesIO(_jpeg_bytes(500, 375))).convert("RGB")
+    view = clean_view(img, Preprocessing.imagenet())
+    assert view.shape == (3, 224, 224)
+    # resize the shorter side to 256 then crop the centre: equals PIL's two-step resize + crop up to interpolation
+    two_step = np.asarray(img.resize((341, 256), Image.Resampling.BILINEAR).crop((58, 16, 282, 240))).astype(int)
+    assert np.abs(view.permute(1, 2, 0).numpy().astype(int) - two_step).mean() < 2.0
+    exact = Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 300, 3), dtype=np.uint8))
+    assert torch.equal(clean_view(exact, Preprocessing.imagenet()), torch.from_numpy(np.array(exact)[16:240, 38:262]).permute(2, 0, 1))
+
+
+def test_augmented_views_are_seeded(cifar_root):
+    prep = Preprocessing.from_card(CARD)
+    img = decode_image(cifar_root / "train" / "cat" / "0001.jpg")
+    a = augmented_view(img, prep, seed=0, row=5, view=1)
+    assert torch.equal(a, augmented_view(img, prep, seed=0, row=5, view=1))
+    others = [augmented_view(img, prep, seed=s, row=r, view=v) for s, r, v in ((1, 5, 1), (0, 6, 1), (0, 5, 2))]
+    assert all(not torch.equal(a, o) for o in others)
+    big = Image.open(io.BytesIO(_jpeg_bytes(400, 300))).convert("RGB")
+    b = augmented_view(big, Preprocessing.imagenet(), seed=3, row=0, view=1)
+    assert b.shape == (3, 224, 224) and torch.equal(b, augmented_view(big, Preprocessing.imagenet(), seed=3, row=0, view=1))
+    with pytest.raises(ExtractError, match=r"augmented views are numbered from 1 .* found view=0"):
+        augmented_view(img, prep, seed=0, row=0, view=0)
+
+
+def test_normalize_values_and_memory_format():
+    prep = Preprocessing.from_card(CARD)
+    batch = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 4, 4).contiguous()
+    out = normalize(batch, prep)
+    mean, std = torch.tensor(prep.mean).view(3, 1, 1), torch.tensor(prep.std).view(3, 1, 1)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out[0], (-mean / std).expand(3, 4, 4)) and torch.allclose(out[1], ((1 - mean) / std).expand(3, 4, 4))
+    nhwc = torch.zeros(2, 4, 4, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
+    assert normalize(nhwc, prep).is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ExtractError, match=r"normalize expects a uint8 \(N, 3, H, W\) batch, found torch.float32 of shape \(2, 3, 4, 4\)"):
+        normalize(out, prep)
