@@ -42,4 +42,6 @@ def test_disalign_balances_the_real_cifar10lt_model(real_banks, tmp_path, capsys
     assert abs(joint - 0.686) < 0.01, table  # the shared model's card: 68.6 % top-1 on the balanced test set
     assert disalign >= 0.750, table
     assert disalign >= joint + 0.06, table
-    assert methods["disalign"]["few"] > methods["joint"]["few"] + 0.15, table
+    # CIFAR-10-LT IR50 has no class under 20 images: its tail class (100 images) is the "medium" group.
+    assert methods["joint"]["few"] is None
+    assert methods["disalign"]["medium"] > methods["joint"]["medium"] + 0.15, table
