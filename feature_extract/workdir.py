@@ -117,7 +117,8 @@ def write_virtual_bank(shards: list[Path], out: Path, *, overwrite: bool) -> Pat
     """A bank whose row datasets are HDF5 virtual datasets over ``shards`` (complete banks, in order).
 
     Attributes and the classifier are copied from the first shard; ``skipped`` is concatenated. Source
-    files are referenced relative to ``out``'s directory, so the bank and its shards move together.
+    files are referenced relative to ``out``'s directory, so the bank and its shards move together. If a
+    shard goes missing, its rows read as NaN features/logits and label -2, which BankReader rejects.
     """
     if out.exists() and not overwrite:
         raise ExtractError(f"bank file {out} already exists; pass --overwrite to replace it.")
@@ -140,7 +141,9 @@ def write_virtual_bank(shards: list[Path], out: Path, *, overwrite: bool) -> Pat
                         source = h5py.VirtualSource(os.path.relpath(shard, out.parent), name, shape=(size, *tail), dtype=dtype)
                         layout[start : start + size] = source
                     start += size
-                f.create_virtual_dataset(name, layout)
+                # Rows whose shard is missing read as the fill value: NaN / label -2 make BankReader refuse them.
+                fill = np.nan if dtype.kind == "f" else (-2 if name == "labels" else 0)
+                f.create_virtual_dataset(name, layout, fillvalue=fill)
             if "classifier" in first:
                 first.copy(first["classifier"], f, "classifier")
             skipped = []
