@@ -49,10 +49,11 @@ def cifar_root(shared, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def small_lists(shared, tmp_path_factory) -> dict[str, Path]:
-    """The first rows of the shared lists: train64 (64 rows), val (all 200), train256 (256 rows)."""
+    """Subsets of the shared lists: train16/64/256 (first rows), val20 (every 10th row: 2 per class)."""
     out = tmp_path_factory.mktemp("lists")
     train = (LISTS / "train.txt").read_text().splitlines()
-    lists = {"train64": train[:64], "train256": train[:256], "val": (LISTS / "val.txt").read_text().splitlines()}
+    val = (LISTS / "val.txt").read_text().splitlines()
+    lists = {"train16": train[:16], "train64": train[:64], "train256": train[:256], "val20": val[::10]}
     paths = {}
     for name, lines in lists.items():
         paths[name] = out / f"{name}.txt"
