@@ -11,7 +11,7 @@ Builds an ImageNet-LT-shaped synthetic bank from the real class counts in ../sha
   (each measured in a fresh child process; the baseline RSS of the imported libraries is reported
   beside it so the bank's share is visible).
 
-    python bench/fit_scale.py [--bank /tmp/imagenet_lt_bank.h5] [--epochs 2] [--max-memory 256M]
+    python bench/fit_scale.py [--bank /tmp/imagenet_lt_bank.h5] [--epochs 3] [--max-memory 256M]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from calib.bank import load_bank  # noqa: E402
 from calib.cli import parse_bytes  # noqa: E402
 from calib.disalign import DisAlign  # noqa: E402
 from calib.synthetic import load_profile, write_synthetic_bank  # noqa: E402
-from calib.training import epoch_rows  # noqa: E402
+from calib.training import epoch_rows, torch_threads, training_threads  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -55,14 +55,16 @@ def floor_epoch_seconds(bank, batch_size: int, seed: int) -> float:
     """Plain CE forward+backward over the same N×K logits in the same batches, plus one feature pass."""
     g = torch.Generator().manual_seed(seed)
     rows = epoch_rows(bank.labels, bank.sample_index, bank.view, "instance", g)
-    start = time.perf_counter()
-    sink = torch.zeros(())
-    for i in range(0, rows.numel(), batch_size):
-        idx = rows[i : i + batch_size]
-        logits = bank.logits[idx].requires_grad_(True)
-        F.cross_entropy(logits, bank.labels[idx]).backward()
-        sink += bank.features[idx].float().sum()
-    return time.perf_counter() - start
+    # Same intra-op thread rule as the fit, so the ratio compares like with like.
+    with torch_threads(training_threads(batch_size, bank.num_classes, bank.feature_dim)):
+        start = time.perf_counter()
+        sink = torch.zeros(())
+        for i in range(0, rows.numel(), batch_size):
+            idx = rows[i : i + batch_size]
+            logits = bank.logits[idx].requires_grad_(True)
+            F.cross_entropy(logits, bank.labels[idx]).backward()
+            sink += bank.features[idx].float().sum()
+        return time.perf_counter() - start
 
 
 def child(args) -> None:
@@ -99,7 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bank", type=Path, default=Path("/tmp/disalign_imagenet_lt_bank.h5"))
     parser.add_argument("--profiles", type=Path, default=REPO.parent / "shared" / "profiles" / "long_tail_profiles.json")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-memory", type=parse_bytes, default=parse_bytes("256M"))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rebuild", action="store_true")

@@ -138,7 +138,7 @@ class DisAlign(Calibrator):
             grid = (float(self.rho),)
         if not self.use_grw:
             grid = (0.0,)
-        num_classes, feature_dim = len(class_counts), int(source.bank.features.shape[1] if source.bank else source.reader.info.feature_dim)
+        num_classes, feature_dim = len(class_counts), source.feature_dim
         for rho in grid:  # validate every ρ before spending time on fits
             grw_weights(class_counts, rho, background_index=background_index, count_smoothing=self.count_smoothing)
         curve, best, best_key = [], None, None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,25 @@ from calib.bank import Bank, BankReader
 from calib.errors import InputError
 
 SAMPLINGS = ("instance", "class-balanced")
+# Below this many floats per batch (B·(K + d)) one thread is faster: synchronising the intra-op pool
+# costs more than the work, and far more when other processes compete for the cores.
+SINGLE_THREAD_BELOW = 1 << 20
+
+
+def training_threads(batch_size: int, num_classes: int, feature_dim: int) -> int:
+    """Intra-op threads for SGD steps of this size: 1 for small batches, else torch's current setting."""
+    return 1 if batch_size * (num_classes + feature_dim) < SINGLE_THREAD_BELOW else torch.get_num_threads()
+
+
+@contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True)
@@ -92,6 +112,8 @@ class RowSource:
             raise ValueError("RowSource needs exactly one of bank or reader")
         self.bank, self.reader = bank, reader
         self.window_rows = window_rows
+        info = bank.info if bank is not None else reader.info
+        self.num_classes, self.feature_dim = info.num_classes, info.feature_dim
 
     def batches(self, rows: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if self.bank is not None:
@@ -175,20 +197,21 @@ def run_sgd(
     # Cosine decay to 0 over all steps, per iteration (as the official stage-2 schedulers).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
     history: dict[str, list[float]] = {"loss": [], "seconds": []}
-    for _epoch in range(recipe.epochs):
-        start = time.perf_counter()
-        rows = epoch_rows(labels, sample_index, view, recipe.sampling, generator)
-        total, count = 0.0, 0
-        for feats, logits, y in source.batches(rows, recipe.batch_size, generator):
-            loss = loss_fn(params, feats, logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach()) * y.numel()
-            count += y.numel()
-        history["loss"].append(total / max(count, 1))
-        history["seconds"].append(time.perf_counter() - start)
+    with torch_threads(training_threads(recipe.batch_size, source.num_classes, source.feature_dim)):
+        for _epoch in range(recipe.epochs):
+            start = time.perf_counter()
+            rows = epoch_rows(labels, sample_index, view, recipe.sampling, generator)
+            total, count = 0.0, 0
+            for feats, logits, y in source.batches(rows, recipe.batch_size, generator):
+                loss = loss_fn(params, feats, logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                total += float(loss.detach()) * y.numel()
+                count += y.numel()
+            history["loss"].append(total / max(count, 1))
+            history["seconds"].append(time.perf_counter() - start)
     for t in params.values():
         t.requires_grad_(False)
     return history
