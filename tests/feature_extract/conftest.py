@@ -73,3 +73,19 @@ def run_module(args: list[str], *, timeout: float = 300, env: dict | None = None
         [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kwargs,
     )
+
+
+def extract_args(cifar_root: Path, list_file: Path, out: Path) -> list[str]:
+    """``python -m feature_extract`` arguments of the subprocess tests: small batches and chunks, 1 thread."""
+    return ["-m", "feature_extract", "--model", str(MODEL), "--card", str(CARD), "--root", str(cifar_root),
+            "--list", str(list_file), "--out", str(out), "--batch-size", "16", "--chunk-size", "32",
+            "--workers", "0", "--threads", "1"]
+
+
+@pytest.fixture(scope="session")
+def reference256(cifar_root, small_lists, tmp_path_factory) -> Path:
+    """An uninterrupted single-process bank of the first 256 training rows."""
+    out = tmp_path_factory.mktemp("reference") / "train256.h5"
+    proc = run_module([*extract_args(cifar_root, small_lists["train256"], out), "--quiet"])
+    assert proc.returncode == 0, proc.stderr
+    return out
