@@ -1,4 +1,7 @@
-"""Request dependencies as ``Annotated`` aliases: the ready runtime, the served model name, the admin token."""
+"""Request dependencies as ``Annotated`` aliases: the ready runtime, the served model name, the admin token.
+
+All are ``async def``: they do no I/O, and FastAPI would run plain ``def`` dependencies on a worker thread.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +15,11 @@ from service.runtime import Runtime
 from service.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     """The runtime, once the model and the calibration are loaded and warmed up; 503 before."""
     runtime: Runtime | None = request.app.state.runtime
     if runtime is None or not runtime.ready:
@@ -24,7 +27,7 @@ def get_runtime(request: Request) -> Runtime:
     return runtime
 
 
-def check_model_name(name: Annotated[str, Path(max_length=128)], settings: Annotated[Settings, Depends(get_settings)]) -> str:
+async def check_model_name(name: Annotated[str, Path(max_length=128)], settings: Annotated[Settings, Depends(get_settings)]) -> str:
     if name != settings.model_name:
         raise HTTPException(404, f"model '{name}' is not served here; this server serves '{settings.model_name}'.")
     return name
@@ -33,7 +36,7 @@ def check_model_name(name: Annotated[str, Path(max_length=128)], settings: Annot
 _bearer = HTTPBearer(auto_error=False, description="the DISALIGN_ADMIN_TOKEN of the server")
 
 
-def require_admin(
+async def require_admin(
     settings: Annotated[Settings, Depends(get_settings)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:

@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from calib.errors import InputError
 from service.deps import RuntimeDep
-from service.routers.common import check_count, finite_or_raise, predictions, resolve_top_k
+from service.routers.common import check_count, finite_or_raise, float32_tensor, predictions, resolve_top_k
 from service.runtime import Runtime
 from service.schemas import (
     CalibrateRequest,
@@ -28,8 +28,8 @@ def rows_to_tensors(rows: list[CalibrateRow], num_classes: int, feature_dim: int
             raise InputError(f"rows[{i}].features has {len(row.features)} values, expected d={feature_dim}.")
         if len(row.logits) != num_classes:
             raise InputError(f"rows[{i}].logits has {len(row.logits)} values, expected K={num_classes}.")
-    features = torch.tensor([row.features for row in rows], dtype=torch.float32)  # (N, d)
-    logits = torch.tensor([row.logits for row in rows], dtype=torch.float32)  # (N, K)
+    features = float32_tensor([row.features for row in rows])  # (N, d)
+    logits = float32_tensor([row.logits for row in rows])  # (N, K)
     return features, logits
 
 

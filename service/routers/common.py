@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 
+import numpy as np
 import torch
 from fastapi import HTTPException
 
@@ -37,6 +38,12 @@ def decode_base64(items: list[str], where: str) -> list[bytes]:
         except (binascii.Error, ValueError):
             raise HTTPException(400, f"{where}[{i}] is not valid base64.") from None
     return blobs
+
+
+def float32_tensor(values: list) -> torch.Tensor:
+    """JSON numbers (nested lists) → float32 tensor; values beyond float32 become inf (rejected later as non-finite)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return torch.from_numpy(np.asarray(values, dtype=np.float32))
 
 
 def finite_or_raise(tensor: torch.Tensor, what: str) -> torch.Tensor:

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from calib.errors import InputError
 from service.deps import ModelName, RuntimeDep
-from service.routers.common import check_count, decode_base64, finite_or_raise
+from service.routers.common import check_count, decode_base64, finite_or_raise, float32_tensor
 from service.runtime import CalibrationState, Runtime
 from service.schemas import (
     InferInput,
@@ -67,7 +67,7 @@ def fp32_tensor(tensor: InferInput, width: int, max_rows: int) -> torch.Tensor:
     check_count(f"input '{name}' rows", tensor.shape[0], max_rows, "max_rows")
     if len(tensor.data) != math.prod(tensor.shape):
         raise InputError(f"input '{name}' has {len(tensor.data)} values but its shape {tensor.shape} needs {math.prod(tensor.shape)}.")
-    return torch.tensor(tensor.data, dtype=torch.float32).reshape(tensor.shape)
+    return float32_tensor(tensor.data).reshape(tensor.shape)
 
 
 def image_blobs(tensor: InferInput, max_images: int) -> list[bytes]:

@@ -1,0 +1,330 @@
+"""Load benchmark of the REST server on loopback: requests/s and latency of /calibrate and /predict.
+
+    .venv/bin/python bench/serve_load.py [--seconds 8] [--clients 16] [--predict-clients 32] [--torch-threads 2]
+
+The server runs in its own process (``python -m service`` on a free 127.0.0.1 port); this process is the
+load generator: asyncio workers, one keep-alive HTTP/1.1 connection each, sending pre-built requests
+and timing each answer. Every phase is bounded in time (``--seconds``) and in requests per worker.
+
+1. ``/calibrate`` with K = 1000: a synthetic TorchScript model (d = 256, K = 1000) and a DisAlign
+   calibration fitted for it on a synthetic long-tailed bank; one row per request. In the same run and
+   against the same server, ``GET /v2/health/live`` is the trivial route.
+   Target: /calibrate ≥ 0.5 × the trivial route's requests/s, with p99 ≤ 20 ms, at ``--clients``.
+2. ``/predict`` with the shared CIFAR ResNet-32 and real CIFAR JPEGs, one image per request (and, for
+   reference, 8 per request). Offline baseline: the same model in this process, decode + preprocess +
+   forward in batches of ``--max-batch``, with the same number of torch threads.
+   Target: /predict images/s ≥ 0.6 × offline images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DISALIGN_SHARED_DIR", REPO.parent / "shared"))
+MODEL = SHARED / "models" / "cifar10lt-ir50-resnet32.ts"
+CARD = SHARED / "models" / "cifar10lt-ir50-resnet32.json"
+ARCHIVE = SHARED / "data" / "cifar10-jpeg.tar.gz"
+MAX_REQUESTS_PER_WORKER = 200_000
+
+
+# -- load generator ---------------------------------------------------------------------------------
+@dataclass
+class PhaseResult:
+    name: str
+    clients: int
+    seconds: float
+    ok: int
+    failed: int
+    latencies: list[float]
+    items_per_request: int = 1
+
+    @property
+    def rps(self) -> float:
+        return self.ok / self.seconds
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q) * 1000) if self.latencies else float("nan")
+
+    def line(self) -> str:
+        per = f", {self.rps * self.items_per_request:8.1f} images/s" if self.items_per_request > 1 or "predict" in self.name else ""
+        return (f"{self.name:<34} clients={self.clients:<3} {self.rps:8.1f} req/s{per}  p50={self.pct(50):6.2f} ms  "
+                f"p99={self.pct(99):6.2f} ms  ok={self.ok} failed={self.failed}")
+
+
+def http_request(method: str, path: str, body: bytes = b"", content_type: str | None = None) -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    if content_type:
+        head += f"Content-Type: {content_type}\r\n"
+    head += f"Content-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+def multipart(files: list[bytes]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = b""
+    for i, data in enumerate(files):
+        parts += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{i}.jpg\"\r\n"
+                  f"Content-Type: image/jpeg\r\n\r\n").encode() + data + b"\r\n"
+    return parts + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    length = next(int(line.split(b":", 1)[1]) for line in lines[1:] if line.lower().startswith(b"content-length:"))
+    await reader.readexactly(length)
+    return status
+
+
+async def _worker(port: int, requests: list[bytes], offset: int, deadline: float, result: PhaseResult) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for i in range(MAX_REQUESTS_PER_WORKER):
+            if time.perf_counter() >= deadline:
+                break
+            start = time.perf_counter()
+            writer.write(requests[(offset + i) % len(requests)])
+            await writer.drain()
+            status = await _read_response(reader)
+            if status == 200:
+                result.ok += 1
+                result.latencies.append(time.perf_counter() - start)
+            else:
+                result.failed += 1
+    finally:
+        writer.close()
+
+
+def run_phase(name: str, port: int, requests: list[bytes], clients: int, seconds: float, items: int = 1,
+              warmup: float = 1.0) -> PhaseResult:
+    async def main() -> PhaseResult:
+        warm = PhaseResult(name, clients, warmup, 0, 0, [])
+        await asyncio.gather(*(_worker(port, requests, i, time.perf_counter() + warmup, warm) for i in range(clients)))
+        result = PhaseResult(name, clients, seconds, 0, 0, [], items)
+        start = time.perf_counter()
+        await asyncio.gather(*(_worker(port, requests, i * 7, start + seconds, result) for i in range(clients)))
+        result.seconds = time.perf_counter() - start
+        return result
+
+    return asyncio.run(asyncio.wait_for(main(), timeout=seconds + warmup + 120))
+
+
+# -- server process ---------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, card: Path, calibration: Path, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "service", "--model", str(model), "--card", str(card), "--calibration", str(calibration),
+           "--host", "127.0.0.1", "--port", str(port), "--torch-threads", str(args.torch_threads),
+           "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(http_request("GET", "/v2/health/ready"))
+                if s.recv(64).startswith(b"HTTP/1.1 200"):
+                    return proc, port
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"the server did not start:\n{log.read_text()[-2000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+# -- fixtures: a K=1000 model and calibration, CIFAR JPEGs ---------------------------------------------
+class WideModel(torch.nn.Module):
+    """A tiny TorchScript-able classifier with K = 1000 classes and d = 256 features, for /calibrate."""
+
+    def __init__(self, feature_dim: int = 256, num_classes: int = 1000):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                        torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(256, feature_dim),
+                                        torch.nn.ReLU())
+        self.fc = torch.nn.Linear(feature_dim, num_classes)
+
+    @torch.jit.export
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.forward_features(x))
+
+
+def fingerprint(path: Path) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fit_calibration(out: Path, bank_path: Path, model_fingerprint: str, num_classes: int, feature_dim: int,
+                    class_names: list[str], seed: int = 0) -> Path:
+    from calib.bank import write_bank
+    from calib.disalign import DisAlign
+
+    rng = np.random.default_rng(seed)
+    counts = np.maximum(2, (200 * (0.01 ** (np.arange(num_classes) / max(1, num_classes - 1))))).astype(np.int64)
+    labels = np.repeat(np.arange(num_classes), counts)
+    n = len(labels)
+    features = np.abs(rng.normal(size=(n, feature_dim))).astype(np.float32)
+    logits = (rng.normal(size=(n, num_classes)) + 3.0 * np.eye(num_classes, dtype=np.float32)[labels]).astype(np.float32)
+    bank = write_bank(bank_path, features, logits, labels, model_fingerprint=model_fingerprint, class_names=class_names,
+                      class_counts=counts, overwrite=True)
+    DisAlign(rho=1.0, epochs=1, seed=seed).fit(bank).save(out)
+    return out
+
+
+def wide_fixture(root: Path) -> tuple[Path, Path, Path]:
+    torch.manual_seed(0)
+    model_path = root / "wide-k1000.ts"
+    torch.jit.script(WideModel().eval()).save(str(model_path))
+    card = root / "wide-k1000.json"
+    card.write_text(json.dumps({"input": {"size": [32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}))
+    calibration = fit_calibration(root / "wide-calibration", root / "wide-bank.h5", fingerprint(model_path), 1000, 256,
+                                  [f"class{i:04d}" for i in range(1000)])
+    return model_path, card, calibration
+
+
+def cifar_jpegs(root: Path, count: int) -> list[bytes]:
+    out: list[bytes] = []
+    with tarfile.open(ARCHIVE, "r|gz") as tar:
+        for member in tar:
+            if member.isfile() and member.name.startswith("test/") and member.name.endswith(".jpg"):
+                out.append(tar.extractfile(member).read())
+                if len(out) == count:
+                    break
+    return out
+
+
+# -- offline baseline --------------------------------------------------------------------------------
+def offline_images_per_second(blobs: list[bytes], batch_size: int, threads: int, seconds: float) -> tuple[float, float]:
+    """(decode + preprocess + forward, forward only) images/s of the shared model in this process."""
+    from feature_extract.models import load_model
+    from feature_extract.preprocess import Preprocessing, clean_view, decode_image, normalize
+
+    torch.set_num_threads(threads)
+    model, prep = load_model(str(MODEL), input_size=(32, 32)), Preprocessing.from_card(CARD)
+
+    def batch_of(i: int) -> list[bytes]:
+        return [blobs[(i * batch_size + j) % len(blobs)] for j in range(batch_size)]
+
+    def run(include_decode: bool) -> float:
+        fixed = torch.stack([clean_view(decode_image(b), prep) for b in batch_of(0)])
+        model.features_and_logits(normalize(fixed, prep))  # warm-up
+        done, start, i = 0, time.perf_counter(), 0
+        while time.perf_counter() - start < seconds and i < 100_000:
+            images = torch.stack([clean_view(decode_image(b, draft_size=prep.draft_size), prep) for b in batch_of(i)]) if include_decode else fixed
+            model.features_and_logits(normalize(images, prep))
+            done += batch_size
+            i += 1
+        return done / (time.perf_counter() - start)
+
+    return run(True), run(False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per phase (plus 1 s warm-up)")
+    p.add_argument("--clients", type=int, default=16, help="concurrent clients for /calibrate and the trivial route")
+    p.add_argument("--predict-clients", type=int, default=32, help="concurrent clients for /predict")
+    p.add_argument("--torch-threads", type=int, default=2, help="torch threads of the server and of the offline baseline")
+    p.add_argument("--max-batch", type=int, default=32, help="server micro-batch size and offline batch size")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="server micro-batch wait")
+    p.add_argument("--images", type=int, default=512, help="distinct CIFAR JPEGs sent to /predict")
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="disalign-bench-") as tmp:
+        root = Path(tmp)
+        print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}, "
+              f"{args.torch_threads} torch threads", flush=True)
+        results: list[PhaseResult] = []
+
+        # 1. /calibrate (K = 1000) against the trivial route of the same server.
+        model, card, calibration = wide_fixture(root)
+        proc, port = start_server(model, card, calibration, args, root / "server-wide.log")
+        try:
+            rng = np.random.default_rng(0)
+            calibrate_requests = [
+                http_request("POST", "/calibrate", json.dumps({"rows": [{
+                    "features": np.abs(rng.normal(size=256)).round(5).tolist(),
+                    "logits": rng.normal(size=1000).round(5).tolist()}], "top_k": 5}).encode(), "application/json")
+                for _ in range(64)]
+            live = run_phase("GET /v2/health/live (trivial)", port, [http_request("GET", "/v2/health/live")], args.clients, args.seconds)
+            calib = run_phase("POST /calibrate (K=1000, 1 row)", port, calibrate_requests, args.clients, args.seconds)
+            results += [live, calib]
+        finally:
+            stop_server(proc)
+
+        # 2. /predict with the shared ResNet-32 against offline batch inference of the same model.
+        from calib.bank import write_bank  # noqa: F401  (imported here so the calibration fit below is timed apart)
+
+        classes = json.loads(CARD.read_text())["classes"]
+        blobs = cifar_jpegs(root, args.images)
+        offline, forward_only = offline_images_per_second(blobs, args.max_batch, args.torch_threads, args.seconds)
+        cifar_calibration = fit_calibration(root / "cifar-calibration", root / "cifar-bank.h5", fingerprint(MODEL), 10, 64, classes)
+        proc, port = start_server(MODEL, CARD, cifar_calibration, args, root / "server-cifar.log")
+        try:
+            one = [http_request("POST", "/predict", *multipart([b])) for b in blobs]
+            eight = [http_request("POST", "/predict", *multipart(blobs[i:i + 8])) for i in range(0, len(blobs) - 7, 8)]
+            live2 = run_phase("GET /v2/health/live (trivial)", port, [http_request("GET", "/v2/health/live")], args.clients, args.seconds)
+            pred1 = run_phase("POST /predict (1 image/request)", port, one, args.predict_clients, args.seconds)
+            pred8 = run_phase("POST /predict (8 images/request)", port, eight, args.predict_clients, args.seconds, items=8)
+            b64 = [http_request("POST", "/predict", json.dumps({"images": [base64.b64encode(b).decode()]}).encode(),
+                                "application/json") for b in blobs]
+            pred_json = run_phase("POST /predict (JSON base64, 1 image)", port, b64, args.predict_clients, args.seconds)
+            results += [live2, pred1, pred8, pred_json]
+        finally:
+            stop_server(proc)
+
+    print()
+    for r in results:
+        print(r.line())
+    print(f"{'offline batch inference (ResNet-32)':<34} batch={args.max_batch:<4} {offline:8.1f} images/s (decode + preprocess + forward); "
+          f"forward only {forward_only:.1f} images/s")
+    print()
+    ratio_c, ratio_p = calib.rps / live.rps, pred1.rps / offline
+    ok_c = ratio_c >= 0.5 and calib.pct(99) <= 20.0
+    ok_p = ratio_p >= 0.6
+    print(f"target /calibrate >= 0.5 x trivial and p99 <= 20 ms at {args.clients} clients: "
+          f"{ratio_c:.2f} x, p99 {calib.pct(99):.2f} ms -> {'met' if ok_c else 'NOT met'}")
+    print(f"target /predict >= 0.6 x offline images/s: 1 image/request {ratio_p:.2f} x, "
+          f"8 images/request {pred8.rps * 8 / offline:.2f} x -> {'met' if ok_p else 'NOT met'} (1 image/request)")
+    failed = sum(r.failed for r in results)
+    print(f"failed requests: {failed}")
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
