@@ -388,7 +388,7 @@ class BankWriter:
         for name, (tail, _dtype) in self._columns.items():
             if arrays[name].shape != (n, *tail):
                 raise BankError(f"column '{name}' should have shape {(n, *tail)}, found {arrays[name].shape}.")
-        for name, (tail, dtype) in self._columns.items():
+        for name, (_tail, dtype) in self._columns.items():
             ds = self._file[name]
             ds.resize(self.rows + n, axis=0)
             ds[self.rows : self.rows + n] = arrays[name].astype(dtype, copy=False)

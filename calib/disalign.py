@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from calib.bank import Bank, BankReader
-from calib.estimator import Calibrator, as_bank, check_banks_agree, require_shape
 from calib.errors import InputError
+from calib.estimator import Calibrator, as_bank, check_banks_agree, require_shape
 from calib.grw import grw_cross_entropy, grw_weights
 from calib.head import confidence_gate, disalign_logits, initial_parameters
 from calib.metrics import mean_class_accuracy, negative_log_likelihood

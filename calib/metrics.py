@@ -41,7 +41,6 @@ def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor
     confidence, prediction = probabilities.max(dim=1)
     correct = (prediction == labels).double()
     bins = torch.clamp((confidence.double() * num_bins).long(), max=num_bins - 1)  # right-closed, 1.0 in the last bin
-    count = torch.bincount(bins, minlength=num_bins).double()
     conf_sum = torch.bincount(bins, weights=confidence.double(), minlength=num_bins)
     acc_sum = torch.bincount(bins, weights=correct, minlength=num_bins)
     return float((conf_sum - acc_sum).abs().sum() / labels.numel())
