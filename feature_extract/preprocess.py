@@ -148,22 +148,21 @@ def decode_image(
     JPEG be decoded at 1/2, 1/4 or 1/8 scale while staying at least that large.
     Raises :class:`ImageDecodeError` (missing, truncated, not an image) or :class:`ImageTooLargeError`.
     """
-    name = "<bytes>" if isinstance(data, bytes | bytearray | memoryview) else str(data)
-    source = io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else data
+    in_memory = isinstance(data, bytes | bytearray | memoryview)
+    name = "<bytes>" if in_memory else str(data)
     try:
+        if not in_memory:
+            with open(data, "rb") as fh:  # one read; the image then owns an in-memory buffer, no open file
+                data = fh.read()
         with warnings.catch_warnings():
             # Pillow warns on large or odd files; our own checks below decide instead.
             warnings.simplefilter("ignore")
-            with Image.open(source) as img:
-                width, height = img.size
-                if max_pixels is not None and width * height > max_pixels:
-                    raise ImageTooLargeError(
-                        f"image {name} has {width}x{height} = {width * height} pixels, more than max_pixels={max_pixels}."
-                    )
-                if draft_size is not None and img.format == "JPEG":
-                    img.draft("RGB", draft_size)
-                img.load()
-                return img.convert("RGB") if img.mode != "RGB" else img.copy()
+            img = Image.open(io.BytesIO(data))
+            check_pixels(img.size, max_pixels, name)
+            if draft_size is not None and img.format == "JPEG":
+                img.draft("RGB", draft_size)
+            img.load()
+        return img if img.mode == "RGB" else img.convert("RGB")
     except ImageDecodeError:
         raise
     except FileNotFoundError as exc:
@@ -174,27 +173,32 @@ def decode_image(
         raise ImageDecodeError(f"image {name} could not be decoded ({exc}).") from exc
 
 
-def _resize_crop(img: Image.Image, prep: Preprocessing) -> Image.Image:
-    """The clean view as a PIL image of size crop: resize + centre crop in one resampling pass."""
+def check_pixels(size: tuple[int, int], max_pixels: int | None, name: str) -> None:
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(f"image {name} has {width}x{height} = {width * height} pixels, more than max_pixels={max_pixels}.")
+
+
+def clean_geometry(width: int, height: int, prep: Preprocessing) -> tuple[int, int, int, int]:
+    """(resized W, resized H, crop left, crop top) of the clean view of a ``width`` x ``height`` image."""
+    out_h, out_w = prep.crop
+    if prep.resize is None:
+        return out_w, out_h, 0, 0
+    scale = prep.resize / min(width, height)
+    new_w, new_h = (prep.resize, round(height * scale)) if width <= height else (round(width * scale), prep.resize)
+    return new_w, new_h, int(round((new_w - out_w) / 2.0)), int(round((new_h - out_h) / 2.0))
+
+
+def _clean_hwc(img: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """The clean view as (H, W, 3) uint8: resize + centre crop in one resampling pass (none if the scale is 1)."""
     out_h, out_w = prep.crop
     w, h = img.size
-    if prep.resize is None:
-        if (w, h) == (out_w, out_h):
-            return img
-        return img.resize((out_w, out_h), Image.Resampling.BILINEAR)
-    scale = prep.resize / min(w, h)
-    new_w, new_h = (prep.resize, round(h * scale)) if w <= h else (round(w * scale), prep.resize)
-    top = int(round((new_h - out_h) / 2.0))
-    left = int(round((new_w - out_w) / 2.0))
-    if (new_w, new_h) == (w, h) and top >= 0 and left >= 0:
-        return img.crop((left, top, left + out_w, top + out_h))  # no resampling needed
+    new_w, new_h, left, top = clean_geometry(w, h, prep)
+    if (new_w, new_h) == (w, h) and left >= 0 and top >= 0:
+        return np.asarray(img)[top : top + out_h, left : left + out_w]  # a view: no resampling, no extra copy
     sx, sy = w / new_w, h / new_h
     box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
-    return img.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box)
-
-
-def _hwc(img: Image.Image) -> np.ndarray:
-    return np.asarray(img, dtype=np.uint8)
+    return np.asarray(img.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box))
 
 
 def _rng(seed: int, row: int, view: int) -> np.random.Generator:
@@ -228,35 +232,36 @@ def _random_resized_crop_box(rng: np.random.Generator, w: int, h: int) -> tuple[
 def _augmented_hwc(img: Image.Image, prep: Preprocessing, rng: np.random.Generator) -> np.ndarray:
     out_h, out_w = prep.crop
     if prep.small:
-        clean = _hwc(_resize_crop(img, prep))
+        clean = _clean_hwc(img, prep)
         padded = np.pad(clean, ((PAD, PAD), (PAD, PAD), (0, 0)))
         top, left = int(rng.integers(0, 2 * PAD + 1)), int(rng.integers(0, 2 * PAD + 1))
         out = padded[top : top + out_h, left : left + out_w]
     else:
         box = _random_resized_crop_box(rng, *img.size)
-        out = _hwc(img.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box))
+        out = np.asarray(img.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box))
     if rng.random() < 0.5:
         out = out[:, ::-1]
-    return np.ascontiguousarray(out)
+    return out
 
 
 def make_view(img: Image.Image, prep: Preprocessing, view: int = 0, *, seed: int = 0, row: int = 0) -> np.ndarray:
-    """View ``view`` of an image as a uint8 (H, W, 3) array; views ≥ 1 are seeded by (seed, row, view)."""
+    """View ``view`` of an image as a uint8 (H, W, 3) array (maybe a read-only view of the decoded image);
+    views ≥ 1 are seeded by (seed, row, view)."""
     if view == 0:
-        return _hwc(_resize_crop(img, prep))
+        return _clean_hwc(img, prep)
     return _augmented_hwc(img, prep, _rng(seed, row, view))
 
 
 def clean_view(img: Image.Image, prep: Preprocessing) -> torch.Tensor:
     """The clean test view: (3, H, W) uint8."""
-    return torch.from_numpy(make_view(img, prep, 0).copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(make_view(img, prep, 0))).permute(2, 0, 1).contiguous()
 
 
 def augmented_view(img: Image.Image, prep: Preprocessing, *, seed: int, row: int, view: int) -> torch.Tensor:
     """Augmented view ``view`` ≥ 1 of list row ``row``: (3, H, W) uint8, deterministic given (seed, row, view)."""
     if view < 1:
         raise ExtractError(f"augmented views are numbered from 1 (view 0 is the clean view), found view={view}.")
-    return torch.from_numpy(make_view(img, prep, view, seed=seed, row=row)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(make_view(img, prep, view, seed=seed, row=row))).permute(2, 0, 1).contiguous()
 
 
 @lru_cache(maxsize=16)
