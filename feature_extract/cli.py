@@ -59,6 +59,8 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--views", type=int, default=1, help="views per image: 0 clean, 1..N-1 seeded augmentations")
     g.add_argument("--seed", type=int, default=0, help="seed of the augmented views")
     g.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size (no DCT downscale)")
+    g.add_argument("--decode", choices=("pil", "torchvision"), default="pil",
+                   help="pil: Pillow in the workers; torchvision: JPEGs decoded on the device (nvJPEG on CUDA), --views 1 only")
     g.add_argument("--max-pixels", type=int, default=89_478_485, help="skip images with more pixels than this")
     g = parser.add_argument_group("output")
     g.add_argument("--out", type=Path, required=True, help="bank to write (HDF5)")
@@ -135,6 +137,7 @@ def config_from_args(args: argparse.Namespace):
         max_pixels=args.max_pixels,
         draft=not args.no_draft,
         assemble=args.assemble,
+        decode=args.decode,
         quiet=args.quiet,
     )
 

@@ -14,15 +14,18 @@ file. :func:`collate_views` stacks a batch and separates the failures.
 
 from __future__ import annotations
 
+import io
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from feature_extract.errors import ExtractError, ImageDecodeError
-from feature_extract.preprocess import Preprocessing, decode_image, make_view
+from feature_extract.preprocess import Preprocessing, check_pixels, decode_image, make_view
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".gif", ".tif", ".tiff")
 
@@ -124,6 +127,7 @@ class Item:
     row: int
     views: list[np.ndarray] | None  # V arrays (H, W, 3) uint8
     error: str | None
+    jpeg: torch.Tensor | None = None  # --decode torchvision: the undecoded file bytes, 1-D uint8
 
 
 class ViewDataset(torch.utils.data.Dataset):
@@ -138,12 +142,14 @@ class ViewDataset(torch.utils.data.Dataset):
         seed: int = 0,
         max_pixels: int | None = None,
         draft: bool = True,
+        decode: str = "pil",
     ):
         self.root = images.root
         self.paths = _PathTable(images.paths)
         self.size = len(images)
         self.prep, self.views, self.seed, self.max_pixels = prep, views, seed, max_pixels
         self.draft_size = prep.draft_size if draft else None
+        self.device_jpegs = decode == "torchvision"
 
     def __len__(self) -> int:
         return self.size
@@ -151,18 +157,47 @@ class ViewDataset(torch.utils.data.Dataset):
     def __getitem__(self, row: int) -> Item:
         path = self.paths[row]
         try:
-            img = decode_image(self.root / path, self.max_pixels, draft_size=self.draft_size)
+            source: bytes | Path = self.root / path
+            if self.device_jpegs:
+                source = _read_bytes(source)
+                if _is_rgb_jpeg(source, self.max_pixels, path):
+                    return Item(row, None, None, jpeg=torch.frombuffer(bytearray(source), dtype=torch.uint8))
+            img = decode_image(source, self.max_pixels, draft_size=self.draft_size)
             views = [make_view(img, self.prep, v, seed=self.seed, row=row) for v in range(self.views)]
         except ImageDecodeError as exc:
             return Item(row, None, f"list row {row} ({path}): {exc}")
         return Item(row, views, None)
 
 
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ImageDecodeError(f"image {path} does not exist.") from exc
+    except OSError as exc:
+        raise ImageDecodeError(f"image {path} could not be read ({exc}).") from exc
+
+
+def _is_rgb_jpeg(data: bytes, max_pixels: int | None, name: str) -> bool:
+    """A colour JPEG the device decoder can take (header only; the pixel limit is checked here)."""
+    if data[:2] != b"\xff\xd8":
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            img = Image.open(io.BytesIO(data))
+        except (OSError, ValueError, SyntaxError):
+            return False  # Pillow will say why
+    check_pixels(img.size, max_pixels, name)
+    return img.format == "JPEG" and img.mode == "RGB"
+
+
 def collate_views(items: list[Item]) -> dict:
-    """→ ``images`` uint8 (n_ok·V, H, W, 3), ``rows`` int64 (n_ok,), ``bad_rows`` int64, ``errors`` list[str]."""
-    good = [it for it in items if it.views is not None]
-    bad = [it for it in items if it.views is None]
-    arrays = [view for it in good for view in it.views]
+    """→ ``images`` uint8 (n_host·V, H, W, 3) decoded on the host, ``rows`` int64 (n_ok,) all decodable rows,
+    ``jpegs`` (undecoded file bytes of the rows where ``on_device``), ``bad_rows`` int64, ``errors`` list[str]."""
+    good = [it for it in items if it.views is not None or it.jpeg is not None]
+    bad = [it for it in items if it.views is None and it.jpeg is None]
+    arrays = [view for it in good if it.views is not None for view in it.views]
     shape = (len(arrays), *arrays[0].shape) if arrays else (0, 0, 0, 3)
     if torch.utils.data.get_worker_info() is not None:
         # In a worker, fill a shared-memory tensor directly (as default_collate does): no extra copy on the way out.
@@ -175,6 +210,8 @@ def collate_views(items: list[Item]) -> dict:
     return {
         "images": images,
         "rows": torch.tensor([it.row for it in good], dtype=torch.int64),
+        "on_device": torch.tensor([it.jpeg is not None for it in good], dtype=torch.bool),
+        "jpegs": [it.jpeg for it in good if it.jpeg is not None],
         "bad_rows": torch.tensor([it.row for it in bad], dtype=torch.int64),
         "errors": [it.error for it in bad],
     }

@@ -25,11 +25,12 @@ from tqdm import tqdm
 
 from calib.bank import FEATURE_DTYPES, BankReader
 from feature_extract.data import ImageList, ViewDataset, collate_views, read_list, scan_folder
+from feature_extract.device_decode import DECODERS, decode_batch_on_device, require_torchvision_io
 from feature_extract.distributed import DistContext, chunk_range
 from feature_extract.errors import ExtractError, ImageDecodeError
 from feature_extract.models import LoadedModel, load_model
 from feature_extract.preprocess import Preprocessing, normalize
-from feature_extract.workdir import BankHeader, WorkDir, write_bank_from_parts, write_virtual_bank
+from feature_extract.workdir import BankHeader, PartsAssembler, WorkDir, write_virtual_bank
 
 logger = logging.getLogger("feature_extract")
 ASSEMBLY_MODES = ("concat", "virtual")
@@ -64,6 +65,7 @@ class ExtractConfig:
     max_pixels: int | None = 89_478_485  # Pillow's own decompression-bomb limit
     draft: bool = True
     assemble: str = "concat"
+    decode: str = "pil"  # "torchvision": JPEGs decoded on the device (nvJPEG on CUDA), see device_decode
     quiet: bool = False
 
     def __post_init__(self):
@@ -81,6 +83,10 @@ class ExtractConfig:
             raise ExtractError(f"--feature-dtype should be one of {', '.join(FEATURE_DTYPES)}, found {self.feature_dtype!r}.")
         if self.assemble not in ASSEMBLY_MODES:
             raise ExtractError(f"--assemble should be one of {', '.join(ASSEMBLY_MODES)}, found {self.assemble!r}.")
+        if self.decode not in DECODERS:
+            raise ExtractError(f"--decode should be one of {', '.join(DECODERS)}, found {self.decode!r}.")
+        if self.decode == "torchvision" and self.views != 1:
+            raise ExtractError(f"--decode torchvision makes the clean view only: --views should be 1, found {self.views}.")
         if self.seed < 0:
             raise ExtractError(f"--seed should be >= 0, found {self.seed}.")
 
@@ -91,7 +97,9 @@ class ExtractResult:
     rows: int  # rows written by this process (views included)
     images: int  # list rows decoded by this process
     skipped: list[int] = field(default_factory=list)  # list rows this process could not decode
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole call, model loading included
+    loop_seconds: float = 0.0  # decode + forward + parts, from the DataLoader's start to the last part
+    assemble_seconds: float = 0.0  # parts → bank on disk
 
     @property
     def images_per_second(self) -> float:
@@ -162,8 +170,9 @@ class _InFlight:
 class _Runner:
     """Launch batches on the device, collect them one batch late, write a part when a chunk is done."""
 
-    def __init__(self, model: LoadedModel, prep: Preprocessing, images: ImageList, workdir: WorkDir, cfg: ExtractConfig):
+    def __init__(self, model: LoadedModel, prep: Preprocessing, images: ImageList, workdir: WorkDir, cfg: ExtractConfig, on_part=None):
         self.model, self.prep, self.images, self.workdir, self.cfg = model, prep, images, workdir, cfg
+        self.on_part = on_part  # called with (chunk, arrays) once a part is safely on disk
         self.device = model.device
         self.feature_dtype = getattr(torch, cfg.feature_dtype)
         self.pending: deque[_InFlight] = deque()
@@ -171,10 +180,29 @@ class _Runner:
         self.skipped: list[int] = []
         self.rows_written = 0
 
-    def launch(self, chunk: int, last: bool, batch: dict) -> None:
-        item = _InFlight(chunk, last, batch["rows"], batch["bad_rows"])
-        if len(item.rows):
-            x = batch["images"].to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # (B·V, 3, H, W) channels-last view
+    def to_device(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list[str]]:
+        """The batch as uint8 (B·V, 3, H, W) on the device, in list-row order; its rows, bad rows and errors."""
+        rows, bad_rows, errors = batch["rows"], batch["bad_rows"], list(batch["errors"])
+        host = batch["images"].to(self.device, non_blocking=True).permute(0, 3, 1, 2) if len(batch["images"]) else None
+        if not batch["jpegs"]:
+            return host, rows, bad_rows, errors
+        on_device = batch["on_device"]
+        jpeg_rows = rows[on_device]
+        names = [f"list row {r} ({self.images.paths[r]})" for r in jpeg_rows.tolist()]
+        views, good, failed = decode_batch_on_device(batch["jpegs"], self.prep, self.device, names, self.cfg.max_pixels)
+        parts = [t for t in (host, views) if t is not None]
+        kept = torch.cat([rows[~on_device], jpeg_rows[good]])
+        order = torch.argsort(kept)
+        x = torch.cat(parts)[order.to(self.device)] if parts else None
+        if failed:
+            bad_rows = torch.sort(torch.cat([bad_rows, jpeg_rows[sorted(failed)]])).values
+            errors += [failed[i] for i in sorted(failed)]
+        return x, kept[order], bad_rows, errors
+
+    def launch(self, chunk: int, last: bool, x: torch.Tensor | None, rows: torch.Tensor, bad_rows: torch.Tensor) -> None:
+        """Start the forward of ``x`` (uint8 on the device); collect the previous batch."""
+        item = _InFlight(chunk, last, rows, bad_rows)
+        if len(rows):
             if self.device.type == "cpu":
                 x = x.contiguous()
             features, logits = self.model.features_and_logits(normalize(x, self.prep))
@@ -219,17 +247,17 @@ class _Runner:
                 hint = " (float16 overflow: rerun with --feature-dtype float32)" if name == "features" and self.cfg.feature_dtype == "float16" else ""
                 raise ExtractError(f"the model gave non-finite {name} for list row {row} ({self.images.paths[row]}){hint}.")
         skipped = torch.cat([it.bad_rows for it in self.chunk_items]).numpy().astype(np.int64)
-        self.workdir.write_part(
-            chunk,
-            {
-                "features": features,
-                "logits": logits.astype(np.float32, copy=False),
-                "labels": self.images.labels[sample_index],
-                "sample_index": sample_index.astype(np.int64),
-                "view": np.tile(np.arange(views, dtype=np.int16), len(rows)),
-                "skipped": skipped,
-            },
-        )
+        part = {
+            "features": features,
+            "logits": logits.astype(np.float32, copy=False),
+            "labels": self.images.labels[sample_index],
+            "sample_index": sample_index.astype(np.int64),
+            "view": np.tile(np.arange(views, dtype=np.int16), len(rows)),
+            "skipped": skipped,
+        }
+        self.workdir.write_part(chunk, part)
+        if self.on_part is not None:
+            self.on_part(chunk, part)
         self.skipped.extend(skipped.tolist())
         self.rows_written += len(sample_index)
 
@@ -257,20 +285,24 @@ def _run_chunks(runner: _Runner, dataset: ViewDataset, plan: list, cfg: ExtractC
     total = sum(len(rows) for _, _, rows in plan)
     bar = tqdm(total=total, unit="img", file=sys.stderr, disable=not show, smoothing=0.05, dynamic_ncols=True)
     with bar:
-        for (chunk, last, rows), batch in zip(plan, loader, strict=True):
-            for error in batch["errors"]:
+        for (chunk, last, planned), batch in zip(plan, loader, strict=True):
+            x, rows, bad_rows, errors = runner.to_device(batch)
+            for error in errors:
                 if cfg.strict:
                     raise ImageDecodeError(f"{error} (--strict stops at the first bad image; without it bad images are skipped and listed).")
                 logger.warning("skipped %s", error)
-            runner.launch(chunk, last, batch)
-            bar.update(len(rows))
+            runner.launch(chunk, last, x, rows, bad_rows)
+            bar.update(len(planned))
         runner.flush()
     return total
 
 
 # -- the job --------------------------------------------------------------------------------------
-def extract_bank(cfg: ExtractConfig, *, dist: DistContext | None = None) -> ExtractResult:
-    """Run (or resume) one extraction; returns when ``cfg.out`` is a complete bank (on rank 0)."""
+def extract_bank(cfg: ExtractConfig, *, dist: DistContext | None = None, model: LoadedModel | None = None) -> ExtractResult:
+    """Run (or resume) one extraction; returns when ``cfg.out`` is a complete bank (on rank 0).
+
+    ``model``: an already loaded ``cfg.model`` on ``cfg.device`` (e.g. warmed up by a benchmark), else loaded here.
+    """
     dist = dist or DistContext()
     start_time = time.perf_counter()
     out = Path(cfg.out)
@@ -283,14 +315,18 @@ def extract_bank(cfg: ExtractConfig, *, dist: DistContext | None = None) -> Extr
     prep = cfg.prep or (Preprocessing.from_card(cfg.card) if cfg.card else Preprocessing.imagenet())
     known = card.get("classes")
     images = read_list(cfg.list_file, cfg.root) if cfg.list_file is not None else scan_folder(cfg.folder, known)
-    model = load_model(cfg.model, str(cfg.weights) if cfg.weights else None, classifier_layer=cfg.classifier_layer, device=str(device), input_size=prep.crop)
+    if cfg.decode == "torchvision":
+        require_torchvision_io()
+    if model is None:
+        model = load_model(cfg.model, str(cfg.weights) if cfg.weights else None, classifier_layer=cfg.classifier_layer,
+                           device=str(device), input_size=prep.crop)
     k = model.num_classes
     _check_labels(images, k)
     class_names = [str(c) for c in known] if isinstance(known, list) and len(known) == k else None
     if class_names is None and images.class_names is not None and len(images.class_names) == k:
         class_names = list(images.class_names)
     counts, counts_source = _class_counts(cfg.class_counts_from, images, k)
-    preprocessing = {**prep.to_dict(), "views": cfg.views, "seed": cfg.seed, "decode": "pil", "jpeg_draft": cfg.draft}
+    preprocessing = {**prep.to_dict(), "views": cfg.views, "seed": cfg.seed, "decode": cfg.decode, "jpeg_draft": cfg.draft}
     manifest = {
         "model": cfg.model,
         "model_fingerprint": model.fingerprint,
@@ -318,19 +354,6 @@ def extract_bank(cfg: ExtractConfig, *, dist: DistContext | None = None) -> Extr
     if error is not None:
         raise ExtractError(error)
 
-    num_chunks = -(-len(images) // cfg.chunk_size)
-    mine = list(chunk_range(num_chunks, dist.rank, dist.world_size))
-    todo = [c for c in mine if not workdir.has_part(c)]
-    if len(todo) < len(mine):
-        logger.info("rank %d: resuming, %d of %d chunks already done", dist.rank, len(mine) - len(todo), len(mine))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    runner = _Runner(model, prep, images, workdir, cfg)
-    dataset = ViewDataset(images, prep, views=cfg.views, seed=cfg.seed, max_pixels=cfg.max_pixels, draft=cfg.draft)
-    plan = _plan(todo, len(images), cfg.chunk_size, cfg.batch_size)
-    show = not cfg.quiet and dist.is_main and sys.stderr.isatty()
-    decoded = _run_chunks(runner, dataset, plan, cfg, show) if plan else 0
-
     header = BankHeader(
         writer_kwargs={
             "feature_dim": model.feature_dim,
@@ -345,30 +368,54 @@ def extract_bank(cfg: ExtractConfig, *, dist: DistContext | None = None) -> Extr
         },
         extra_attrs={"class_counts_source": counts_source, "source": str(cfg.list_file or cfg.folder), "model_spec": cfg.model},
     )
-    _assemble(cfg, dist, workdir, header, num_chunks, mine)
-    seconds = time.perf_counter() - start_time
-    result = ExtractResult(out, runner.rows_written, decoded - len(runner.skipped), runner.skipped, seconds)
-    logger.info("rank %d: %d images (%d rows) in %.1f s, %.0f images/s, %d skipped", dist.rank, result.images, result.rows, seconds, result.images_per_second, len(result.skipped))
+    num_chunks = -(-len(images) // cfg.chunk_size)
+    mine = list(chunk_range(num_chunks, dist.rank, dist.world_size))
+    todo = [c for c in mine if not workdir.has_part(c)]
+    if len(todo) < len(mine):
+        logger.info("rank %d: resuming, %d of %d chunks already done", dist.rank, len(mine) - len(todo), len(mine))
+    # The bank (or this rank's shard) is appended while chunks complete, so little is left to do at the end.
+    virtual = cfg.assemble == "virtual" and dist.world_size > 1
+    shard = out.with_name(out.name + ".shards") / f"shard-{dist.rank:05d}-of-{dist.world_size:05d}.h5"
+    assembler = None
+    if virtual:
+        shard.parent.mkdir(exist_ok=True)
+        assembler = PartsAssembler(shard, header, workdir, mine, overwrite=True, temporary_path=workdir.path / f"{shard.name}.partial")
+    elif dist.is_main:
+        assembler = PartsAssembler(out, header, workdir, range(num_chunks), overwrite=cfg.overwrite,
+                                   temporary_path=workdir.path / "bank.h5.partial")
+
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    runner = _Runner(model, prep, images, workdir, cfg, on_part=assembler.add if assembler else None)
+    dataset = ViewDataset(images, prep, views=cfg.views, seed=cfg.seed, max_pixels=cfg.max_pixels, draft=cfg.draft, decode=cfg.decode)
+    plan = _plan(todo, len(images), cfg.chunk_size, cfg.batch_size)
+    show = not cfg.quiet and dist.is_main and sys.stderr.isatty()
+    finished = False
+    try:
+        loop_start = time.perf_counter()
+        decoded = _run_chunks(runner, dataset, plan, cfg, show) if plan else 0
+        assemble_start = time.perf_counter()
+        if virtual:
+            assembler.finish()
+            finished = True
+            dist.barrier()
+            if dist.is_main:
+                shards = [shard.with_name(f"shard-{r:05d}-of-{dist.world_size:05d}.h5") for r in range(dist.world_size)]
+                write_virtual_bank(shards, out, overwrite=cfg.overwrite)
+        else:
+            dist.barrier()  # every rank's parts are on disk
+            if assembler is not None:
+                assembler.finish()
+                finished = True
+        if dist.is_main:
+            workdir.remove()
+        dist.barrier()
+    finally:
+        if assembler is not None and not finished:
+            assembler.abort()
+    now = time.perf_counter()
+    result = ExtractResult(out, runner.rows_written, decoded - len(runner.skipped), runner.skipped, seconds=now - start_time,
+                           loop_seconds=assemble_start - loop_start, assemble_seconds=now - assemble_start)
+    logger.info("rank %d: %d images (%d rows) in %.1f s, %.0f images/s, %d skipped",
+                dist.rank, result.images, result.rows, result.seconds, result.images_per_second, len(result.skipped))
     return result
-
-
-def _assemble(cfg: ExtractConfig, dist: DistContext, workdir: WorkDir, header: BankHeader, num_chunks: int, mine: list[int]) -> None:
-    out = Path(cfg.out)
-    if cfg.assemble == "virtual" and dist.world_size > 1:
-        shard_dir = out.with_name(out.name + ".shards")
-        shard_dir.mkdir(exist_ok=True)
-        shard = shard_dir / f"shard-{dist.rank:05d}-of-{dist.world_size:05d}.h5"
-        write_bank_from_parts((workdir.read_part(c) for c in mine), shard, header, overwrite=True,
-                              temporary_path=workdir.path / f"{shard.name}.partial")
-        dist.barrier()
-        if dist.is_main:
-            shards = [shard_dir / f"shard-{r:05d}-of-{dist.world_size:05d}.h5" for r in range(dist.world_size)]
-            write_virtual_bank(shards, out, overwrite=cfg.overwrite)
-            workdir.remove()
-    else:
-        dist.barrier()
-        if dist.is_main:
-            parts = (workdir.read_part(c) for c in range(num_chunks))
-            write_bank_from_parts(parts, out, header, overwrite=cfg.overwrite, temporary_path=workdir.path / "bank.h5.partial")
-            workdir.remove()
-    dist.barrier()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,7 +186,9 @@ def _factory_module(spec: str) -> nn.Module:
 
 def _load_torchscript(path: Path, classifier_layer: str | None, device: torch.device, input_size: tuple[int, int]) -> LoadedModel:
     try:
-        module = torch.jit.load(str(path), map_location=device)
+        with warnings.catch_warnings():  # newer torch marks TorchScript deprecated; it is one of our input formats
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=FutureWarning)
+            module = torch.jit.load(str(path), map_location=device)
     except Exception as exc:  # noqa: BLE001 - jit raises RuntimeError/ValueError variants
         raise ExtractError(
             f"--model {path} is not a TorchScript file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "

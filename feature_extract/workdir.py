@@ -98,19 +98,50 @@ class BankHeader:
     extra_attrs: dict = field(default_factory=dict)
 
 
-def write_bank_from_parts(
-    parts: Iterable[dict[str, np.ndarray]], out: Path, header: BankHeader, *, overwrite: bool, temporary_path: Path | None = None
-) -> Path:
-    """Append the parts in order to a new bank at ``out``; ``skipped`` (list rows) becomes its own dataset."""
-    skipped: list[np.ndarray] = []
-    with BankWriter(out, overwrite=overwrite, temporary_path=temporary_path, **header.writer_kwargs) as writer:
-        for part in parts:
-            skipped.append(part["skipped"])
+class PartsAssembler:
+    """Append parts to a new bank in chunk order while the extraction runs; :meth:`finish` completes it.
+
+    Parts stay the source of truth: a part is appended when it arrives (:meth:`add`) or, for chunks done
+    by an earlier run or another rank, read back from the work directory when its turn comes. The bank
+    is written under ``temporary_path`` (inside the work directory) and renamed into place by finish.
+    """
+
+    def __init__(self, out: Path, header: BankHeader, workdir: WorkDir, chunks: Iterable[int], *, overwrite: bool, temporary_path: Path):
+        self.header, self.workdir = header, workdir
+        self.chunks = list(chunks)
+        self.on_disk = {c for c in self.chunks if workdir.has_part(c)}
+        self.pos = 0
+        self.waiting: dict[int, dict[str, np.ndarray]] = {}
+        self.skipped: list[np.ndarray] = []
+        self.writer = BankWriter(out, overwrite=overwrite, temporary_path=temporary_path, **header.writer_kwargs)
+
+    def add(self, chunk: int, part: dict[str, np.ndarray]) -> None:
+        self.waiting[chunk] = part
+        self._drain(everything_on_disk=False)
+
+    def _drain(self, everything_on_disk: bool) -> None:
+        while self.pos < len(self.chunks):
+            chunk = self.chunks[self.pos]
+            part = self.waiting.pop(chunk, None)
+            if part is None:
+                if not (everything_on_disk or chunk in self.on_disk):
+                    return
+                part = self.workdir.read_part(chunk)
+            self.skipped.append(part["skipped"])
             if len(part["logits"]):
-                writer.append(**{name: part[name] for name in PART_COLUMNS})
+                self.writer.append(**{name: part[name] for name in PART_COLUMNS})
+            self.pos += 1
+
+    def finish(self) -> Path:
+        """Append the remaining parts (all must exist now), add ``skipped``, mark complete and rename."""
+        self._drain(everything_on_disk=True)
+        skipped = np.sort(np.concatenate(self.skipped or [np.zeros(0, np.int64)])).astype(np.int64)
         # BankWriter has no hook for a dataset of another length than N; write it before finish() renames.
-        writer._file.create_dataset("skipped", data=np.sort(np.concatenate(skipped or [np.zeros(0, np.int64)])).astype(np.int64))
-        return writer.finish(extra_attrs=header.extra_attrs)
+        self.writer._file.create_dataset("skipped", data=skipped)
+        return self.writer.finish(extra_attrs=self.header.extra_attrs)
+
+    def abort(self) -> None:
+        self.writer.abort()
 
 
 def write_virtual_bank(shards: list[Path], out: Path, *, overwrite: bool) -> Path:
