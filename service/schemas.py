@@ -144,6 +144,23 @@ class ReloadResponse(BaseModel):
     changed: bool
 
 
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` of a route that validates its JSON body itself (nested models inlined)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries: every listed status answers an :class:`ErrorBody`."""
     descriptions = {400: "Undecodable input", 401: "Missing or wrong token", 403: "Admin routes disabled",

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import torch
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from calib.errors import InputError
 from service.deps import RuntimeDep
-from service.routers.common import check_count, finite_or_raise, float32_tensor, predictions, resolve_top_k
+from service.routers.common import (
+    check_count,
+    finite_or_raise,
+    float32_tensor,
+    predictions,
+    read_json,
+    resolve_top_k,
+)
 from service.runtime import Runtime
 from service.schemas import (
     CalibrateRequest,
@@ -16,6 +23,7 @@ from service.schemas import (
     CalibrateResult,
     CalibrateRow,
     error_responses,
+    json_body,
 )
 
 router = APIRouter(tags=["calibrate"])
@@ -42,12 +50,17 @@ def _calibrate(runtime: Runtime, body: CalibrateRequest) -> CalibrateResponse:
     finite_or_raise(calibrated, "calibrated logits")
     probabilities = torch.softmax(calibrated, dim=1)
     tops = predictions(probabilities, k, state)
-    results = [CalibrateResult(logits=z, probabilities=p, top_k=t)
+    # Built without re-validation: every value comes from the tensors above.
+    results = [CalibrateResult.model_construct(logits=z, probabilities=p, top_k=t)
                for z, p, t in zip(calibrated.tolist(), probabilities.tolist(), tops, strict=True)]
-    return CalibrateResponse(model_name=runtime.settings.model_name, calibration_version=state.version, results=results)
+    return CalibrateResponse.model_construct(model_name=runtime.settings.model_name, calibration_version=state.version,
+                                             results=results)
 
 
-@router.post("/calibrate", response_model=CalibrateResponse, responses=error_responses(400, 413, 422, 503))
-async def calibrate(body: CalibrateRequest, runtime: RuntimeDep) -> CalibrateResponse:
-    """Calibrate rows of cached stage-1 outputs: ``{"rows": [{"features": [d floats], "logits": [K floats]}], "top_k": 5}``."""
+@router.post("/calibrate", response_model=CalibrateResponse, openapi_extra=json_body(CalibrateRequest),
+             responses=error_responses(413, 415, 422, 503))
+async def calibrate(request: Request, runtime: RuntimeDep) -> CalibrateResponse:
+    """Calibrate rows of cached stage-1 outputs: ``{"rows": [{"features": [d floats], "logits": [K floats]}], "top_k": 5}``.
+    """
+    body = await read_json(request, CalibrateRequest)
     return await run_in_threadpool(_calibrate, runtime, body)

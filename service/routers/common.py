@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import base64
 import binascii
+from typing import TypeVar
 
 import numpy as np
 import torch
-from fastapi import HTTPException
+from fastapi import HTTPException, Request
+from pydantic import BaseModel
 
 from calib.errors import InputError
 from service.runtime import CalibrationState, top_k
 from service.schemas import Prediction
 
 DEFAULT_TOP_K = 5
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def read_json(request: Request, model: type[Body]) -> Body:
+    """Validate a JSON body in one pass of pydantic's parser (no intermediate Python objects).
+
+    415 for a Content-Type that is not JSON; pydantic's errors (invalid JSON included) become one 422 sentence.
+    """
+    media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise HTTPException(415, f"the body should be application/json, found {media_type}.")
+    return model.model_validate_json(await request.body())
 
 
 def resolve_top_k(requested: int | None, num_classes: int) -> int:

@@ -11,12 +11,18 @@ from __future__ import annotations
 import math
 
 import torch
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from calib.errors import InputError
 from service.deps import ModelName, RuntimeDep
-from service.routers.common import check_count, decode_base64, finite_or_raise, float32_tensor
+from service.routers.common import (
+    check_count,
+    decode_base64,
+    finite_or_raise,
+    float32_tensor,
+    read_json,
+)
 from service.runtime import CalibrationState, Runtime
 from service.schemas import (
     InferInput,
@@ -26,6 +32,7 @@ from service.schemas import (
     ModelMetadata,
     TensorSpec,
     error_responses,
+    json_body,
 )
 
 router = APIRouter(prefix="/v2/models", tags=["v2"])
@@ -97,9 +104,11 @@ def _calibrate_tensors(runtime: Runtime, inputs: dict[str, InferInput]) -> tuple
     return runtime.calibrate(features, logits)
 
 
-@router.post("/{name}/infer", response_model=InferResponse, responses=error_responses(400, 404, 413, 422, 503))
-async def infer(name: ModelName, body: InferRequest, runtime: RuntimeDep) -> InferResponse:
+@router.post("/{name}/infer", response_model=InferResponse, openapi_extra=json_body(InferRequest),
+             responses=error_responses(400, 404, 413, 415, 422, 503))
+async def infer(name: ModelName, request: Request, runtime: RuntimeDep) -> InferResponse:
     """Calibrated probabilities for v2 JSON tensors (``features`` + ``logits``, or ``image``)."""
+    body = await read_json(request, InferRequest)
     inputs = {t.name: t for t in body.inputs}
     outputs = requested_outputs(body)
     if len(inputs) != len(body.inputs):

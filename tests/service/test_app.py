@@ -350,3 +350,11 @@ def test_openapi_schema(client: TestClient):
             names = [p["name"] for p in op.get("parameters", [])]
             assert not any(n in ("path", "dir", "directory", "calibration", "model") for n in names)
     assert schema["paths"]["/calibrate"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorBody")
+
+
+def test_json_routes_refuse_other_content_types(client: TestClient):
+    for path in ("/calibrate", "/v2/models/disalign/infer"):
+        r = client.post(path, content=b"rows=1", headers={"content-type": "application/x-www-form-urlencoded"})
+        assert_error(r, 415, "should be application/json")
+    r = client.post("/calibrate", content=b"\xff\xfe not utf-8", headers={"content-type": "application/json"})
+    assert_error(r, 422, "not valid JSON")
