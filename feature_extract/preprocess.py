@@ -157,7 +157,8 @@ def decode_image(
         with warnings.catch_warnings():
             # Pillow warns on large or odd files; our own checks below decide instead.
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
+            formats = ("JPEG",) if data[:2] == b"\xff\xd8" else None  # skip format sniffing for the common case
+            img = Image.open(io.BytesIO(data), formats=formats)
             check_pixels(img.size, max_pixels, name)
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB", draft_size)
