@@ -24,7 +24,7 @@ def default_torch_threads() -> int:
 class Settings(BaseSettings):
     """Everything the server needs to start; validated once, here."""
 
-    model_config = SettingsConfigDict(env_prefix="DISALIGN_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="DISALIGN_", env_ignore_empty=True, extra="ignore", frozen=True)
 
     model: str = Field(description="stage-1 model: a TorchScript file or any spec feature_extract.load_model accepts")
     weights: str | None = Field(None, description="weights file for model specs that need one")
