@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI
 from starlette.types import Message, Receive, Scope, Send
 
@@ -31,7 +32,9 @@ log = logging.getLogger("service")
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    runtime = Runtime(app.state.settings, app.state.metrics)
+    settings: Settings = app.state.settings
+    torch.set_num_threads(settings.torch_threads)  # here and again on the inference thread (Runtime.load)
+    runtime = Runtime(settings, app.state.metrics)
     app.state.reload_lock = asyncio.Lock()
     try:
         await runtime.batcher.run_in_thread(runtime.load)
