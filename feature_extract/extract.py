@@ -24,8 +24,9 @@ import torch
 from tqdm import tqdm
 
 from calib.bank import FEATURE_DTYPES, BankReader
+from feature_extract import device_decode
 from feature_extract.data import ImageList, ViewDataset, collate_views, read_list, scan_folder
-from feature_extract.device_decode import DECODERS, decode_batch_on_device, require_torchvision_io
+from feature_extract.device_decode import DECODERS, decode_batch_on_device
 from feature_extract.distributed import DistContext, chunk_range
 from feature_extract.errors import ExtractError, ImageDecodeError
 from feature_extract.models import LoadedModel, load_model
@@ -316,7 +317,7 @@ def extract_bank(cfg: ExtractConfig, *, dist: DistContext | None = None, model: 
     known = card.get("classes")
     images = read_list(cfg.list_file, cfg.root) if cfg.list_file is not None else scan_folder(cfg.folder, known)
     if cfg.decode == "torchvision":
-        require_torchvision_io()
+        device_decode.require_torchvision_io()
     if model is None:
         model = load_model(cfg.model, str(cfg.weights) if cfg.weights else None, classifier_layer=cfg.classifier_layer,
                            device=str(device), input_size=prep.crop)

@@ -61,6 +61,17 @@ def small_lists(shared, tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+def load_script(path: Path):
+    """torch.jit.load without the deprecation warning newer torch versions give (TorchScript is an input format)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=FutureWarning)
+        return torch.jit.load(str(path)).eval()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

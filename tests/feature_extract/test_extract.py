@@ -16,7 +16,7 @@ from feature_extract.extract import ExtractConfig, extract_bank
 from feature_extract.preprocess import Preprocessing, clean_view, decode_image
 from feature_extract.workdir import WorkDir
 
-from .conftest import CARD, MODEL
+from .conftest import CARD, MODEL, load_script
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -43,7 +43,7 @@ def test_clean_view_equals_the_models_own_outputs(bank64, cifar_root):
     paths = [line.split()[0] for line in cfg.list_file.read_text().splitlines()]
     pixels = torch.stack([clean_view(decode_image(cifar_root / p), prep) for p in paths])
     x = (pixels.float() / 255 - torch.tensor(prep.mean).view(1, 3, 1, 1)) / torch.tensor(prep.std).view(1, 3, 1, 1)
-    module = torch.jit.load(str(MODEL)).eval()
+    module = load_script(MODEL)
     with torch.inference_mode():
         features, logits = module.forward_features(x), module(x)
     assert (bank.features - features).abs().max().item() <= 1e-5
@@ -54,7 +54,7 @@ def test_clean_view_equals_the_models_own_outputs(bank64, cifar_root):
 
 def test_bank_header(bank64):
     cfg, _, bank = bank64
-    module = torch.jit.load(str(MODEL))
+    module = load_script(MODEL)
     assert torch.equal(bank.classifier_weight, module.fc.weight.detach()) and torch.equal(bank.classifier_bias, module.fc.bias.detach())
     info = bank.info
     assert info.class_names == CIFAR_CLASSES and info.num_views == 1

@@ -28,6 +28,7 @@ def test_torchscript_shared_model_matches_its_own_outputs():
     assert torch.allclose(logits, features @ model.classifier_weight.T + model.classifier_bias, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # newer torch; TorchScript is an input format
 def test_torchscript_returning_features_and_logits(tmp_path):
     class Pair(torch.nn.Module):
         def __init__(self):
