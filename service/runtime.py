@@ -157,7 +157,8 @@ class Runtime:
         raw_parts, feature_parts = [], []
         with torch.inference_mode():
             for chunk in batch.split(self.settings.max_batch):
-                features, logits = self.model.features_and_logits(normalize(chunk, self.preprocessing).to(self.settings.device))
+                images = normalize(chunk.to(self.model.device, non_blocking=True), self.preprocessing)  # uint8 travels
+                features, logits = self.model.features_and_logits(images)
                 feature_parts.append(features.float().cpu())
                 raw_parts.append(logits.float().cpu())
         features, raw = torch.cat(feature_parts), torch.cat(raw_parts)  # (B, d), (B, K)

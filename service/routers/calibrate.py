@@ -60,7 +60,6 @@ def _calibrate(runtime: Runtime, body: CalibrateRequest) -> CalibrateResponse:
 @router.post("/calibrate", response_model=CalibrateResponse, openapi_extra=json_body(CalibrateRequest),
              responses=error_responses(413, 415, 422, 503))
 async def calibrate(request: Request, runtime: RuntimeDep) -> CalibrateResponse:
-    """Calibrate rows of cached stage-1 outputs: ``{"rows": [{"features": [d floats], "logits": [K floats]}], "top_k": 5}``.
-    """
+    """Calibrate rows of cached stage-1 outputs: ``{"rows": [{"features": [d floats], "logits": [K floats]}], "top_k": 5}``."""
     body = await read_json(request, CalibrateRequest)
     return await run_in_threadpool(_calibrate, runtime, body)
