@@ -12,8 +12,8 @@ CPU, the shared CIFAR-10-LT ResNet-32 and the shared CIFAR JPEGs (unpacked to a 
 
 GPU, synthetic 256 px JPEGs and torchvision ResNet-50 with random weights (bf16 autocast, channels-last)::
 
-    python bench/extract_throughput.py --synthetic-jpegs 100000 --jpeg-size 256 --model torchvision:resnet50 \\
-        --device cuda --batch-size 256 --workers 14 [--decode torchvision]
+    python bench/extract_throughput.py --synthetic-jpegs 50000 --repeat 4 --jpeg-size 256 \\
+        --model torchvision:resnet50 --device cuda --batch-size 256 --workers 14 [--decode torchvision]
 
 The pipeline rate counts decode + forward + parts + the final bank (``loop + assemble`` seconds of
 :class:`feature_extract.extract.ExtractResult`); model loading and list parsing are reported separately.
@@ -60,8 +60,8 @@ def _synthetic_jpeg(job: tuple[Path, int, int, int]) -> None:
     path.write_bytes(buf.getvalue())
 
 
-def make_synthetic(root: Path, count: int, size: int, quality: int) -> Path:
-    """``count`` JPEGs of ``size`` x ``size`` under root/img/NNN/, and an unlabelled list file."""
+def make_synthetic(root: Path, count: int, size: int, quality: int, repeat: int) -> Path:
+    """``count`` JPEGs of ``size`` x ``size`` under root/img/NNNN/, and an unlabelled list naming each ``repeat`` times."""
     jobs = []
     for i in range(count):
         path = root / "img" / f"{i // 1000:04d}" / f"{i:07d}.jpg"
@@ -71,7 +71,7 @@ def make_synthetic(root: Path, count: int, size: int, quality: int) -> Path:
     with Pool(os.cpu_count()) as pool:
         pool.map(_synthetic_jpeg, jobs, chunksize=256)
     listing = root / "list.txt"
-    listing.write_text("".join(f"{p.relative_to(root).as_posix()}\n" for p, *_ in jobs))
+    listing.write_text("".join(f"{p.relative_to(root).as_posix()}\n" for p, *_ in jobs) * repeat)
     print(f"made {count} synthetic {size}x{size} JPEGs (quality {quality}) in {time.perf_counter() - start:.1f} s", flush=True)
     return listing
 
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synthetic-jpegs", type=int, help="generate N synthetic JPEGs in a temp dir and use them")
     p.add_argument("--jpeg-size", type=int, default=256, help="side of the synthetic JPEGs")
     p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--repeat", type=int, default=1, help="list each synthetic JPEG this many times (a longer run, fewer files)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--chunk-size", type=int, default=8192)
@@ -133,12 +134,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = True  # as extract_bank sets it: the bound and the pipeline get the same kernels
     tmp = Path(tempfile.mkdtemp(prefix="extract-bench-", dir=args.tmp))
     try:
         if args.synthetic_jpegs:
             root, listing = tmp / "synthetic", None
             root.mkdir()
-            listing = make_synthetic(root, args.synthetic_jpegs, args.jpeg_size, args.jpeg_quality)
+            listing = make_synthetic(root, args.synthetic_jpegs, args.jpeg_size, args.jpeg_quality, args.repeat)
         elif args.list_file:
             root, listing = args.root, args.list_file
         else:

@@ -10,12 +10,14 @@ See :mod:`feature_extract.workdir` for the resume and assembly rules.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import sys
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from feature_extract.workdir import BankHeader, PartsAssembler, WorkDir, write_v
 
 logger = logging.getLogger("feature_extract")
 ASSEMBLY_MODES = ("concat", "virtual")
-FLOAT16_MAX = 65504.0
+MAX_QUEUED_PARTS = 2
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,10 @@ class _Runner:
         self.chunk_items: list[_InFlight] = []
         self.skipped: list[int] = []
         self.rows_written = 0
+        # Parts are written (and appended to the bank) by one background thread, in order, so the device
+        # never waits for the disk; at most MAX_QUEUED_PARTS completed chunks wait in memory.
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feature_extract-parts")
+        self.writes: deque[Future] = deque()
 
     def to_device(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list[str]]:
         """The batch as uint8 (B·V, 3, H, W) on the device, in list-row order; its rows, bad rows and errors."""
@@ -191,14 +197,17 @@ class _Runner:
         jpeg_rows = rows[on_device]
         names = [f"list row {r} ({self.images.paths[r]})" for r in jpeg_rows.tolist()]
         views, good, failed = decode_batch_on_device(batch["jpegs"], self.prep, self.device, names, self.cfg.max_pixels)
-        parts = [t for t in (host, views) if t is not None]
-        kept = torch.cat([rows[~on_device], jpeg_rows[good]])
-        order = torch.argsort(kept)
-        x = torch.cat(parts)[order.to(self.device)] if parts else None
+        if host is None:  # all rows decoded on the device: already in row order
+            x, kept = views, jpeg_rows[good]
+        else:
+            kept = torch.cat([rows[~on_device], jpeg_rows[good]])
+            order = torch.argsort(kept)
+            x = torch.cat([t for t in (host, views) if t is not None])[order.to(self.device)]
+            kept = kept[order]
         if failed:
             bad_rows = torch.sort(torch.cat([bad_rows, jpeg_rows[sorted(failed)]])).values
             errors += [failed[i] for i in sorted(failed)]
-        return x, kept[order], bad_rows, errors
+        return x, kept, bad_rows, errors
 
     def launch(self, chunk: int, last: bool, x: torch.Tensor | None, rows: torch.Tensor, bad_rows: torch.Tensor) -> None:
         """Start the forward of ``x`` (uint8 on the device); collect the previous batch."""
@@ -222,20 +231,31 @@ class _Runner:
             self._collect(self.pending.popleft())
 
     def flush(self) -> None:
+        """Collect every batch in flight and wait until every part is written."""
         while self.pending:
             self._collect(self.pending.popleft())
+        self._reap(keep=0)
+
+    def close(self) -> None:
+        self.writer.shutdown(wait=True, cancel_futures=True)
 
     def _collect(self, item: _InFlight) -> None:
         if item.event is not None:
             item.event.synchronize()
         self.chunk_items.append(item)
         if item.last_of_chunk:
-            self._write_part(item.chunk)
+            self.writes.append(self.writer.submit(self._write_part, item.chunk, self.chunk_items))
             self.chunk_items = []
+            self._reap(keep=MAX_QUEUED_PARTS)
 
-    def _write_part(self, chunk: int) -> None:
+    def _reap(self, keep: int) -> None:
+        """Re-raise a failed write; block while more than ``keep`` parts are queued."""
+        while self.writes and (self.writes[0].done() or len(self.writes) > keep):
+            self.writes.popleft().result()
+
+    def _write_part(self, chunk: int, items: list[_InFlight]) -> None:
         views = self.cfg.views
-        done = [it for it in self.chunk_items if len(it.rows)]
+        done = [it for it in items if len(it.rows)]
         rows = torch.cat([it.rows for it in done]).numpy() if done else np.zeros(0, np.int64)
         sample_index = np.repeat(rows, views)
         d, k = self.model.feature_dim, self.model.num_classes
@@ -247,7 +267,7 @@ class _Runner:
                 row = int(sample_index[np.flatnonzero(~finite)[0]])
                 hint = " (float16 overflow: rerun with --feature-dtype float32)" if name == "features" and self.cfg.feature_dtype == "float16" else ""
                 raise ExtractError(f"the model gave non-finite {name} for list row {row} ({self.images.paths[row]}){hint}.")
-        skipped = torch.cat([it.bad_rows for it in self.chunk_items]).numpy().astype(np.int64)
+        skipped = torch.cat([it.bad_rows for it in items]).numpy().astype(np.int64)
         part = {
             "features": features,
             "logits": logits.astype(np.float32, copy=False),
@@ -285,7 +305,7 @@ def _run_chunks(runner: _Runner, dataset: ViewDataset, plan: list, cfg: ExtractC
     )
     total = sum(len(rows) for _, _, rows in plan)
     bar = tqdm(total=total, unit="img", file=sys.stderr, disable=not show, smoothing=0.05, dynamic_ncols=True)
-    with bar:
+    with bar, contextlib.closing(runner):
         for (chunk, last, planned), batch in zip(plan, loader, strict=True):
             x, rows, bad_rows, errors = runner.to_device(batch)
             for error in errors:

@@ -1,8 +1,8 @@
 """The resumable work directory of one extraction, and the assembly of banks from it.
 
 HDF5 is not crash-safe, so rows are first written as small numpy files, one per completed chunk of list
-rows, each written under a temporary name, flushed to disk and renamed into place: a part either exists
-complete or not at all. ``BANK.h5.parts/`` holds::
+rows, each written under a temporary name and renamed into place: a part either exists complete or not
+at all (after the process is killed; a power cut is not covered, there is no fsync). ``BANK.h5.parts/`` holds::
 
     manifest.json        what determines the rows (model fingerprint, list digest, preprocessing, views,
                          seed, batch and chunk sizes, device type, …); a restart with other values is refused
@@ -35,12 +35,13 @@ MANIFEST_VERSION = 1
 
 
 def _atomic_write(path: Path, write) -> None:
-    """``write(fh)`` into a temporary sibling, fsync, rename into place."""
+    """``write(fh)`` into a temporary sibling, then rename into place: the file is complete or absent.
+
+    No fsync: this survives the process being killed (the page cache outlives it), not a power cut.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as fh:
         write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
