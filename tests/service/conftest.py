@@ -7,6 +7,7 @@ Shared data is read from ``../shared`` beside the repository root (``DISALIGN_SH
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from calib.bank import write_bank
 from calib.disalign import DisAlign
@@ -145,6 +148,16 @@ def fresh_client(calibration_dir: Path) -> Iterator[TestClient]:
     """A started app of its own, serving ``calibration_dir``, for tests that reload or count."""
     with TestClient(create_app(make_settings(calibration_dir))) as c:
         yield c
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:20], data[20:24] = width.to_bytes(4, "big"), height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
 
 
 # -- a real server process -------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import zlib
 from pathlib import Path
 
 import pytest
@@ -18,23 +17,13 @@ from calib.methods import load_calibration
 from feature_extract.models import load_model
 from feature_extract.preprocess import Preprocessing, clean_view, decode_image, normalize
 from service.main import create_app
-from tests.service.conftest import ADMIN_TOKEN, CARD, MODEL, Artifacts, install, make_settings
+from tests.service.conftest import ADMIN_TOKEN, CARD, MODEL, Artifacts, install, make_settings, png_bomb
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
-
-
-def png_bomb(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width x height pixels."""
-    buf = io.BytesIO()
-    Image.new("L", (1, 1)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    data[16:20], data[20:24] = width.to_bytes(4, "big"), height.to_bytes(4, "big")
-    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
-    return bytes(data)
 
 
 def offline_probabilities(images: list[Path], calibration: Path) -> tuple[torch.Tensor, torch.Tensor]:

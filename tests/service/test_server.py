@@ -20,6 +20,7 @@ from tests.service.conftest import (
     ServerProcess,
     free_port,
     install,
+    png_bomb,
     server_command,
 )
 
@@ -78,6 +79,7 @@ def test_error_statuses_over_http(server: ServerProcess, cifar_jpegs: list[Path]
     url = server.url
     cases = [
         (httpx.post(f"{url}/predict", files=[("file", ("x.jpg", b"garbage", "image/jpeg"))]), 400),
+        (httpx.post(f"{url}/predict", files=[("file", ("bomb.png", png_bomb(100_000, 100_000), "image/png"))]), 413),
         (httpx.post(f"{url}/admin/reload"), 401),
         (httpx.post(f"{url}/admin/reload", headers={"Authorization": "Bearer nope"}), 401),
         (httpx.get(f"{url}/v2/models/other"), 404),
