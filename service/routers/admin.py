@@ -15,10 +15,20 @@ from starlette.concurrency import run_in_threadpool
 
 from calib.errors import ArtifactError
 from service.deps import AdminDep, RuntimeDep
-from service.runtime import IncompatibleCalibration, check_calibration, read_calibration
+from service.runtime import (
+    CalibrationState,
+    IncompatibleCalibration,
+    Runtime,
+    check_calibration,
+    read_calibration,
+)
 from service.schemas import ReloadResponse, error_responses
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
+
+
+def _load_checked(runtime: Runtime) -> CalibrationState:
+    return check_calibration(read_calibration(runtime.settings.calibration), runtime.model, runtime.settings.model_name)
 
 
 @router.post("/reload", response_model=ReloadResponse, responses=error_responses(401, 403, 409, 422, 503))
@@ -29,8 +39,7 @@ async def reload(request: Request, runtime: RuntimeDep) -> ReloadResponse:
     async with lock:
         previous = runtime.calibration
         try:
-            calibrator = await run_in_threadpool(read_calibration, runtime.settings.calibration)
-            state = check_calibration(calibrator, runtime.model, runtime.settings.model_name)
+            state = await run_in_threadpool(_load_checked, runtime)
         except IncompatibleCalibration:
             metrics.reloads.labels("incompatible").inc()
             raise
