@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jpeg-size", type=int, default=256, help="side of the synthetic JPEGs")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--repeat", type=int, default=1, help="list each synthetic JPEG this many times (a longer run, fewer files)")
+    p.add_argument("--synthetic-dir", type=Path, help="keep the synthetic JPEGs here and reuse them in later runs")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--chunk-size", type=int, default=8192)
@@ -138,9 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="extract-bench-", dir=args.tmp))
     try:
         if args.synthetic_jpegs:
-            root, listing = tmp / "synthetic", None
-            root.mkdir()
-            listing = make_synthetic(root, args.synthetic_jpegs, args.jpeg_size, args.jpeg_quality, args.repeat)
+            root = args.synthetic_dir or tmp / "synthetic"
+            stamp = root / f"made-{args.synthetic_jpegs}x{args.jpeg_size}q{args.jpeg_quality}"
+            if stamp.exists():  # reuse the JPEGs of an earlier run with the same --synthetic-dir
+                listing = root / "list.txt"
+                listing.write_text("".join(f"img/{i // 1000:04d}/{i:07d}.jpg\n" for i in range(args.synthetic_jpegs)) * args.repeat)
+            else:
+                root.mkdir(parents=True, exist_ok=True)
+                listing = make_synthetic(root, args.synthetic_jpegs, args.jpeg_size, args.jpeg_quality, args.repeat)
+                stamp.touch()
         elif args.list_file:
             root, listing = args.root, args.list_file
         else:
