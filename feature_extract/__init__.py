@@ -11,8 +11,13 @@ Many nodes (each rank takes a contiguous slice of the list, writes its shard; ra
         -m feature_extract --model model.ts --card card.json --root DIR --list train.txt \\
         --out /shared/fs/train.h5 --device cuda [--assemble concat|virtual]
 
+On one machine, two CPU processes (what the tests run)::
+
+    python -m torch.distributed.run --nproc-per-node 2 --master-port 29511 -m feature_extract ... --device cpu
+
 Modules: :mod:`.preprocess` (decode, views, normalisation), :mod:`.models` (three ways to load a model),
-:mod:`.data` (list files, folders, the decoding dataset), :mod:`.extract` (the chunked, resumable job),
-:mod:`.distributed` (ranks, shards, assembly), :mod:`.cli` (the ``extract`` subcommand).
+:mod:`.data` (list files, folders, the decoding dataset), :mod:`.device_decode` (``--decode torchvision``),
+:mod:`.extract` (the chunked, resumable job), :mod:`.workdir` (parts, manifest, bank assembly),
+:mod:`.distributed` (ranks and chunk ranges), :mod:`.cli` (the ``extract`` subcommand). Docs: ``docs/extract.md``.
 Nothing is loaded or read at import.
 """
