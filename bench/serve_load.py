@@ -1,6 +1,6 @@
 """Load benchmark of the REST server on loopback: requests/s and latency of /calibrate and /predict.
 
-    .venv/bin/python bench/serve_load.py [--seconds 8] [--clients 16] [--predict-clients 32] [--torch-threads 2]
+    .venv/bin/python bench/serve_load.py [--seconds 8] [--clients 16] [--predict-clients 32] [--torch-threads N]
 
 The server runs in its own process (``python -m service`` on a free 127.0.0.1 port); this process is the
 load generator: asyncio workers, one keep-alive HTTP/1.1 connection each, sending pre-built requests
@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per phase (plus 1 s warm-up)")
     p.add_argument("--clients", type=int, default=16, help="concurrent clients for /calibrate and the trivial route")
     p.add_argument("--predict-clients", type=int, default=32, help="concurrent clients for /predict")
-    p.add_argument("--torch-threads", type=int, default=2, help="torch threads of the server and of the offline baseline")
+    p.add_argument("--torch-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                   help="torch threads of the server and of the offline baseline (half the CPUs: the rest drive the load)")
     p.add_argument("--max-batch", type=int, default=32, help="server micro-batch size and offline batch size")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="server micro-batch wait")
     p.add_argument("--images", type=int, default=512, help="distinct CIFAR JPEGs sent to /predict")
