@@ -44,16 +44,16 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("model")
     g.add_argument("--model", required=True, help="TorchScript file, torchvision:<arch>, or package.module:function")
     g.add_argument("--weights", type=Path, help="state_dict for torchvision:/factory models (loaded with weights_only=True)")
-    g.add_argument("--classifier-layer", help="name of the final linear layer (default: auto among fc, classifier, head, heads)")
+    g.add_argument("--classifier-layer", help="name of the final linear layer; unset: auto-detected among fc, classifier, head, heads")
     g.add_argument("--card", type=Path, help="model card JSON: input.size/mean/std (+ optional resize), classes")
     g = parser.add_argument_group("images")
     g.add_argument("--root", type=Path, help="directory the --list paths are relative to")
     g.add_argument("--list", dest="list_file", type=Path, help="list file, one 'relative/path [label]' per line")
     g.add_argument("--folder", type=Path, help="image-folder tree root/<class>/<image> (instead of --root/--list)")
     g = parser.add_argument_group("preprocessing (override the card; without a card: ImageNet defaults)")
-    g.add_argument("--resize", type=int, help="shorter side before the centre crop (default: 256 without a card)")
+    g.add_argument("--resize", type=int, help="shorter side before the centre crop; unset: the card's, or 256 without a card")
     g.add_argument("--no-resize", action="store_true", help="resize straight to the crop size")
-    g.add_argument("--crop", type=_size, help="crop size H or HxW (default: 224 without a card)")
+    g.add_argument("--crop", type=_size, help="crop size H or HxW; unset: the card's input.size, or 224 without a card")
     g.add_argument("--mean", type=_floats3, help="R,G,B mean of 0..1 pixels")
     g.add_argument("--std", type=_floats3, help="R,G,B std of 0..1 pixels")
     g.add_argument("--views", type=int, default=1, help="views per image: 0 clean, 1..N-1 seeded augmentations")
@@ -67,7 +67,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--feature-dtype", choices=("float16", "float32"), default="float16", help="dtype of the stored features")
     g.add_argument("--class-counts-from", type=Path,
                    help="training bank (or model card JSON with class_counts) to copy per-class training counts from; "
-                        "default: counted from this list's labels")
+                        "unset: counted from this list's labels")
     g.add_argument("--overwrite", action="store_true", help="replace an existing complete bank")
     g.add_argument("--strict", action="store_true", help="abort on the first image that cannot be decoded")
     g.add_argument("--assemble", choices=("concat", "virtual"), default="concat",
@@ -78,7 +78,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--chunk-size", type=int, default=4096, help="list rows per resumable part")
     g.add_argument("--workers", type=int, default=4, help="DataLoader decoding processes (0: decode in the main process)")
     g.add_argument("--prefetch", type=int, default=4, help="batches in flight per worker")
-    g.add_argument("--threads", type=int, help="torch threads of the main process (default: torch's choice)")
+    g.add_argument("--threads", type=int, help="torch threads of the main process; unset: torch's choice")
     g.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     return parser
 

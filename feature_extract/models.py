@@ -195,6 +195,8 @@ def _load_torchscript(path: Path, classifier_layer: str | None, device: torch.de
             "for a state_dict use --model torchvision:<arch> or package.module:function with --weights."
         ) from exc
     module.eval()
+    if device.type == "cuda":
+        module.to(memory_format=torch.channels_last)
     fc_name = classifier_layer or "fc"
     fc = getattr(module, fc_name, None)
     weight = getattr(fc, "weight", None) if fc is not None else None
@@ -235,7 +237,7 @@ def load_model(
     """Load ``spec`` (TorchScript path, ``torchvision:<arch>`` or ``pkg.module:function``) frozen on ``device``.
 
     ``input_size`` (H, W) is only used to probe the output widths of a TorchScript model without ``fc``.
-    On CUDA eager models are converted to channels-last.
+    On CUDA the model is converted to channels-last.
     """
     dev = torch.device(device)
     if spec.startswith(TORCHVISION_PREFIX):
