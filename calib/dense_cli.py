@@ -1,0 +1,161 @@
+"""Evaluation subcommands of the dense tasks, to be registered on the ``disalign`` parser:
+
+    disalign eval-segmentation TEST.h5 --calibration CALIB --root DIR --list test.txt
+        [--train TRAIN.h5 [--val VAL.h5]] [--methods joint,disalign,…] [--head-above 0.01] [--tail-below 0.001]
+        [--json OUT] [--plots DIR]
+    disalign eval-detection --model torchvision:fasterrcnn_… --weights W.pt --calibration CALIB
+        --annotations test.json --root DIR [--methods joint,disalign] [--json OUT]
+
+``add_parsers(subparsers)`` adds both. Each is a thin layer: argparse here, the work in
+:mod:`calib.segmentation` and :mod:`calib.detection_eval`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from calib.cli import ALL_METHODS, write_text_atomic
+from calib.dense_metrics import HEAD_ABOVE, TAIL_BELOW
+from calib.errors import InputError
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a pixel ratio in [0, 1] like 0.01, found {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a pixel ratio in [0, 1] like 0.01, found {text!r}")
+    return value
+
+
+def _method_names(text: str | None, calibration_method: str, have_train: bool) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()] if text else ["joint", calibration_method]
+    unknown = [m for m in names if m not in ALL_METHODS]
+    if unknown:
+        raise InputError(f"--methods should be a subset of {','.join(ALL_METHODS)}, found {','.join(unknown)}.")
+    to_fit = [m for m in names if m not in ("joint", calibration_method)]
+    if to_fit and not have_train:
+        raise InputError(f"--train is needed to fit {', '.join(to_fit)}; pass the training bank or drop them from --methods.")
+    return names
+
+
+def _estimators(names: list[str], calibration, train, fallback):
+    from calib.evaluate import fit_baselines
+
+    fitted = fit_baselines([m for m in names if m != calibration.method], train if train is not None else fallback, None)
+    fitted[calibration.method] = calibration
+    return {name: fitted[name] for name in names}
+
+
+# -- segmentation ---------------------------------------------------------------------------------
+def add_segmentation_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval-segmentation", help="mIoU / mAcc of calibrated pixel logits at full resolution",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("test", type=Path, help="dense test pixel bank (extract --task segmentation without --pixels-per-image)")
+    p.add_argument("--calibration", type=Path, required=True, help="calibration directory from 'disalign fit'")
+    p.add_argument("--root", type=Path, required=True, help="directory the list's mask paths are relative to")
+    p.add_argument("--list", dest="list_file", type=Path, required=True, help="the 'image mask' list the test bank was extracted from")
+    p.add_argument("--train", type=Path, help="training pixel bank: needed to fit baselines other than joint")
+    p.add_argument("--val", type=Path, help="validation pixel bank for the baselines' tau")
+    p.add_argument("--methods", help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: joint + the calibration)")
+    p.add_argument("--head-above", type=_ratio, default=HEAD_ABOVE, help="head classes have a training pixel ratio above this")
+    p.add_argument("--tail-below", type=_ratio, default=TAIL_BELOW, help="tail classes have a training pixel ratio below this")
+    p.add_argument("--json", type=Path, help="write the report as JSON here")
+    p.add_argument("--plots", type=Path, help="write PNG plots into this directory")
+    p.set_defaults(func=run_segmentation)
+    return p
+
+
+def run_segmentation(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from calib.bank import load_bank
+    from calib.estimator import check_banks_agree
+    from calib.methods import load_calibration
+    from calib.segmentation import evaluate_segmentation, format_segmentation_table
+    from feature_extract.segmentation import read_mask, read_pairs
+
+    calibration = load_calibration(args.calibration)
+    test = load_bank(args.test)
+    calibration.check_compatible(num_classes=test.num_classes, feature_dim=test.feature_dim,
+                                 model_fingerprint=test.info.model_fingerprint, source=f"test bank {args.test}")
+    pairs = read_pairs(args.list_file)
+    images = test.info.preprocessing.get("images")
+    if images is not None and images != len(pairs):
+        raise InputError(f"--list {args.list_file} has {len(pairs)} image/mask pairs but the test bank was extracted from {images}.")
+    train = load_bank(args.train) if args.train else None
+    val = load_bank(args.val) if args.val else None
+    for role, bank in (("train", train), ("val", val)):
+        if bank is not None:
+            check_banks_agree(test.info, bank.info, role)
+    names = _method_names(args.methods, calibration.method, train is not None)
+    estimators = _estimators(names, calibration, train, test)
+    counts = np.asarray(calibration.meta_.class_counts if calibration.meta_.class_counts is not None else test.training_class_counts())
+    report = evaluate_segmentation(test, estimators, lambda i: read_mask(args.root / pairs[i][1], test.num_classes),
+                                   class_counts=counts, head_above=args.head_above, tail_below=args.tail_below)
+    print(format_segmentation_table(report))
+    print("groups (training pixel ratio): " + "; ".join(f"{g}: {len(c)} classes" for g, c in report["groups"].items()))
+    if args.json:
+        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
+    if args.plots:
+        from calib.plots import write_plots
+
+        rho_curve = calibration.meta_.report.get("rho_curve") if calibration.method == "disalign" else None
+        written = write_plots(args.plots, report, rho_curve=rho_curve)
+        print(f"wrote {len(written)} plots to {args.plots}")
+    return 0
+
+
+# -- detection ------------------------------------------------------------------------------------
+def add_detection_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval-detection", help="COCO AP / AP_r,c,f of the detector with its calibrated box classifier",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", help="detector builder (default: the card's 'model')")
+    p.add_argument("--weights", type=Path, required=True, help="the detector's state_dict")
+    p.add_argument("--card", type=Path, help="detector card JSON (model, model_kwargs)")
+    p.add_argument("--calibration", type=Path, required=True, help="calibration directory fitted on the detector's RoI bank")
+    p.add_argument("--annotations", type=Path, required=True, help="COCO / LVIS JSON of the test images (categories with 'frequency')")
+    p.add_argument("--root", type=Path, required=True, help="directory the images' file_name are relative to")
+    p.add_argument("--methods", help="comma-separated subset of joint,<the calibration's method> (default: both)")
+    p.add_argument("--score-threshold", type=float, default=1e-4, help="detections below this score are dropped")
+    p.add_argument("--detections-per-image", type=int, default=300, help="kept per image after NMS (LVIS: 300)")
+    p.add_argument("--device", default="cpu", help="torch device of the detector")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", type=Path, help="write the report as JSON here")
+    p.set_defaults(func=run_detection)
+    return p
+
+
+def run_detection(args: argparse.Namespace) -> int:
+    from calib.detection_eval import coco_ap, detect, format_detection_table
+    from calib.methods import load_calibration
+    from feature_extract.detection import load_detector, read_coco, sorted_categories
+
+    calibration = load_calibration(args.calibration)
+    coco = read_coco(args.annotations)
+    detector = load_detector(args.model, args.weights, card=args.card, categories=sorted_categories(coco), device=args.device)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else ["joint", calibration.method]
+    unknown = [m for m in names if m not in ("joint", calibration.method)]
+    if unknown:
+        raise InputError(f"--methods should be a subset of joint,{calibration.method} (the detector runs with each head), found {','.join(unknown)}.")
+    report: dict = {"methods": {}, "annotations": str(args.annotations), "score_threshold": args.score_threshold,
+                    "detections_per_image": args.detections_per_image,
+                    "frequency": {g: [c["id"] for c in coco["categories"] if c.get("frequency") == g] for g in ("r", "c", "f")}}
+    iou_types = ["bbox", "segm"] if detector.has_masks and any("segmentation" in a for a in coco["annotations"]) else ["bbox"]
+    for name in names:
+        results = detect(detector, coco, args.root, calibration if name == calibration.method else None, batch_size=args.batch_size,
+                         score_threshold=args.score_threshold, detections_per_image=args.detections_per_image)
+        report["methods"][name] = {t: coco_ap(coco, results, iou_type=t, max_detections=args.detections_per_image) for t in iou_types}
+    print(format_detection_table(report))
+    if args.json:
+        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def add_parsers(subparsers) -> None:
+    """Register every dense evaluation subcommand."""
+    add_segmentation_parser(subparsers)
+    add_detection_parser(subparsers)
