@@ -113,7 +113,7 @@ def _load_torchvision(arch: str, weights: str | Path | None, dev: torch.device) 
         raise ExtractError(f"--model torchvision:{arch} needs the optional dependency torchvision; install it with pip install 'disalign[torchvision]'.") from exc
     from feature_extract.models import _apply_weights, _load_state_dict
 
-    choices = sorted(name for name in segmentation.__all__ if name.startswith(("fcn_", "deeplabv3_")))
+    choices = sorted(n for n in dir(segmentation) if n.startswith(("fcn_", "deeplabv3_")) and callable(getattr(segmentation, n)))
     if arch not in choices:
         raise ExtractError(f"--model torchvision:{arch} is not a supported segmentation model; choose one of {', '.join(choices)}.")
     if weights is None:

@@ -1,0 +1,181 @@
+"""Detection evaluation: the detector runs with the calibrated classification head inside its normal
+post-processing, and COCO-style AP comes from pycocotools (never a hand-written AP).
+
+    detector = load_detector(None, "det.pt", card="det.json")
+    results = detect(detector, coco, root, calibrator)             # COCO result dicts
+    scores = coco_ap(coco, results, iou_type="bbox")                 # AP, AP50, AP75, APs/m/l, AP_r/c/f
+
+:class:`CalibratedBoxPredictor` wraps the detector's ``box_predictor``: the box head's representation x
+(R, d) and the K+1 class scores z go through the calibration (DisAlign leaves the background logit
+untouched), and torchvision's own post-processing follows — softmax over K+1, score threshold
+(1e-4), per-class NMS (0.5) and the top :data:`DETECTIONS_PER_IMAGE` (300, as for LVIS) — as do its
+mask head and the resizing back to the image. AP_r / AP_c / AP_f are COCO AP over the categories of
+each ``frequency`` group (LVIS: rare / common / frequent), computed by COCOeval restricted to them.
+pycocotools is imported only when AP is computed (``pip install pycocotools``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from calib.errors import InputError
+from calib.estimator import Calibrator
+
+SCORE_THRESHOLD = 1e-4
+NMS_THRESHOLD = 0.5
+DETECTIONS_PER_IMAGE = 300
+FREQUENCY_GROUPS = ("r", "c", "f")
+
+
+class CalibratedBoxPredictor(nn.Module):
+    """``box_predictor`` replacement: (x (R, d)) → (calibrated class logits (R, K+1), box deltas (R, 4(K+1)))."""
+
+    def __init__(self, predictor: nn.Module, calibrator: Calibrator | None):
+        super().__init__()
+        self.predictor = predictor
+        self.calibrator = calibrator
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, deltas = self.predictor(x)
+        if self.calibrator is None or logits.shape[0] == 0:
+            return logits, deltas
+        calibrated = self.calibrator.predict_logits(x.flatten(1).float().cpu(), logits.float().cpu())
+        return calibrated.to(logits.device, logits.dtype), deltas
+
+
+@contextlib.contextmanager
+def calibrated_head(module: nn.Module, calibrator: Calibrator | None, *, score_threshold: float = SCORE_THRESHOLD,
+                    nms_threshold: float = NMS_THRESHOLD, detections_per_image: int = DETECTIONS_PER_IMAGE):
+    """Temporarily put ``calibrator`` (None: the stage-1 head) and the evaluation post-processing into ``module``."""
+    heads = module.roi_heads
+    saved = (heads.box_predictor, heads.score_thresh, heads.nms_thresh, heads.detections_per_img)
+    heads.box_predictor = CalibratedBoxPredictor(saved[0], calibrator)
+    heads.score_thresh, heads.nms_thresh, heads.detections_per_img = score_threshold, nms_threshold, detections_per_image
+    try:
+        yield module
+    finally:
+        heads.box_predictor, heads.score_thresh, heads.nms_thresh, heads.detections_per_img = saved
+
+
+def encode_mask(mask: np.ndarray) -> dict:
+    """COCO uncompressed RLE ``{"size": [H, W], "counts": [...]}`` of a binary (H, W) mask (column-major runs, zeros first)."""
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    change = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        runs = [0, *runs]
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(r) for r in runs]}
+
+
+def detections_to_coco(image_id: int, output: dict[str, torch.Tensor], category_ids: list[int]) -> list[dict]:
+    """torchvision outputs of one image (boxes x1 y1 x2 y2, labels 1..K, scores, masks (n, 1, H, W)) → COCO results."""
+    boxes = output["boxes"].detach().cpu().double()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    results = []
+    masks = output.get("masks")
+    for i, (box, label, score) in enumerate(zip(xywh, output["labels"].tolist(), output["scores"].tolist(), strict=True)):
+        result = {"image_id": int(image_id), "category_id": int(category_ids[label - 1]), "bbox": [round(v, 2) for v in box],
+                  "score": float(score)}
+        if masks is not None:
+            result["segmentation"] = encode_mask(masks[i, 0].cpu().numpy() >= 0.5)
+        results.append(result)
+    return results
+
+
+def detect(detector, coco: dict, root: str | Path, calibrator: Calibrator | None, *, batch_size: int = 8,
+           score_threshold: float = SCORE_THRESHOLD, detections_per_image: int = DETECTIONS_PER_IMAGE) -> list[dict]:
+    """COCO result dicts for every image of ``coco`` with the head calibrated by ``calibrator`` (None: stage 1)."""
+    from feature_extract.detection import load_image
+
+    if calibrator is not None:
+        calibrator.check_compatible(num_classes=detector.num_classes, feature_dim=detector.feature_dim,
+                                    model_fingerprint=detector.fingerprint, source="detector")
+        if calibrator.meta_.background_index not in (None, 0):
+            raise InputError(f"the calibration has background_index {calibrator.meta_.background_index}; torchvision detectors use 0.")
+    category_ids = [c["id"] for c in detector.categories]
+    results: list[dict] = []
+    images = coco["images"]
+    with calibrated_head(detector.module, calibrator, score_threshold=score_threshold,
+                         detections_per_image=detections_per_image) as module, torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            outputs = module([load_image(Path(root), img).to(detector.device) for img in batch])
+            for img, out in zip(batch, outputs, strict=True):
+                results.extend(detections_to_coco(img["id"], out, category_ids))
+    return results
+
+
+def _coco_api(coco: dict):
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError as exc:
+        raise InputError("AP needs pycocotools; install it with pip install pycocotools.") from exc
+    gt = COCO()
+    gt.dataset = {k: coco[k] for k in ("images", "annotations", "categories")}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt, COCOeval
+
+
+def coco_ap(coco: dict, results: list[dict], *, iou_type: str = "bbox", max_detections: int = DETECTIONS_PER_IMAGE) -> dict:
+    """AP, AP50, AP75, APs, APm, APl over all categories and AP_r / AP_c / AP_f over each frequency group
+    (fractions in [0, 1]; None where nothing can be scored). One pycocotools COCOeval run.
+
+    Every number is read off COCOeval's accumulated precision table (T, R, K, A, M) the way its
+    ``summarize`` does — the mean of the entries > -1 — at ``max_detections``: ``summarize`` hard-codes
+    100 detections for its first number, and LVIS-style evaluation keeps 300. A group's AP is the same
+    mean over its categories' columns, which is what COCOeval gives with ``params.catIds`` set to them.
+    """
+    if iou_type not in ("bbox", "segm"):
+        raise InputError(f"iou_type should be 'bbox' or 'segm', found {iou_type!r}.")
+    gt, COCOeval = _coco_api(coco)
+    if iou_type == "segm":
+        gt.dataset["annotations"] = [a for a in gt.dataset["annotations"] if "segmentation" in a]
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt.createIndex()
+    names = ("AP", "AP50", "AP75", "APs", "APm", "APl", *(f"AP_{g}" for g in FREQUENCY_GROUPS))
+    if not results:
+        return dict.fromkeys(names)
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes([dict(r) for r in results])
+        evaluator = COCOeval(gt, dt, iou_type)
+        evaluator.params.maxDets = [1, 10, max_detections]
+        evaluator.evaluate()
+        evaluator.accumulate()
+    p = evaluator.params
+    precision = evaluator.eval["precision"][..., -1]  # (T, R, K, A) at max_detections
+
+    def mean(values: np.ndarray) -> float | None:
+        kept = values[values > -1]
+        return float(kept.mean()) if kept.size else None
+
+    area = {label: i for i, label in enumerate(p.areaRngLbl)}
+    t50, t75 = (int(np.argmin(np.abs(p.iouThrs - t))) for t in (0.5, 0.75))
+    scores = {"AP": mean(precision[..., area["all"]]), "AP50": mean(precision[t50, ..., area["all"]]),
+              "AP75": mean(precision[t75, ..., area["all"]]), "APs": mean(precision[..., area["small"]]),
+              "APm": mean(precision[..., area["medium"]]), "APl": mean(precision[..., area["large"]])}
+    for group in FREQUENCY_GROUPS:
+        columns = [p.catIds.index(c["id"]) for c in coco["categories"] if c.get("frequency") == group]
+        scores[f"AP_{group}"] = mean(precision[:, :, columns, area["all"]]) if columns else None
+    return scores
+
+
+COLUMNS = ("AP", "AP50", "AP75", "AP_r", "AP_c", "AP_f")
+
+
+def format_detection_table(report: dict) -> str:
+    """A text table: a row per method and IoU type, COCO AP columns in percent ("-" for None)."""
+    header = ["method", "type", *COLUMNS]
+    rows = [[name, iou_type, *("-" if s.get(c) is None else f"{100 * s[c]:.1f}" for c in COLUMNS)]
+            for name, by_type in report["methods"].items() for iou_type, s in by_type.items()]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "  ".join([cells[0].ljust(widths[0]), cells[1].ljust(widths[1]), *(c.rjust(w) for c, w in zip(cells[2:], widths[2:], strict=True))])  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])

@@ -1,0 +1,156 @@
+"""Detection evaluation: AP from pycocotools on hand-made cases, the calibrated head inside torchvision's
+post-processing, RLE masks."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pycocotools = pytest.importorskip("pycocotools")
+
+from pycocotools import mask as mask_utils  # noqa: E402
+from pycocotools.coco import COCO  # noqa: E402
+from pycocotools.cocoeval import COCOeval  # noqa: E402
+
+from calib.detection_eval import CalibratedBoxPredictor, coco_ap, encode_mask  # noqa: E402
+from calib.errors import InputError  # noqa: E402
+
+CATEGORIES = [{"id": 1, "name": "a", "frequency": "f"}, {"id": 2, "name": "b", "frequency": "r"}, {"id": 3, "name": "c", "frequency": "c"}]
+
+
+def gt_coco() -> dict:
+    """Two images; category 1 has one box in each, category 2 one box in image 1; category 3 none."""
+    images = [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 100} for i in (1, 2)]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400, "iscrowd": 0},
+            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [50, 50, 30, 30], "area": 900, "iscrowd": 0},
+            {"id": 3, "image_id": 1, "category_id": 2, "bbox": [60, 10, 20, 20], "area": 400, "iscrowd": 0}]
+    return {"images": images, "annotations": anns, "categories": CATEGORIES}
+
+
+RESULTS = [  # category 1: hit (0.9), false positive (0.8), hit (0.7); category 2: hit (0.6)
+    {"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.9},
+    {"image_id": 1, "category_id": 1, "bbox": [70, 70, 10, 10], "score": 0.8},
+    {"image_id": 2, "category_id": 1, "bbox": [50, 50, 30, 30], "score": 0.7},
+    {"image_id": 1, "category_id": 2, "bbox": [60, 10, 20, 20], "score": 0.6},
+]
+
+
+def test_ap_by_hand():
+    scores = coco_ap(gt_coco(), RESULTS)
+    # Category 1, at every IoU threshold: precision 1 up to recall 0.5, then 2/3 up to recall 1 → the
+    # 101-point interpolated AP is (51·1 + 50·2/3) / 101. Category 2: AP 1. Category 3: no ground truth.
+    ap1 = (51 + 50 * 2 / 3) / 101
+    assert scores["AP"] == pytest.approx((ap1 + 1) / 2)
+    assert scores["AP50"] == scores["AP75"] == pytest.approx((ap1 + 1) / 2)
+    assert scores["AP_f"] == pytest.approx(ap1) and scores["AP_r"] == pytest.approx(1.0) and scores["AP_c"] is None
+
+
+def summarize(coco: dict, results: list[dict], cat_ids=None) -> np.ndarray:
+    gt = COCO()
+    gt.dataset = coco
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
+        if cat_ids is not None:
+            evaluator.params.catIds = cat_ids
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator.stats
+
+
+def test_agrees_with_cocoeval_summarize_on_random_detections():
+    rng = np.random.default_rng(0)
+    coco = gt_coco()
+    results = []
+    for image in (1, 2):
+        for _ in range(40):
+            x, y, w, h = rng.uniform(0, 60, 2).tolist() + rng.uniform(5, 40, 2).tolist()
+            results.append({"image_id": image, "category_id": int(rng.integers(1, 3)), "bbox": [x, y, w, h], "score": float(rng.random())})
+    results += RESULTS
+    ours = coco_ap(coco, results)  # ≤ 100 detections per image: maxDets 300 and 100 agree
+    stats = summarize(coco, results)
+    assert [ours[k] for k in ("AP", "AP50", "AP75")] == pytest.approx(stats[:3].tolist())
+    assert ours["AP_f"] == pytest.approx(summarize(coco, results, [1])[0])
+    assert ours["AP_r"] == pytest.approx(summarize(coco, results, [2])[0])
+
+
+def test_no_results_and_bad_iou_type():
+    assert coco_ap(gt_coco(), [])["AP"] is None
+    with pytest.raises(InputError, match="iou_type should be 'bbox' or 'segm', found 'keypoints'"):
+        coco_ap(gt_coco(), RESULTS, iou_type="keypoints")
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools' decode under numpy 2
+def test_rle_masks_decode_with_pycocotools():
+    rng = np.random.default_rng(0)
+    for mask in (rng.random((7, 5)) > 0.5, np.ones((3, 4), bool), np.zeros((2, 2), bool)):
+        rle = encode_mask(mask)
+        compressed = mask_utils.frPyObjects(rle, *rle["size"])
+        assert np.array_equal(mask_utils.decode(compressed).astype(bool), mask)
+
+
+class _Predictor(torch.nn.Module):
+    def forward(self, x):
+        return x[:, :4] * 3.0, torch.zeros(x.shape[0], 16)
+
+
+def test_calibrated_predictor_keeps_the_background_logit(long_tailed_banks, tmp_path):
+    from calib.bank import write_bank
+    from calib.disalign import DisAlign
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 400)
+    features = np.abs(rng.normal(size=(400, 6))).astype(np.float32)
+    logits = (features[:, :4] * 3.0).astype(np.float32)
+    bank = write_bank(tmp_path / "det.h5", features, logits, labels, task="detection", background_index=0,
+                      class_counts=[0, 300, 60, 5])
+    est = DisAlign(rho=1.0, epochs=2, batch_size=64).fit(bank)
+    wrapped = CalibratedBoxPredictor(_Predictor(), est)
+    x = torch.from_numpy(features[:10])
+    calibrated, deltas = wrapped(x)
+    raw, _ = _Predictor()(x)
+    assert torch.equal(calibrated[:, 0], raw[:, 0]) and not torch.allclose(calibrated[:, 1:], raw[:, 1:])
+    assert deltas.shape == (10, 16)
+    assert torch.equal(CalibratedBoxPredictor(_Predictor(), None)(x)[0], raw)
+
+
+def test_detector_runs_with_the_calibrated_head(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    from calib.dense_cli import add_parsers
+    from calib.detection_eval import calibrated_head, detect
+    from calib.disalign import DisAlign
+    from feature_extract.detection import DetectionExtractConfig, extract_detection_bank, load_detector, read_coco
+    from tests.dense_data import det_scenes, tiny_detector
+
+    coco_path = det_scenes(tmp_path, 4)
+    weights = tiny_detector(tmp_path / "tiny.pt")
+    card = weights.with_suffix(".json")
+    bank = extract_detection_bank(DetectionExtractConfig(model=None, weights=weights, card=card, root=tmp_path, annotations=coco_path,
+                                                         out=tmp_path / "roi.h5", rois_per_image=32))
+    est = DisAlign(rho=1.0, epochs=1, batch_size=32, count_smoothing=1).fit(bank)  # 4 scenes may miss a category
+    est.save(tmp_path / "calib")
+    detector = load_detector(None, weights, card=card)
+    heads = detector.module.roi_heads
+    before = (heads.box_predictor, heads.score_thresh, heads.detections_per_img)
+    results = detect(detector, read_coco(coco_path), tmp_path, est)
+    assert (heads.box_predictor, heads.score_thresh, heads.detections_per_img) == before  # restored
+    assert results and all(r["score"] > 1e-4 and r["category_id"] in (1, 2, 3) for r in results)
+    assert max(sum(r["image_id"] == i for r in results) for i in range(1, 5)) <= 300
+    with calibrated_head(detector.module, est, detections_per_image=5) as module, torch.no_grad():
+        out = module([torch.rand(3, 64, 64)])
+    assert out[0]["boxes"].shape[0] <= 5
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers())
+    args = parser.parse_args(["eval-detection", "--weights", str(weights), "--card", str(card), "--calibration", str(tmp_path / "calib"),
+                              "--annotations", str(coco_path), "--root", str(tmp_path), "--json", str(tmp_path / "r.json")])
+    assert args.func(args) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["methods"]) == {"joint", "disalign"} and set(report["methods"]["joint"]) == {"bbox"}
+    assert "AP_r" in capsys.readouterr().out
