@@ -126,7 +126,12 @@ def test_detector_runs_with_the_calibrated_head(tmp_path, capsys):
     from calib.dense_cli import add_parsers
     from calib.detection_eval import calibrated_head, detect
     from calib.disalign import DisAlign
-    from feature_extract.detection import DetectionExtractConfig, extract_detection_bank, load_detector, read_coco
+    from feature_extract.detection import (
+        DetectionExtractConfig,
+        extract_detection_bank,
+        load_detector,
+        read_coco,
+    )
     from tests.dense_data import det_scenes, tiny_detector
 
     coco_path = det_scenes(tmp_path, 4)
