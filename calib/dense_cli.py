@@ -145,10 +145,12 @@ def run_detection(args: argparse.Namespace) -> int:
                     "detections_per_image": args.detections_per_image,
                     "frequency": {g: [c["id"] for c in coco["categories"] if c.get("frequency") == g] for g in ("r", "c", "f")}}
     iou_types = ["bbox", "segm"] if detector.has_masks and any("segmentation" in a for a in coco["annotations"]) else ["bbox"]
+    heads = {name: calibration if name == calibration.method else None for name in names}
+    results = detect(detector, coco, args.root, heads, batch_size=args.batch_size, score_threshold=args.score_threshold,
+                     detections_per_image=args.detections_per_image)  # backbone and RPN once, the RoI heads per method
     for name in names:
-        results = detect(detector, coco, args.root, calibration if name == calibration.method else None, batch_size=args.batch_size,
-                         score_threshold=args.score_threshold, detections_per_image=args.detections_per_image)
-        report["methods"][name] = {t: coco_ap(coco, results, iou_type=t, max_detections=args.detections_per_image) for t in iou_types}
+        report["methods"][name] = {t: coco_ap(coco, results[name], iou_type=t, max_detections=args.detections_per_image)
+                                   for t in iou_types}
     print(format_detection_table(report))
     if args.json:
         write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -89,26 +90,56 @@ def detections_to_coco(image_id: int, output: dict[str, torch.Tensor], category_
     return results
 
 
-def detect(detector, coco: dict, root: str | Path, calibrator: Calibrator | None, *, batch_size: int = 8,
-           score_threshold: float = SCORE_THRESHOLD, detections_per_image: int = DETECTIONS_PER_IMAGE) -> list[dict]:
-    """COCO result dicts for every image of ``coco`` with the head calibrated by ``calibrator`` (None: stage 1)."""
+def run_heads(module: nn.Module, images: list[torch.Tensor], heads: dict[str, Calibrator | None], *,
+              score_threshold: float = SCORE_THRESHOLD, nms_threshold: float = NMS_THRESHOLD,
+              detections_per_image: int = DETECTIONS_PER_IMAGE) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """torchvision detections of ``images`` ((3, H, W) floats in [0, 1]) for each named head (None: stage 1).
+
+    The steps of ``GeneralizedRCNN.forward`` in eval mode, with the backbone and the RPN run once and the
+    RoI heads (box head, calibrated predictor, post-processing, mask head) and the resizing back run per head.
+    """
+    original_sizes = [tuple(img.shape[-2:]) for img in images]
+    with torch.inference_mode():
+        batch, _ = module.transform(images)
+        features = module.backbone(batch.tensors)
+        if isinstance(features, torch.Tensor):
+            features = OrderedDict([("0", features)])
+        proposals, _ = module.rpn(batch, features)
+        out = {}
+        for name, calibrator in heads.items():
+            with calibrated_head(module, calibrator, score_threshold=score_threshold, nms_threshold=nms_threshold,
+                                 detections_per_image=detections_per_image):
+                detections, _ = module.roi_heads(features, proposals, batch.image_sizes)
+            out[name] = module.transform.postprocess(detections, batch.image_sizes, original_sizes)
+    return out
+
+
+def check_detector_calibration(detector, calibrator: Calibrator) -> None:
+    """Raise unless ``calibrator`` was fitted on this detector's RoI bank (K+1, d, fingerprint, background 0)."""
+    calibrator.check_compatible(num_classes=detector.num_classes, feature_dim=detector.feature_dim,
+                                model_fingerprint=detector.fingerprint, source="detector")
+    if calibrator.meta_.background_index not in (None, 0):
+        raise InputError(f"the calibration has background_index {calibrator.meta_.background_index}; torchvision detectors use 0.")
+
+
+def detect(detector, coco: dict, root: str | Path, heads: dict[str, Calibrator | None], *, batch_size: int = 8,
+           score_threshold: float = SCORE_THRESHOLD, detections_per_image: int = DETECTIONS_PER_IMAGE) -> dict[str, list[dict]]:
+    """COCO result dicts for every image of ``coco``, per named head (a calibrator, or None for the stage-1 head)."""
     from feature_extract.detection import load_image
 
-    if calibrator is not None:
-        calibrator.check_compatible(num_classes=detector.num_classes, feature_dim=detector.feature_dim,
-                                    model_fingerprint=detector.fingerprint, source="detector")
-        if calibrator.meta_.background_index not in (None, 0):
-            raise InputError(f"the calibration has background_index {calibrator.meta_.background_index}; torchvision detectors use 0.")
+    for calibrator in heads.values():
+        if calibrator is not None:
+            check_detector_calibration(detector, calibrator)
     category_ids = [c["id"] for c in detector.categories]
-    results: list[dict] = []
+    results: dict[str, list[dict]] = {name: [] for name in heads}
     images = coco["images"]
-    with calibrated_head(detector.module, calibrator, score_threshold=score_threshold,
-                         detections_per_image=detections_per_image) as module, torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size]
-            outputs = module([load_image(Path(root), img).to(detector.device) for img in batch])
-            for img, out in zip(batch, outputs, strict=True):
-                results.extend(detections_to_coco(img["id"], out, category_ids))
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        outputs = run_heads(detector.module, [load_image(Path(root), img).to(detector.device) for img in batch], heads,
+                            score_threshold=score_threshold, detections_per_image=detections_per_image)
+        for name, per_image in outputs.items():
+            for img, out in zip(batch, per_image, strict=True):
+                results[name].extend(detections_to_coco(img["id"], out, category_ids))
     return results
 
 

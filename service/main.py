@@ -20,11 +20,11 @@ from starlette.types import Message, Receive, Scope, Send
 
 from calib import __version__
 from calib.errors import DisalignError
+from service.dense import make_runtime
 from service.errors import install_error_handlers
 from service.limits import BodyLimitMiddleware
 from service.metrics import MetricsMiddleware, ServiceMetrics
 from service.routers import admin, calibrate, health, metrics, predict, v2
-from service.runtime import Runtime
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -34,7 +34,7 @@ log = logging.getLogger("service")
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     torch.set_num_threads(settings.torch_threads)  # here and again on the inference thread (Runtime.load)
-    runtime = Runtime(settings, app.state.metrics)
+    runtime = make_runtime(settings, app.state.metrics)  # the card's task: classification, segmentation or detection
     app.state.reload_lock = asyncio.Lock()
     try:
         await runtime.batcher.run_in_thread(runtime.load)

@@ -67,9 +67,13 @@ def seg_scenes(root: Path, n: int, *, size: int = 16, seed: int = 0, name: str =
     return root / name
 
 
-def det_scenes(root: Path, n: int, *, size: int = 64, seed: int = 0, name: str = "coco.json") -> Path:
-    """``n`` size x size scenes with 1-3 coloured squares each (category = colour, ids 1..3); COCO JSON."""
+def det_scenes(root: Path, n: int, *, size: int = 64, seed: int = 0, name: str = "coco.json", categories: list[dict] | None = None) -> Path:
+    """``n`` size x size scenes with 1-3 coloured squares each; COCO JSON. Categories: red / green / blue
+    (ids 1..3, drawn 60 / 30 / 10 %), or the given ones (drawn uniformly, colours cycling)."""
     rng = np.random.default_rng(seed)
+    given = categories
+    categories = given or [{"id": c + 1, "name": n_, "frequency": f} for c, (n_, f) in enumerate((("red", "f"), ("green", "c"), ("blue", "r")))]
+    probabilities = None if given else [0.6, 0.3, 0.1]
     (root / "det").mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for i in range(n):
@@ -77,13 +81,12 @@ def det_scenes(root: Path, n: int, *, size: int = 64, seed: int = 0, name: str =
         for _ in range(int(rng.integers(1, 4))):
             s = int(rng.integers(12, 24))
             x, y = int(rng.integers(0, size - s)), int(rng.integers(0, size - s))
-            c = int(rng.choice(3, p=[0.6, 0.3, 0.1]))
-            canvas[y:y + s, x:x + s] = COLOURS[c]
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": c + 1, "bbox": [x, y, s, s],
+            c = int(rng.choice(len(categories), p=probabilities))
+            canvas[y:y + s, x:x + s] = COLOURS[c % 3]
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": categories[c]["id"], "bbox": [x, y, s, s],
                                 "area": s * s, "iscrowd": 0})
         Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)).save(root / "det" / f"{i}.png")
         images.append({"id": i + 1, "file_name": f"det/{i}.png", "width": size, "height": size})
-    categories = [{"id": c + 1, "name": name_, "frequency": f} for c, (name_, f) in enumerate((("red", "f"), ("green", "c"), ("blue", "r")))]
     (root / name).write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return root / name
 

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from calib.errors import InputError
+from service.dense import DensePredictResponse, DenseRuntime, predict_dense
 from service.deps import RuntimeDep
 from service.routers.common import check_count, decode_base64, predictions, resolve_top_k
 from service.schemas import ImagePredictions, PredictJSON, PredictResponse, error_responses
@@ -60,15 +61,17 @@ async def read_images(request: Request, max_images: int) -> list[bytes]:
     raise HTTPException(415, f"the body should be multipart/form-data or application/json, found {media_type or 'no Content-Type'}.")
 
 
-@router.post("/predict", response_model=PredictResponse, openapi_extra=REQUEST_BODY,
+@router.post("/predict", response_model=PredictResponse | DensePredictResponse, openapi_extra=REQUEST_BODY,
              responses=error_responses(400, 413, 415, 422, 503))
 async def predict(
     request: Request,
     runtime: RuntimeDep,
     top_k: Annotated[int | None, Query(ge=1, description="classes per image (default min(5, K))")] = None,
     raw: Annotated[bool, Query(description="also return the stage-1 (uncalibrated) top-k")] = False,
-) -> PredictResponse:
-    """Classify one or more images with the calibrated model."""
+) -> PredictResponse | DensePredictResponse:
+    """Classify one or more images with the calibrated model (segment or detect, for a dense model: service.dense)."""
+    if isinstance(runtime, DenseRuntime):
+        return await predict_dense(runtime, await read_images(request, runtime.settings.max_images), raw)
     k = resolve_top_k(top_k, runtime.model.num_classes)
     blobs = await read_images(request, runtime.settings.max_images)
     images = await run_in_threadpool(runtime.image_tensor, blobs)  # (n, 3, H, W) uint8

@@ -144,8 +144,16 @@ def test_detector_runs_with_the_calibrated_head(tmp_path, capsys):
     detector = load_detector(None, weights, card=card)
     heads = detector.module.roi_heads
     before = (heads.box_predictor, heads.score_thresh, heads.detections_per_img)
-    results = detect(detector, read_coco(coco_path), tmp_path, est)
+    both = detect(detector, read_coco(coco_path), tmp_path, {"joint": None, "disalign": est})
     assert (heads.box_predictor, heads.score_thresh, heads.detections_per_img) == before  # restored
+    # The shared backbone / RPN pass gives exactly what the detector's own forward gives with each head.
+    with calibrated_head(detector.module, None) as module, torch.no_grad():
+        from feature_extract.detection import load_image
+
+        own = module([load_image(tmp_path, read_coco(coco_path)["images"][0])])[0]
+    first = [r for r in both["joint"] if r["image_id"] == 1]
+    assert len(first) == own["boxes"].shape[0] and [r["score"] for r in first] == pytest.approx(own["scores"].tolist())
+    results = both["disalign"]
     assert results and all(r["score"] > 1e-4 and r["category_id"] in (1, 2, 3) for r in results)
     assert max(sum(r["image_id"] == i for r in results) for i in range(1, 5)) <= 300
     with calibrated_head(detector.module, est, detections_per_image=5) as module, torch.no_grad():
