@@ -51,8 +51,13 @@ for name in ("cuda-pil", "cuda-nvjpeg"):
 sys.exit(0 if ok else 1)
 PY
 
+# DataLoader batches travel through /dev/shm: workers x prefetch x 38.5 MB (256 x 224 x 224 x 3 uint8).
+shm_mb=$(df -Pm /dev/shm 2>/dev/null | awk 'NR==2 {print $4}')
+prefetch=4
+if [ -n "$shm_mb" ] && [ "$shm_mb" -lt $((workers * 4 * 40 + 512)) ]; then prefetch=1; fi
+echo "/dev/shm free: ${shm_mb:-unknown} MB -> --prefetch $prefetch"
 for decode in pil torchvision; do
   "$py" bench/extract_throughput.py --synthetic-jpegs 50000 --repeat 4 --jpeg-size 256 --synthetic-dir "$work/jpegs" \
-      --model torchvision:resnet50 --device cuda --batch-size 256 --workers "$workers" --decode "$decode" \
-      --model-seconds 10 --tmp "$work"
+      --model torchvision:resnet50 --device cuda --batch-size 256 --workers "$workers" --prefetch "$prefetch" \
+      --decode "$decode" --model-seconds 10 --tmp "$work"
 done
