@@ -80,6 +80,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--prefetch", type=int, default=4, help="batches in flight per worker")
     g.add_argument("--threads", type=int, help="torch threads of the main process; unset: torch's choice")
     g.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    from feature_extract.dense_cli import add_dense_arguments
+
+    add_dense_arguments(parser)  # --task segmentation|detection and their flags (feature_extract.dense_cli)
     return parser
 
 
@@ -147,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
     from feature_extract.distributed import init_distributed
     from feature_extract.extract import extract_bank
 
+    if args.task != "classification":
+        from feature_extract.dense_cli import run_dense
+
+        return run_dense(args)
     cfg = config_from_args(args)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)

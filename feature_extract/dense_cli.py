@@ -74,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     from feature_extract.cli import configure
 
     parser = configure(argparse.ArgumentParser(prog="python -m feature_extract.dense_cli", description=__doc__.split("\n\n")[0]))
-    if not any(action.dest == "task" for action in parser._actions):  # noqa: SLF001 - until cli.configure adds them itself
-        add_dense_arguments(parser)
     args = parser.parse_args(argv)
     try:
         return run_dense(args)
