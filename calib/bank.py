@@ -169,8 +169,10 @@ class BankReader:
         if has_classifier and f["classifier/weight"].shape != (k, d):
             raise BankError(f"{path}: dataset 'classifier/weight' should have shape ({k}, {d}), found {f['classifier/weight'].shape}.")
         chunks = f["logits"].chunks
+        # Optional per-row columns (image_id, yx, boxes …); `skipped` and other non-row datasets are not rows.
         extra = tuple(
-            sorted(name for name in f if name not in REQUIRED_DATASETS and name != "classifier" and isinstance(f[name], h5py.Dataset))
+            sorted(name for name in f if name not in REQUIRED_DATASETS and name != "skipped" and isinstance(f[name], h5py.Dataset)
+                   and f[name].ndim >= 1 and f[name].shape[0] == n)
         )
         return BankInfo(
             path=path,
@@ -393,6 +395,12 @@ class BankWriter:
             ds.resize(self.rows + n, axis=0)
             ds[self.rows : self.rows + n] = arrays[name].astype(dtype, copy=False)
         self.rows += n
+
+    def write_dataset(self, name: str, data: np.ndarray) -> None:
+        """Store a dataset that is not a row column (e.g. ``skipped``: the list rows that failed to decode)."""
+        if name in self._columns or name == "classifier" or name in self._file:
+            raise BankError(f"dataset '{name}' already exists in the bank being written.")
+        self._file.create_dataset(name, data=np.asarray(data))
 
     def finish(self, extra_attrs: dict | None = None) -> Path:
         """Mark complete, close, and atomically rename to the final path."""

@@ -138,7 +138,7 @@ class PartsAssembler:
         self._drain(everything_on_disk=True)
         skipped = np.sort(np.concatenate(self.skipped or [np.zeros(0, np.int64)])).astype(np.int64)
         # BankWriter has no hook for a dataset of another length than N; write it before finish() renames.
-        self.writer._file.create_dataset("skipped", data=skipped)
+        self.writer.write_dataset("skipped", skipped)
         return self.writer.finish(extra_attrs=self.header.extra_attrs)
 
     def abort(self) -> None:
