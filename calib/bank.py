@@ -72,7 +72,8 @@ class Bank:
     info: BankInfo
     classifier_weight: torch.Tensor | None = None  # (K, d) float32
     classifier_bias: torch.Tensor | None = None  # (K,) float32
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # optional per-row columns
+    skipped: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))  # list rows not extracted
 
     @property
     def num_rows(self) -> int:
@@ -252,6 +253,7 @@ class BankReader:
             classifier_weight=classifier[0] if classifier else None,
             classifier_bias=classifier[1] if classifier else None,
             extra={name: torch.from_numpy(self._file[name][...]) for name in self.info.extra_datasets},
+            skipped=torch.from_numpy(self._file["skipped"][...].astype(np.int64)) if "skipped" in self._file else torch.zeros(0, dtype=torch.int64),
         )
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ def test_full_cifar10lt_banks(tmp_path, cifar_root):
                           timeout=1800)
         assert proc.returncode == 0, proc.stderr
         banks[split] = bank = load_bank(out)
-        assert bank.num_rows == rows[split] and bank.features.dtype == torch.float16 and bank.extra["skipped"].numel() == 0
+        assert bank.num_rows == rows[split] and bank.features.dtype == torch.float16 and bank.skipped.numel() == 0
         assert bank.info.class_counts.tolist() == CARD_COUNTS
     assert np.bincount(banks["test"].labels.numpy()).tolist() == [980] * 10
     top1 = (banks["test"].logits.argmax(1) == banks["test"].labels).float().mean().item()

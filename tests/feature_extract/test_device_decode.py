@@ -88,7 +88,7 @@ def test_device_decode_equals_pillow_on_mixed_files(tmp_path, cifar_root, fake_t
     a, b = load_bank(pil.path), load_bank(dev.path)
     assert torch.equal(a.sample_index, b.sample_index) and a.sample_index.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 10, 11, 12, 13]
     assert torch.allclose(a.features, b.features, atol=1e-5) and torch.allclose(a.logits, b.logits, atol=1e-5)
-    assert b.info.preprocessing["decode"] == "torchvision" and b.extra["skipped"].tolist() == [4, 9]
+    assert b.info.preprocessing["decode"] == "torchvision" and b.skipped.tolist() == [4, 9]
 
 
 def test_device_decode_needs_one_view(tmp_path):

@@ -33,4 +33,4 @@ def test_two_ranks_equal_one_process(tmp_path, cifar_root, small_lists, referenc
         assert torch.equal(getattr(bank, name), getattr(reference, name)), name
     assert torch.equal(bank.classifier_weight, reference.classifier_weight)
     assert bank.info.class_counts.tolist() == reference.info.class_counts.tolist()
-    assert bank.info.class_names == reference.info.class_names and bank.extra["skipped"].tolist() == []
+    assert bank.info.class_names == reference.info.class_names and bank.skipped.tolist() == []

@@ -61,7 +61,7 @@ def test_bank_header(bank64):
     assert info.class_counts.tolist() == [64] + [0] * 9  # counted from this (training) list's labels
     assert info.model_fingerprint.startswith("sha256:6d652ed2")
     assert info.preprocessing["crop"] == [32, 32] and info.preprocessing["resize"] is None and info.preprocessing["views"] == 1
-    assert bank.extra["skipped"].tolist() == []
+    assert bank.skipped.tolist() == []
     assert not WorkDir(cfg.out).path.exists()  # the parts are deleted once the bank is complete
 
 
@@ -121,7 +121,7 @@ def test_bad_images_are_skipped_logged_and_listed(tmp_path, damaged_root, caplog
     assert warnings[0].startswith("skipped list row 2 (img/bad.jpg): image ") and "could not be decoded" in warnings[0]
     assert warnings[1].startswith("skipped list row 5 (img/missing.jpg): image ") and warnings[1].endswith("does not exist.")
     bank = load_bank(result.path)
-    assert bank.sample_index.tolist() == [0, 1, 3, 4, 6, 7] and bank.extra["skipped"].tolist() == [2, 5]
+    assert bank.sample_index.tolist() == [0, 1, 3, 4, 6, 7] and bank.skipped.tolist() == [2, 5]
 
 
 def test_strict_aborts_on_the_first_bad_image(tmp_path, damaged_root):
