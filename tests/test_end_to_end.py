@@ -12,24 +12,8 @@ from calib.cli import main
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def real_banks(shared_dir, cifar_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("real_banks")
-    model = shared_dir / "models" / "cifar10lt-ir50-resnet32.ts"
-    card = shared_dir / "models" / "cifar10lt-ir50-resnet32.json"
-    lists = shared_dir / "data" / "cifar10lt-ir50"
-    banks = {}
-    for split in ("train", "val", "test"):
-        banks[split] = out / f"{split}.h5"
-        argv = ["extract", "--model", str(model), "--card", str(card), "--root", str(cifar_dir), "--list", str(lists / f"{split}.txt"),
-                "--out", str(banks[split]), "--batch-size", "256", "--workers", "2"]
-        if split != "train":
-            argv += ["--class-counts-from", str(banks["train"])]
-        assert main(argv) == 0
-    return banks
-
-
-def test_disalign_balances_the_real_cifar10lt_model(real_banks, tmp_path, capsys):
+def test_disalign_balances_the_real_cifar10lt_model(real_cifar_banks, tmp_path, capsys):
+    real_banks = real_cifar_banks
     cal = tmp_path / "cal"
     assert main(["fit", str(real_banks["train"]), "--val", str(real_banks["val"]), "--rho", "auto", "--out", str(cal)]) == 0
     report_path = tmp_path / "report.json"

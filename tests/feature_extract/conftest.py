@@ -8,11 +8,9 @@ or at ``$DISALIGN_SHARED_DIR``. The CIFAR JPEGs are unpacked to a session temp d
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -29,22 +27,6 @@ def shared() -> Path:
     if not MODEL.is_file():
         pytest.fail(f"the shared data directory {SHARED} is missing (expected ../shared beside the repo); set DISALIGN_SHARED_DIR")
     return SHARED
-
-
-@pytest.fixture(scope="session")
-def cifar_root(shared, tmp_path_factory) -> Path:
-    """Directory holding train/ and test/ CIFAR-10 JPEGs."""
-    given = os.environ.get("DISALIGN_CIFAR_DIR")
-    if given and (Path(given) / "test").is_dir():
-        return Path(given)
-    root = tmp_path_factory.mktemp("cifar10")
-    archive = shared / "data" / "cifar10-jpeg.tar.gz"
-    if shutil.which("tar"):  # ~10x faster than tarfile for 60,000 small files
-        subprocess.run(["tar", "xzf", str(archive), "-C", str(root)], check=True)
-    else:
-        with tarfile.open(archive) as tar:
-            tar.extractall(root, filter="data")
-    return root
 
 
 @pytest.fixture(scope="session")

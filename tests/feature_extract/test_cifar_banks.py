@@ -1,4 +1,5 @@
-"""End to end on the full shared CIFAR-10-LT IR50 lists (slow): the three banks, as make_banks.sh makes them."""
+"""End to end on the full shared CIFAR-10-LT IR50 lists (slow): the three banks (session fixture
+``real_cifar_banks``, made by `disalign extract`), as make_banks.sh makes them."""
 
 from __future__ import annotations
 
@@ -8,24 +9,18 @@ import torch
 
 from calib.bank import load_bank
 
-from .conftest import CARD, LISTS, MODEL, REPO, run_module
+from .conftest import REPO
 
 EXAMPLES = REPO / "examples" / "cifar10lt"
 CARD_COUNTS = [5000, 3237, 2096, 1357, 878, 568, 368, 238, 154, 100]
 
 
 @pytest.mark.slow
-def test_full_cifar10lt_banks(tmp_path, cifar_root):
+def test_full_cifar10lt_banks(real_cifar_banks):
     rows = {"train": 13996, "val": 200, "test": 9800}
     banks = {}
-    for split in ("train", "val", "test"):
-        out = tmp_path / f"{split}.h5"
-        counts = [] if split == "train" else ["--class-counts-from", str(tmp_path / "train.h5")]
-        proc = run_module(["-m", "feature_extract", "--model", str(MODEL), "--card", str(CARD), "--root", str(cifar_root),
-                           "--list", str(LISTS / f"{split}.txt"), "--out", str(out), "--workers", "1", "--quiet", *counts],
-                          timeout=1800)
-        assert proc.returncode == 0, proc.stderr
-        banks[split] = bank = load_bank(out)
+    for split, path in real_cifar_banks.items():
+        banks[split] = bank = load_bank(path)
         assert bank.num_rows == rows[split] and bank.features.dtype == torch.float16 and bank.skipped.numel() == 0
         assert bank.info.class_counts.tolist() == CARD_COUNTS
     assert np.bincount(banks["test"].labels.numpy()).tolist() == [980] * 10
