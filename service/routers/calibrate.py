@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from calib.errors import InputError
@@ -59,7 +59,10 @@ def _calibrate(runtime: Runtime, body: CalibrateRequest) -> CalibrateResponse:
 
 @router.post("/calibrate", response_model=CalibrateResponse, openapi_extra=json_body(CalibrateRequest),
              responses=error_responses(413, 415, 422, 503))
-async def calibrate(request: Request, runtime: RuntimeDep) -> CalibrateResponse:
+async def calibrate(request: Request, runtime: RuntimeDep) -> Response:
     """Calibrate rows of cached stage-1 outputs: ``{"rows": [{"features": [d floats], "logits": [K floats]}], "top_k": 5}``."""
     body = await read_json(request, CalibrateRequest)
-    return await run_in_threadpool(_calibrate, runtime, body)
+    result = await run_in_threadpool(_calibrate, runtime, body)
+    # Serialised once by pydantic-core: returning the model would make FastAPI dump, re-validate and
+    # serialise K floats per row again (the schema is still documented by response_model).
+    return Response(result.model_dump_json(), media_type="application/json")
