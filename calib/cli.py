@@ -167,10 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    return run_command(args.func, args)
+
+
+def run_command(func, args: argparse.Namespace) -> int:
+    """Run a subcommand; a user-facing error becomes one ``error: …`` line and exit status 2."""
     try:
-        return int(args.func(args) or 0)
+        return int(func(args) or 0)
     except DisalignError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
