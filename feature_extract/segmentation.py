@@ -28,6 +28,7 @@ kept in the ``preprocessing`` attribute (``input_size``, ``feature_map``, ``upsa
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,7 +97,9 @@ def load_segmentation_model(spec: str, weights: str | Path | None = None, *, dev
     if weights is not None:
         raise ExtractError(f"--weights is only for torchvision:<arch> models, but --model {spec} is a file.")
     try:
-        module = torch.jit.load(str(path), map_location=dev).eval()
+        with warnings.catch_warnings():  # torch >= 2.14 deprecates TorchScript; the format is still what we load
+            warnings.filterwarnings("ignore", message="`torch.jit")
+            module = torch.jit.load(str(path), map_location=dev).eval()
     except Exception as exc:  # noqa: BLE001 - jit raises RuntimeError/ValueError variants
         raise ExtractError(f"--model {path} is not a TorchScript file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}).") from exc
     if not hasattr(module, "forward_features") or not hasattr(module, "classifier"):

@@ -7,6 +7,7 @@ benchmark models live in ``examples/`` and are used by the end-to-end tests.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,9 @@ class TinySegmenter(nn.Module):
 
 def tiny_segmenter(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    torch.jit.script(TinySegmenter().eval()).save(str(path))
+    with warnings.catch_warnings():  # torch >= 2.14 deprecates TorchScript
+        warnings.filterwarnings("ignore", message="`torch.jit")
+        torch.jit.script(TinySegmenter().eval()).save(str(path))
     card = {"task": "segmentation", "input": {"size": [16, 16], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
             "classes": ["red", "green", "blue"]}
     path.with_suffix(".json").write_text(json.dumps(card))

@@ -21,6 +21,8 @@ from calib.segmentation import dense_layout, evaluate_segmentation, format_segme
 from feature_extract.segmentation import SegmentationExtractConfig, extract_segmentation_bank, read_pairs
 from tests.dense_data import seg_scenes, tiny_segmenter
 
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit")  # torch >= 2.14 deprecates TorchScript
+
 
 @pytest.fixture(scope="module")
 def banks(tmp_path_factory):

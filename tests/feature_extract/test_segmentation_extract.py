@@ -26,6 +26,8 @@ from feature_extract.segmentation import (
 from tests.conftest import SHARED
 from tests.dense_data import seg_scenes, tiny_segmenter
 
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit")  # torch >= 2.14 deprecates TorchScript
+
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory) -> tuple[Path, Path, Path]:

@@ -29,6 +29,8 @@ from feature_extract.segmentation import SegmentationExtractConfig, extract_segm
 from tests.dense_data import DETECTOR, DETECTOR_CARD, FCN, FCN_CARD, seg_scenes
 from tests.service.conftest import REPO, ServerProcess, free_port
 
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit")  # torch >= 2.14 deprecates TorchScript
+
 
 def start(model: str | Path, card: Path, calibration: Path, log: Path, *extra: str, deadline_s: float = 90.0) -> ServerProcess:
     """``disalign serve`` (through calib.cli) on a free loopback port, ready within ``deadline_s``."""
