@@ -167,3 +167,30 @@ def test_detector_runs_with_the_calibrated_head(tmp_path, capsys):
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["methods"]) == {"joint", "disalign"} and set(report["methods"]["joint"]) == {"bbox"}
     assert "AP_r" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools' RLE code under numpy 2
+def test_mask_head_gives_rle_masks_and_segm_ap(tmp_path):
+    pytest.importorskip("torchvision")
+    from calib.detection_eval import detect
+    from feature_extract.detection import load_detector, read_coco
+    from feature_extract.detectors import COMPACT, build_detector
+    from tests.dense_data import det_scenes
+
+    coco_path = det_scenes(tmp_path, 3)
+    coco = read_coco(coco_path)
+    for ann in coco["annotations"]:  # the squares are their own instance masks
+        x, y, w, h = ann["bbox"]
+        ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    torch.manual_seed(0)
+    kwargs = {"num_classes": 4, "channels": [8, 8, 16], "representation": 32, "image_size": 64, "anchor_sizes": [12, 24], "mask_head": True}
+    torch.save(build_detector(COMPACT, kwargs).state_dict(), tmp_path / "mask.pt")
+    (tmp_path / "mask.json").write_text(json.dumps({"model": COMPACT, "model_kwargs": kwargs}))
+    detector = load_detector(None, tmp_path / "mask.pt", card=tmp_path / "mask.json", categories=coco["categories"])
+    assert detector.has_masks
+    results = detect(detector, coco, tmp_path, {"joint": None})["joint"]
+    assert results and all(r["segmentation"]["size"] == [64, 64] for r in results)
+    decoded = mask_utils.decode(mask_utils.frPyObjects(results[0]["segmentation"], 64, 64))
+    assert decoded.shape == (64, 64)
+    scores = coco_ap(coco, results, iou_type="segm")
+    assert scores["AP"] is not None and 0.0 <= scores["AP"] <= 1.0
