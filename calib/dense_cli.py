@@ -165,18 +165,12 @@ def add_parsers(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m calib.dense_cli eval-segmentation|eval-detection …`` (until ``disalign`` registers them)."""
-    import sys
-
-    from calib.errors import DisalignError
+    from calib.cli import run_command
 
     parser = argparse.ArgumentParser(prog="python -m calib.dense_cli", description=__doc__.split("\n\n")[0])
     add_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except DisalignError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

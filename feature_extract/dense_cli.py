@@ -70,16 +70,12 @@ def run_dense(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from calib.errors import DisalignError
+    from calib.cli import run_command
     from feature_extract.cli import configure
 
     parser = configure(argparse.ArgumentParser(prog="python -m feature_extract.dense_cli", description=__doc__.split("\n\n")[0]))
     args = parser.parse_args(argv)
-    try:
-        return run_dense(args)
-    except DisalignError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(run_dense, args)
 
 
 if __name__ == "__main__":
