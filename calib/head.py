@@ -42,7 +42,8 @@ def align_logits(
         keep[background_index] = 0.0
         alpha, beta = alpha * keep, beta * keep  # α_bg = β_bg = 0 ⇒ ẑ_bg = z_bg exactly
     g = gate.unsqueeze(1)  # (N, 1)
-    return (1.0 + g * alpha) * logits + g * beta
+    # (1 + σα)⊙z + σβ = z + σ⊙(α⊙z + β): two fused (N, K) ops instead of five (the fit's hot path).
+    return torch.addcmul(logits, g, torch.addcmul(beta, alpha, logits))
 
 
 def disalign_logits(
