@@ -42,10 +42,11 @@ def _method_names(text: str | None, calibration_method: str, have_train: bool) -
     return names
 
 
-def _estimators(names: list[str], calibration, train, fallback):
+def _estimators(names: list[str], calibration, train, val, fallback):
     from calib.evaluate import fit_baselines
 
-    fitted = fit_baselines([m for m in names if m != calibration.method], train if train is not None else fallback, None)
+    # joint learns nothing, so without a training bank it is "fitted" on the test bank's header only.
+    fitted = fit_baselines([m for m in names if m != calibration.method], train if train is not None else fallback, val)
     fitted[calibration.method] = calibration
     return {name: fitted[name] for name in names}
 
@@ -92,7 +93,7 @@ def run_segmentation(args: argparse.Namespace) -> int:
         if bank is not None:
             check_banks_agree(test.info, bank.info, role)
     names = _method_names(args.methods, calibration.method, train is not None)
-    estimators = _estimators(names, calibration, train, test)
+    estimators = _estimators(names, calibration, train, val, test)
     counts = np.asarray(calibration.meta_.class_counts if calibration.meta_.class_counts is not None else test.training_class_counts())
     report = evaluate_segmentation(test, estimators, lambda i: read_mask(args.root / pairs[i][1], test.num_classes),
                                    class_counts=counts, head_above=args.head_above, tail_below=args.tail_below)
