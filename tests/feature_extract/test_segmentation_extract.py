@@ -149,3 +149,24 @@ def test_errors_name_the_input(scene, tmp_path):
         plain = tmp_path / "plain.ts"
         torch.jit.script(torch.nn.Conv2d(3, 3, 1)).save(str(plain))
         load_segmentation_model(str(plain))
+
+
+def test_torchvision_segmentation_model_features_are_the_last_conv_input(tmp_path):
+    pytest.importorskip("torchvision")
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
+    torch.manual_seed(0)
+    reference = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3).eval()
+    torch.save(reference.state_dict(), tmp_path / "dl.pt")
+    model = load_segmentation_model("torchvision:deeplabv3_mobilenet_v3_large", tmp_path / "dl.pt")
+    assert (model.num_classes, model.feature_dim) == (3, 256)
+    x = torch.randn(2, 3, 64, 64)
+    features, logits = model.features_and_logits(x)  # (2, 256, h, w), (2, 3, h, w)
+    torch.testing.assert_close(logits, torch.einsum("nchw,kc->nkhw", features, model.classifier_weight) + model.classifier_bias.view(1, 3, 1, 1),
+                               rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        out = reference(x)["out"]
+    upsampled = torch.nn.functional.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(upsampled, out, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ExtractError, match="is not a supported segmentation model; choose one of deeplabv3_mobilenet_v3_large"):
+        load_segmentation_model("torchvision:lraspp_mobilenet_v3_large", tmp_path / "dl.pt")
