@@ -18,6 +18,7 @@ import re
 import sys
 from pathlib import Path
 
+from calib.defaults import FEW_BELOW, MANY_ABOVE
 from calib.errors import DisalignError, InputError
 
 ALL_METHODS = ("joint", "disalign", "logit-adjust", "tau-norm", "lws", "crt", "ncm")
@@ -100,8 +101,8 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--val", type=Path, help="validation bank: tunes the baselines' tau")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all with --train, else joint + the calibration)")
-    p.add_argument("--many-above", type=int, default=100, help="'many' classes have more training samples than this")
-    p.add_argument("--few-below", type=int, default=20, help="'few' classes have fewer training samples than this")
+    p.add_argument("--many-above", type=int, default=MANY_ABOVE, help="'many' classes have more training samples than this")
+    p.add_argument("--few-below", type=int, default=FEW_BELOW, help="'few' classes have fewer training samples than this")
     p.add_argument("--json", type=Path, help="write the report as JSON here")
     p.add_argument("--plots", type=Path, help="write PNG plots into this directory")
     p.set_defaults(func=run_eval)
@@ -155,9 +156,13 @@ def run_eval(args: argparse.Namespace) -> int:
 # -- entry point ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disalign", description="Post-hoc distribution alignment of long-tail classifiers.")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{fit,eval,extract,serve}")
+    subparsers = parser.add_subparsers(dest="command", required=True,
+                                       metavar="{fit,eval,eval-segmentation,eval-detection,extract,serve}")
     add_fit_parser(subparsers)
     add_eval_parser(subparsers)
+    from calib.dense_cli import add_parsers as add_dense_eval_parsers
+
+    add_dense_eval_parsers(subparsers)
     from feature_extract.cli import add_parser as add_extract_parser
     from service.cli import add_parser as add_serve_parser
 

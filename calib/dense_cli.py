@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from calib.cli import ALL_METHODS, write_text_atomic
-from calib.dense_metrics import HEAD_ABOVE, TAIL_BELOW
+from calib.defaults import HEAD_ABOVE, TAIL_BELOW
 from calib.errors import InputError
 
 

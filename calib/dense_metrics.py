@@ -19,11 +19,10 @@ import math
 import numpy as np
 import torch
 
+from calib.defaults import HEAD_ABOVE, TAIL_BELOW  # noqa: F401  (re-exported)
 from calib.errors import InputError
 
 IGNORE_INDEX = 255
-HEAD_ABOVE = 0.01
-TAIL_BELOW = 0.001
 GROUPS = ("head", "body", "tail")
 
 

@@ -10,9 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Default many / medium / few split on training counts (Liu et al. 2019, OLTR): > 100, 20..100, < 20.
-MANY_ABOVE = 100
-FEW_BELOW = 20
+from calib.defaults import FEW_BELOW, MANY_ABOVE  # noqa: F401  (re-exported)
 
 
 def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
