@@ -11,9 +11,10 @@ RUNS := runs/demo
 $(BIN)/disalign: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first, pinned: 2.13.0 is the local CPU build on these machines (no multi-GB CUDA download).
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	# torch + torchvision first, pinned: these builds lie on the local disk of these machines (no download).
+	# torchvision is needed by the detection path (torchvision detectors, pycocotools AP) and its tests.
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[test,detection]'
 	touch $@
 
 setup: $(BIN)/disalign
