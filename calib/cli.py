@@ -142,15 +142,20 @@ def run_eval(args: argparse.Namespace) -> int:
                               else test.training_class_counts())
     report = evaluate_methods(test, estimators, class_counts=class_counts, many_above=args.many_above, few_below=args.few_below)
     print(format_table(report))
-    if args.json:
-        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
-    if args.plots:
+    write_report(report, calibration, json_path=args.json, plots_dir=args.plots)
+    return 0
+
+
+def write_report(report: dict, calibration, *, json_path: Path | None, plots_dir: Path | None) -> None:
+    """The optional outputs of the eval commands: the JSON report and the PNG plots (each written atomically)."""
+    if json_path:
+        write_text_atomic(json_path, json.dumps(report, indent=2) + "\n")
+    if plots_dir:
         from calib.plots import write_plots
 
         rho_curve = calibration.meta_.report.get("rho_curve") if calibration.method == "disalign" else None
-        written = write_plots(args.plots, report, rho_curve=rho_curve)
-        print(f"wrote {len(written)} plots to {args.plots}")
-    return 0
+        written = write_plots(plots_dir, report, rho_curve=rho_curve)
+        print(f"wrote {len(written)} plots to {plots_dir}")
 
 
 # -- entry point ----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from calib.cli import ALL_METHODS, write_text_atomic
+from calib.cli import ALL_METHODS, write_report, write_text_atomic
 from calib.defaults import HEAD_ABOVE, TAIL_BELOW
 from calib.errors import InputError
 
@@ -99,14 +99,7 @@ def run_segmentation(args: argparse.Namespace) -> int:
                                    class_counts=counts, head_above=args.head_above, tail_below=args.tail_below)
     print(format_segmentation_table(report))
     print("groups (training pixel ratio): " + "; ".join(f"{g}: {len(c)} classes" for g, c in report["groups"].items()))
-    if args.json:
-        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
-    if args.plots:
-        from calib.plots import write_plots
-
-        rho_curve = calibration.meta_.report.get("rho_curve") if calibration.method == "disalign" else None
-        written = write_plots(args.plots, report, rho_curve=rho_curve)
-        print(f"wrote {len(written)} plots to {args.plots}")
+    write_report(report, calibration, json_path=args.json, plots_dir=args.plots)
     return 0
 
 
