@@ -41,9 +41,30 @@ def align_logits(
         keep = torch.ones_like(alpha)
         keep[background_index] = 0.0
         alpha, beta = alpha * keep, beta * keep  # α_bg = β_bg = 0 ⇒ ẑ_bg = z_bg exactly
-    g = gate.unsqueeze(1)  # (N, 1)
-    # (1 + σα)⊙z + σβ = z + σ⊙(α⊙z + β): two fused (N, K) ops instead of five (the fit's hot path).
-    return torch.addcmul(logits, g, torch.addcmul(beta, alpha, logits))
+    return _Align.apply(logits, gate, alpha, beta)
+
+
+class _Align(torch.autograd.Function):
+    """ẑ = z + σ⊙(α⊙z + β) (= (1 + σα)⊙z + σβ) with a hand-written backward: the fit's hot path.
+
+    Autograd would keep and traverse five (N, K) intermediates; here the forward makes two and the
+    backward one plus three matrix-vector products. Gradients for z are not needed (frozen logits).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, gate, alpha, beta):
+        t = torch.addcmul(beta, alpha, logits)  # α⊙z + β, (N, K)
+        ctx.save_for_backward(logits, gate, alpha, t)
+        return torch.addcmul(logits, gate.unsqueeze(1), t)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: dL/dẑ (N, K)
+        logits, gate, alpha, t = ctx.saved_tensors
+        d_gate = torch.einsum("nk,nk->n", grad, t) if ctx.needs_input_grad[1] else None
+        d_alpha = (grad * logits).T @ gate if ctx.needs_input_grad[2] else None  # Σ_n σ_n g_nk z_nk
+        d_beta = grad.T @ gate if ctx.needs_input_grad[3] else None  # Σ_n σ_n g_nk
+        d_logits = grad + grad * (gate.unsqueeze(1) * alpha) if ctx.needs_input_grad[0] else None
+        return d_logits, d_gate, d_alpha, d_beta
 
 
 def disalign_logits(

@@ -25,7 +25,7 @@ from calib.errors import InputError
 SAMPLINGS = ("instance", "class-balanced")
 # Below this many floats per batch (B·(K + d)) one thread is faster: synchronising the intra-op pool
 # costs more than the work, and far more when other processes compete for the cores.
-SINGLE_THREAD_BELOW = 1 << 20
+SINGLE_THREAD_BELOW = 1 << 19
 
 
 def training_threads(batch_size: int, num_classes: int, feature_dim: int) -> int:

@@ -61,3 +61,19 @@ def test_float16_features_are_upcast():
     out = disalign_logits(x, torch.tensor([[1.0, 0.0]]), torch.ones(2), torch.zeros(2), torch.zeros(2), torch.tensor(0.0))
     assert out.dtype == torch.float32
     assert torch.allclose(out, torch.tensor([[1.5, 0.0]]))
+
+
+def test_hand_written_backward_matches_autograd_of_the_formula():
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    z = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    params = [torch.randn(5, dtype=torch.float64, requires_grad=True) for _ in range(2)] + [
+        torch.randn(4, dtype=torch.float64, requires_grad=True), torch.randn((), dtype=torch.float64, requires_grad=True)]
+    assert torch.autograd.gradcheck(lambda z, a, b, v, c: disalign_logits(x, z, a, b, v, c), (z, *params))
+    upstream = torch.randn(6, 5, dtype=torch.float64)
+    ours = torch.autograd.grad((disalign_logits(x, z, *params) * upstream).sum(), [z, *params])
+    a, b, v, c = params
+    g = torch.sigmoid(x @ v + c).unsqueeze(1)
+    reference = torch.autograd.grad((((1 + g * a) * z + g * b) * upstream).sum(), [z, *params])
+    for mine, ref in zip(ours, reference, strict=True):
+        assert torch.allclose(mine, ref)
