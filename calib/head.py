@@ -48,7 +48,8 @@ class _Align(torch.autograd.Function):
     """ẑ = z + σ⊙(α⊙z + β) (= (1 + σα)⊙z + σβ) with a hand-written backward: the fit's hot path.
 
     Autograd would keep and traverse five (N, K) intermediates; here the forward makes two and the
-    backward one plus three matrix-vector products. Gradients for z are not needed (frozen logits).
+    backward one plus three matrix-vector products. The gradient for z is computed only when asked
+    (stage-1 logits are frozen during a fit).
     """
 
     @staticmethod
