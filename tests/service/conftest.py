@@ -201,18 +201,25 @@ def start_server(calibration: Path, log: Path, *extra: str, env: dict | None = N
             process = subprocess.Popen([*server_command(calibration, "--port", str(port), *extra, entry=entry)],
                                        stdout=fh, stderr=subprocess.STDOUT, env=environment, cwd=REPO)
         server = ServerProcess(process, f"http://127.0.0.1:{port}", log)
-        stop_at = time.monotonic() + deadline_s
-        while time.monotonic() < stop_at and process.poll() is None:
-            try:
-                if httpx.get(f"{server.url}/v2/health/ready", timeout=1.0).status_code == 200:
-                    return server
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        if wait_ready(server, deadline_s):
+            return server
         server.stop()
         if b"address already in use" not in log.read_bytes():
             break
     raise AssertionError(f"the server did not become ready:\n{log.read_text()[-3000:]}")
+
+
+def wait_ready(server: ServerProcess, deadline_s: float) -> bool:
+    """Poll /v2/health/ready (bounded) until it answers 200; False if the process ends or time runs out."""
+    stop_at = time.monotonic() + deadline_s
+    while time.monotonic() < stop_at and server.process.poll() is None:
+        try:
+            if httpx.get(f"{server.url}/v2/health/ready", timeout=1.0).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    return False
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from calib.disalign import DisAlign
 from calib.methods import load_calibration
 from feature_extract.segmentation import SegmentationExtractConfig, extract_segmentation_bank
 from tests.dense_data import DETECTOR, DETECTOR_CARD, FCN, FCN_CARD, seg_scenes
-from tests.service.conftest import REPO, ServerProcess, free_port
+from tests.service.conftest import REPO, ServerProcess, free_port, wait_ready
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit")  # torch >= 2.14 deprecates TorchScript
 
@@ -41,14 +40,8 @@ def start(model: str | Path, card: Path, calibration: Path, log: Path, *extra: s
     with open(log, "wb") as fh:
         process = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     server = ServerProcess(process, f"http://127.0.0.1:{port}", log)
-    stop_at = time.monotonic() + deadline_s
-    while time.monotonic() < stop_at and process.poll() is None:
-        try:
-            if httpx.get(f"{server.url}/v2/health/ready", timeout=1.0).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
+    if wait_ready(server, deadline_s):
+        return server
     server.stop()
     raise AssertionError(f"the server did not become ready:\n{log.read_text()[-3000:]}")
 
