@@ -109,41 +109,54 @@ def add_eval_parser(subparsers) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    import numpy as np
+    from calib.evaluate import evaluate_methods, format_table
 
-    from calib.bank import load_bank
-    from calib.estimator import check_banks_agree
-    from calib.evaluate import evaluate_methods, fit_baselines, format_table
-    from calib.methods import load_calibration
-
-    calibration = load_calibration(args.calibration)
-    test = load_bank(args.test)
-    calibration.check_compatible(num_classes=test.num_classes, feature_dim=test.feature_dim,
-                                 model_fingerprint=test.info.model_fingerprint, source=f"test bank {args.test}")
-    train = load_bank(args.train) if args.train else None
-    val = load_bank(args.val) if args.val else None
-    for role, bank in (("train", train), ("val", val)):
-        if bank is not None:
-            check_banks_agree(test.info, bank.info, role)
-    names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else (
-        list(ALL_METHODS) if train is not None else ["joint", calibration.method])
-    unknown = [m for m in names if m not in ALL_METHODS]
-    if unknown:
-        raise InputError(f"--methods should be a subset of {','.join(ALL_METHODS)}, found {','.join(unknown)}.")
-    to_fit = [m for m in names if m != calibration.method and m != "joint"]
-    if to_fit and train is None:
-        raise InputError(f"--train is needed to fit {', '.join(to_fit)}; pass the training bank or drop them from --methods.")
-    # joint learns nothing, so without a training bank it is "fitted" on the test bank's header only.
-    estimators = fit_baselines([m for m in names if m != calibration.method], train if train is not None else test, val)
-    if calibration.method in names:
-        estimators[calibration.method] = calibration
-    estimators = {name: estimators[name] for name in names}
-    class_counts = np.asarray(calibration.meta_.class_counts if calibration.meta_.class_counts is not None
-                              else test.training_class_counts())
+    calibration, test, train, val = load_eval_banks(args.calibration, args.test, args.train, args.val)
+    estimators, class_counts = eval_estimators(args.methods, calibration, train, val, test, all_with_train=True)
     report = evaluate_methods(test, estimators, class_counts=class_counts, many_above=args.many_above, few_below=args.few_below)
     print(format_table(report))
     write_report(report, calibration, json_path=args.json, plots_dir=args.plots)
     return 0
+
+
+def load_eval_banks(calibration_dir: Path, test_path: Path, train_path: Path | None, val_path: Path | None):
+    """The eval commands' inputs: the calibration and the test/train/val banks, checked against each other."""
+    from calib.bank import load_bank
+    from calib.estimator import check_banks_agree
+    from calib.methods import load_calibration
+
+    calibration = load_calibration(calibration_dir)
+    test = load_bank(test_path)
+    calibration.check_compatible(num_classes=test.num_classes, feature_dim=test.feature_dim,
+                                 model_fingerprint=test.info.model_fingerprint, source=f"test bank {test_path}")
+    train = load_bank(train_path) if train_path else None
+    val = load_bank(val_path) if val_path else None
+    for role, bank in (("train", train), ("val", val)):
+        if bank is not None:
+            check_banks_agree(test.info, bank.info, role)
+    return calibration, test, train, val
+
+
+def eval_estimators(methods: str | None, calibration, train, val, test, *, all_with_train: bool):
+    """The estimators named in ``--methods`` (default: every method when ``all_with_train`` and a training
+    bank is given, else joint + the calibration), fitted, and the training class counts → (estimators, counts)."""
+    import numpy as np
+
+    from calib.evaluate import fit_baselines
+
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else (
+        list(ALL_METHODS) if all_with_train and train is not None else ["joint", calibration.method])
+    unknown = [m for m in names if m not in ALL_METHODS]
+    if unknown:
+        raise InputError(f"--methods should be a subset of {','.join(ALL_METHODS)}, found {','.join(unknown)}.")
+    to_fit = [m for m in names if m not in ("joint", calibration.method)]
+    if to_fit and train is None:
+        raise InputError(f"--train is needed to fit {', '.join(to_fit)}; pass the training bank or drop them from --methods.")
+    # joint learns nothing, so without a training bank it is "fitted" on the test bank's header only.
+    fitted = fit_baselines([m for m in names if m != calibration.method], train if train is not None else test, val)
+    fitted[calibration.method] = calibration
+    counts = calibration.meta_.class_counts if calibration.meta_.class_counts is not None else test.training_class_counts()
+    return {name: fitted[name] for name in names}, np.asarray(counts)
 
 
 def write_report(report: dict, calibration, *, json_path: Path | None, plots_dir: Path | None) -> None:

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from calib.cli import ALL_METHODS, write_report, write_text_atomic
+from calib.cli import ALL_METHODS, eval_estimators, load_eval_banks, write_report, write_text_atomic
 from calib.defaults import HEAD_ABOVE, TAIL_BELOW
 from calib.errors import InputError
 
@@ -29,26 +29,6 @@ def _ratio(text: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"expected a pixel ratio in [0, 1] like 0.01, found {text!r}")
     return value
-
-
-def _method_names(text: str | None, calibration_method: str, have_train: bool) -> list[str]:
-    names = [m.strip() for m in text.split(",") if m.strip()] if text else ["joint", calibration_method]
-    unknown = [m for m in names if m not in ALL_METHODS]
-    if unknown:
-        raise InputError(f"--methods should be a subset of {','.join(ALL_METHODS)}, found {','.join(unknown)}.")
-    to_fit = [m for m in names if m not in ("joint", calibration_method)]
-    if to_fit and not have_train:
-        raise InputError(f"--train is needed to fit {', '.join(to_fit)}; pass the training bank or drop them from --methods.")
-    return names
-
-
-def _estimators(names: list[str], calibration, train, val, fallback):
-    from calib.evaluate import fit_baselines
-
-    # joint learns nothing, so without a training bank it is "fitted" on the test bank's header only.
-    fitted = fit_baselines([m for m in names if m != calibration.method], train if train is not None else fallback, val)
-    fitted[calibration.method] = calibration
-    return {name: fitted[name] for name in names}
 
 
 # -- segmentation ---------------------------------------------------------------------------------
@@ -71,30 +51,15 @@ def add_segmentation_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_segmentation(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from calib.bank import load_bank
-    from calib.estimator import check_banks_agree
-    from calib.methods import load_calibration
     from calib.segmentation import evaluate_segmentation, format_segmentation_table
     from feature_extract.segmentation import read_mask, read_pairs
 
-    calibration = load_calibration(args.calibration)
-    test = load_bank(args.test)
-    calibration.check_compatible(num_classes=test.num_classes, feature_dim=test.feature_dim,
-                                 model_fingerprint=test.info.model_fingerprint, source=f"test bank {args.test}")
+    calibration, test, train, val = load_eval_banks(args.calibration, args.test, args.train, args.val)
     pairs = read_pairs(args.list_file)
     images = test.info.preprocessing.get("images")
     if images is not None and images != len(pairs):
         raise InputError(f"--list {args.list_file} has {len(pairs)} image/mask pairs but the test bank was extracted from {images}.")
-    train = load_bank(args.train) if args.train else None
-    val = load_bank(args.val) if args.val else None
-    for role, bank in (("train", train), ("val", val)):
-        if bank is not None:
-            check_banks_agree(test.info, bank.info, role)
-    names = _method_names(args.methods, calibration.method, train is not None)
-    estimators = _estimators(names, calibration, train, val, test)
-    counts = np.asarray(calibration.meta_.class_counts if calibration.meta_.class_counts is not None else test.training_class_counts())
+    estimators, counts = eval_estimators(args.methods, calibration, train, val, test, all_with_train=False)
     report = evaluate_segmentation(test, estimators, lambda i: read_mask(args.root / pairs[i][1], test.num_classes),
                                    class_counts=counts, head_above=args.head_above, tail_below=args.tail_below)
     print(format_segmentation_table(report))
