@@ -41,7 +41,10 @@ def align_logits(
         keep = torch.ones_like(alpha)
         keep[background_index] = 0.0
         alpha, beta = alpha * keep, beta * keep  # α_bg = β_bg = 0 ⇒ ẑ_bg = z_bg exactly
-    return _Align.apply(logits, gate, alpha, beta)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (logits, gate, alpha, beta)):
+        return _Align.apply(logits, gate, alpha, beta)
+    # Prediction: the same two fused ops without the autograd.Function call (≈50 µs per call, a serving hot path).
+    return torch.addcmul(logits, gate.unsqueeze(1), torch.addcmul(beta, alpha, logits))
 
 
 class _Align(torch.autograd.Function):

@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 from calib.errors import InputError
 from service.batcher import MicroBatcher
 from service.metrics import ServiceMetrics
-from service.runtime import CalibrationState, Runtime, check_calibration, read_calibration
+from service.runtime import INLINE_LOGITS, CalibrationState, Runtime, check_calibration, read_calibration
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -152,6 +152,7 @@ class DenseRuntime(Runtime):
 
             self.model = load_detector(s.model, s.weights, card=s.card, device=s.device)
         self.calibration = check_calibration(read_calibration(s.calibration), self.model, s.model_name)
+        self.row_batcher.inline_rows = INLINE_LOGITS // self.model.num_classes
         if self.task == "detection" and self.calibration.meta.background_index not in (None, 0):
             raise InputError(f"the calibration has background_index {self.calibration.meta.background_index}; torchvision detectors use 0.")
         self.metrics.set_model(s.model_name, self.model)

@@ -10,6 +10,7 @@ micro-batcher, and only then marks the app ready.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,8 +43,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except DisalignError as exc:
         app.state.startup_error = str(exc)
         runtime.batcher.executor.shutdown(wait=False)
+        runtime.row_batcher.executor.shutdown(wait=False)
         raise
     await runtime.batcher.start()
+    await runtime.row_batcher.start()
+    # The ~200k objects of torch, numpy and the model live as long as the process: moved out of the
+    # collector's reach, a full collection no longer walks them (≈0.1 s each, a latency spike under load).
+    gc.collect()
+    gc.freeze()
     runtime.ready = True
     app.state.runtime = runtime
     try:
@@ -51,6 +58,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         runtime.ready = False
         await runtime.batcher.stop()
+        await runtime.row_batcher.stop()
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -64,7 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = ServiceMetrics()
     app.state.runtime = None
     app.state.startup_error = None
-    for module in (health, v2, predict, calibrate, admin, metrics):
+    for module in (health, calibrate, predict, v2, admin, metrics):  # matched in this order: the busy routes first
         app.include_router(module.router)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)

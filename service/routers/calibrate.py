@@ -1,68 +1,65 @@
-"""``POST /calibrate``: stage-1 features and logits in, calibrated logits, probabilities and top-k out."""
+"""``POST /calibrate``: stage-1 features and logits in, calibrated logits, probabilities and top-k out.
+
+The hot path of the service: the body is validated by pydantic into two float32 arrays, the rows are
+calibrated in a row micro-batch with those of concurrent requests (:meth:`Runtime.calibrate_rows`),
+and the response is written by orjson straight from the result arrays.
+"""
 
 from __future__ import annotations
 
-import torch
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from calib.errors import InputError
-from service.deps import RuntimeDep
+from service.deps import get_runtime
 from service.routers.common import (
+    DirectRoute,
     check_count,
+    finite_float32,
     finite_or_raise,
-    float32_tensor,
-    predictions,
-    read_json,
+    json_bytes,
+    json_response,
+    off_loop_if_large,
     resolve_top_k,
+    top_k_lists,
 )
-from service.runtime import Runtime
-from service.schemas import (
-    CalibrateRequest,
-    CalibrateResponse,
-    CalibrateResult,
-    CalibrateRow,
-    error_responses,
-    json_body,
-)
+from service.runtime import RowRequest
+from service.schemas import CalibrateRequest, CalibrateResponse, CalibrateRow, error_responses, json_body
 
-router = APIRouter(tags=["calibrate"])
+router = APIRouter(tags=["calibrate"], route_class=DirectRoute)
 
 
-def rows_to_tensors(rows: list[CalibrateRow], num_classes: int, feature_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def parse_rows(body: bytes, num_classes: int, feature_dim: int, max_rows: int) -> RowRequest:
+    """A /calibrate JSON body → its rows as float32 arrays and its top-k; 422 with one sentence for any fault."""
+    request = CalibrateRequest.model_validate_json(body)
+    check_count("rows", len(request.rows), max_rows, "max_rows")
+    top_k = resolve_top_k(request.top_k, num_classes)
+    return rows_to_request(request.rows, num_classes, feature_dim, top_k)
+
+
+def rows_to_request(rows: list[CalibrateRow], num_classes: int, feature_dim: int, top_k: int) -> RowRequest:
     """JSON rows → features (N, d), logits (N, K) float32; 422 naming the first row of the wrong length."""
     for i, row in enumerate(rows):
         if len(row.features) != feature_dim:
             raise InputError(f"rows[{i}].features has {len(row.features)} values, expected d={feature_dim}.")
         if len(row.logits) != num_classes:
             raise InputError(f"rows[{i}].logits has {len(row.logits)} values, expected K={num_classes}.")
-    features = float32_tensor([row.features for row in rows])  # (N, d)
-    logits = float32_tensor([row.logits for row in rows])  # (N, K)
-    return features, logits
-
-
-def _calibrate(runtime: Runtime, body: CalibrateRequest) -> CalibrateResponse:
-    model = runtime.model
-    check_count("rows", len(body.rows), runtime.settings.max_rows, "max_rows")
-    k = resolve_top_k(body.top_k, model.num_classes)
-    features, logits = rows_to_tensors(body.rows, model.num_classes, model.feature_dim)
-    state, calibrated = runtime.calibrate(features, logits)
-    finite_or_raise(calibrated, "calibrated logits")
-    probabilities = torch.softmax(calibrated, dim=1)
-    tops = predictions(probabilities, k, state)
-    # Built without re-validation: every value comes from the tensors above.
-    results = [CalibrateResult.model_construct(logits=z, probabilities=p, top_k=t)
-               for z, p, t in zip(calibrated.tolist(), probabilities.tolist(), tops, strict=True)]
-    return CalibrateResponse.model_construct(model_name=runtime.settings.model_name, calibration_version=state.version,
-                                             results=results)
+    features = finite_float32([row.features for row in rows], "rows[].features")  # (N, d)
+    logits = finite_float32([row.logits for row in rows], "rows[].logits")  # (N, K)
+    return RowRequest(features, logits, top_k)
 
 
 @router.post("/calibrate", response_model=CalibrateResponse, openapi_extra=json_body(CalibrateRequest),
              responses=error_responses(413, 415, 422, 503))
-async def calibrate(request: Request, runtime: RuntimeDep) -> Response:
+async def calibrate(request: Request) -> Response:
     """Calibrate rows of cached stage-1 outputs: ``{"rows": [{"features": [d floats], "logits": [K floats]}], "top_k": 5}``."""
-    body = await read_json(request, CalibrateRequest)
-    result = await run_in_threadpool(_calibrate, runtime, body)
-    # Serialised once by pydantic-core: returning the model would make FastAPI dump, re-validate and
-    # serialise K floats per row again (the schema is still documented by response_model).
-    return Response(result.model_dump_json(), media_type="application/json")
+    runtime = await get_runtime(request)  # called, not injected: dependency resolution costs more than the call
+    body = await json_bytes(request)
+    model = runtime.model
+    rows = await off_loop_if_large(len(body), parse_rows, body, model.num_classes, model.feature_dim, runtime.settings.max_rows)
+    result = await runtime.calibrate_rows(rows)
+    finite_or_raise(result.logits, "calibrated logits")
+    tops = top_k_lists(result.top_indices, result.top_probabilities, result.calibration.class_names)
+    # Written by orjson from the arrays (the schema is still documented by response_model).
+    results = [{"logits": z, "probabilities": p, "top_k": t} for z, p, t in zip(result.logits, result.probabilities, tops, strict=True)]
+    return await json_response({"model_name": runtime.settings.model_name, "calibration_version": result.calibration.version,
+                                "results": results}, approx_values=2 * result.logits.size)

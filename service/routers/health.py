@@ -19,6 +19,6 @@ async def live() -> Live:
 async def ready(request: Request) -> Ready:
     """200 once the model and the calibration are loaded and warmed up; 503 before and while shutting down."""
     runtime = request.app.state.runtime
-    if runtime is None or not runtime.ready or not runtime.batcher.running:
+    if runtime is None or not runtime.ready or not runtime.batcher.running or not runtime.row_batcher.running:
         raise HTTPException(503, "the model is not loaded yet.")
     return Ready(ready=True)

@@ -10,23 +10,26 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from calib.errors import InputError
 from service.deps import ModelName, RuntimeDep
 from service.routers.common import (
+    JSON_BYTES_PER_NUMBER,
     check_count,
     decode_base64,
+    finite_float32,
     finite_or_raise,
-    float32_tensor,
+    json_response,
+    off_loop_if_large,
     read_json,
 )
-from service.runtime import CalibrationState, Runtime
+from service.runtime import RowRequest, Runtime
 from service.schemas import (
     InferInput,
-    InferOutput,
     InferRequest,
     InferResponse,
     ModelMetadata,
@@ -64,8 +67,8 @@ async def metadata(name: ModelName, runtime: RuntimeDep) -> ModelMetadata:
     )
 
 
-def fp32_tensor(tensor: InferInput, width: int, max_rows: int) -> torch.Tensor:
-    """An FP32 input of shape [N, width] → (N, width) float32."""
+def fp32_array(tensor: InferInput, width: int, max_rows: int) -> np.ndarray:
+    """An FP32 input of shape [N, width] → (N, width) float32, finite."""
     name = tensor.name
     if tensor.datatype != "FP32" or any(isinstance(v, str) for v in tensor.data):
         raise InputError(f"input '{name}' should have datatype FP32 with numbers as data, found {tensor.datatype}.")
@@ -74,7 +77,7 @@ def fp32_tensor(tensor: InferInput, width: int, max_rows: int) -> torch.Tensor:
     check_count(f"input '{name}' rows", tensor.shape[0], max_rows, "max_rows")
     if len(tensor.data) != math.prod(tensor.shape):
         raise InputError(f"input '{name}' has {len(tensor.data)} values but its shape {tensor.shape} needs {math.prod(tensor.shape)}.")
-    return float32_tensor(tensor.data).reshape(tensor.shape)
+    return finite_float32(tensor.data, f"input '{name}' data").reshape(tensor.shape)
 
 
 def image_blobs(tensor: InferInput, max_images: int) -> list[bytes]:
@@ -95,18 +98,18 @@ def requested_outputs(body: InferRequest) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _calibrate_tensors(runtime: Runtime, inputs: dict[str, InferInput]) -> tuple[CalibrationState, torch.Tensor]:
+def row_request(runtime: Runtime, inputs: dict[str, InferInput]) -> RowRequest:
     model, rows = runtime.model, runtime.settings.max_rows
-    features = fp32_tensor(inputs["features"], model.feature_dim, rows)
-    logits = fp32_tensor(inputs["logits"], model.num_classes, rows)
+    features = fp32_array(inputs["features"], model.feature_dim, rows)
+    logits = fp32_array(inputs["logits"], model.num_classes, rows)
     if features.shape[0] != logits.shape[0]:
         raise InputError(f"input 'features' has {features.shape[0]} rows but input 'logits' has {logits.shape[0]}.")
-    return runtime.calibrate(features, logits)
+    return RowRequest(features, logits)
 
 
 @router.post("/{name}/infer", response_model=InferResponse, openapi_extra=json_body(InferRequest),
              responses=error_responses(400, 404, 413, 415, 422, 503))
-async def infer(name: ModelName, request: Request, runtime: RuntimeDep) -> InferResponse:
+async def infer(name: ModelName, request: Request, runtime: RuntimeDep) -> Response:
     """Calibrated probabilities for v2 JSON tensors (``features`` + ``logits``, or ``image``)."""
     body = await read_json(request, InferRequest)
     inputs = {t.name: t for t in body.inputs}
@@ -114,21 +117,23 @@ async def infer(name: ModelName, request: Request, runtime: RuntimeDep) -> Infer
     if len(inputs) != len(body.inputs):
         raise InputError("each input name may appear only once.")
     if set(inputs) == {"features", "logits"}:
-        state, calibrated = await run_in_threadpool(_calibrate_tensors, runtime, inputs)
+        values = len(inputs["features"].data) + len(inputs["logits"].data)
+        rows = await runtime.calibrate_rows(await off_loop_if_large(JSON_BYTES_PER_NUMBER * values, row_request, runtime, inputs))
+        state, arrays = rows.calibration, {"logits": rows.logits, "probabilities": rows.probabilities}
     elif set(inputs) == {"image"}:
         blobs = image_blobs(inputs["image"], runtime.settings.max_images)
         images = await run_in_threadpool(runtime.image_tensor, blobs)
         result = await runtime.classify(images)
-        state, calibrated = result.calibration, result.calibrated_logits
+        calibrated = result.calibrated_logits
+        state, arrays = result.calibration, {"logits": calibrated.numpy(), "probabilities": torch.softmax(calibrated, dim=1).numpy()}
     else:
         raise InputError(f"inputs should be 'features' and 'logits' (FP32) or 'image' (BYTES), found {sorted(inputs)}.")
-    finite_or_raise(calibrated, "calibrated logits")
-    tensors = {"logits": calibrated, "probabilities": torch.softmax(calibrated, dim=1)}
-    return InferResponse(
-        model_name=name,
-        model_version=state.version,
-        id=body.id,
-        parameters={"calibration_version": state.version},
-        outputs=[InferOutput(name=n, datatype="FP32", shape=list(tensors[n].shape), data=tensors[n].reshape(-1).tolist())
-                 for n in outputs],
-    )
+    finite_or_raise(arrays["logits"], "calibrated logits")
+    # The InferResponse schema, written by orjson straight from the float32 arrays.
+    return await json_response({
+        "model_name": name,
+        "model_version": state.version,
+        "id": body.id,
+        "parameters": {"calibration_version": state.version},
+        "outputs": [{"name": n, "datatype": "FP32", "shape": list(arrays[n].shape), "data": arrays[n].reshape(-1)} for n in outputs],
+    }, approx_values=sum(arrays[n].size for n in outputs))

@@ -77,3 +77,17 @@ def test_hand_written_backward_matches_autograd_of_the_formula():
     reference = torch.autograd.grad((((1 + g * a) * z + g * b) * upstream).sum(), [z, *params])
     for mine, ref in zip(ours, reference, strict=True):
         assert torch.allclose(mine, ref)
+
+
+def test_prediction_path_equals_the_training_path():
+    # Without gradients the head skips the autograd.Function; both paths must give the same logits.
+    torch.manual_seed(1)
+    x, z = torch.randn(7, 4), torch.randn(7, 5)
+    a, b, v = torch.randn(5), torch.randn(5), torch.randn(4)
+    c = torch.tensor(0.3)
+    trained = disalign_logits(x, z, a.requires_grad_(), b, v, c)
+    assert trained.grad_fn is not None
+    with torch.inference_mode():
+        predicted = disalign_logits(x, z, a, b, v, c, background_index=None)
+    assert predicted.grad_fn is None
+    assert torch.equal(predicted, trained.detach())

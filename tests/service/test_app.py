@@ -347,3 +347,42 @@ def test_json_routes_refuse_other_content_types(client: TestClient):
         assert_error(r, 415, "should be application/json")
     r = client.post("/calibrate", content=b"\xff\xfe not utf-8", headers={"content-type": "application/json"})
     assert_error(r, 422, "not valid JSON")
+
+
+def test_concurrent_calibrate_requests_share_a_row_batch_and_get_their_own_rows(client: TestClient, artifacts: Artifacts):
+    # Row batches mix requests with different row counts and top_k; each answer must be its own rows'.
+    from service.runtime import RowRequest
+
+    runtime = client.app.state.runtime
+    rng = torch.Generator().manual_seed(0)
+    requests = [RowRequest(torch.rand(n, 64, generator=rng).numpy(), torch.randn(n, 10, generator=rng).numpy(), k)
+                for n, k in ((1, 3), (4, 1), (2, 10))]
+    results = runtime._calibrate_batch(requests)
+    calibrator = load_calibration(artifacts.good)
+    for request, result in zip(requests, results, strict=True):
+        expected = calibrator.predict_logits(torch.from_numpy(request.features), torch.from_numpy(request.logits))
+        assert torch.allclose(torch.from_numpy(result.logits), expected, atol=1e-6)
+        assert torch.allclose(torch.from_numpy(result.probabilities), expected.softmax(1), atol=1e-6)
+        assert result.top_indices.tolist() == expected.topk(request.top_k, dim=1).indices.tolist()
+        assert result.calibration is runtime.calibration
+
+
+def test_calibrate_answers_a_body_parsed_off_the_event_loop(client: TestClient, artifacts: Artifacts):
+    # 300 rows ≈ 100 kB of JSON: above INLINE_JSON_BYTES, parsed and written on a worker thread.
+    from service.routers.common import INLINE_JSON_BYTES
+
+    rows = [row(value=0.001 * i) for i in range(300)]
+    content = json.dumps({"rows": rows, "top_k": 1}).encode()
+    assert len(content) > INLINE_JSON_BYTES
+    r = client.post("/calibrate", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    expected = load_calibration(artifacts.good).predict_logits(
+        torch.tensor([x["features"] for x in rows]), torch.tensor([x["logits"] for x in rows]))
+    got = torch.tensor([result["logits"] for result in r.json()["results"]])
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_startup_moves_the_long_lived_objects_out_of_the_collector(client: TestClient):
+    import gc
+
+    assert gc.get_freeze_count() > 10_000  # torch, numpy, the model: never walked by a collection again

@@ -98,3 +98,26 @@ def test_submit_before_start_and_after_stop_raises():
             await batcher.submit(1)
 
     run(main())
+
+
+def test_small_batches_run_inline_on_the_event_loop_and_large_ones_on_the_thread():
+    where: list[tuple[int, bool]] = []  # (rows, ran on the event loop's thread)
+
+    def fn(items):
+        where.append((sum(items), threading.get_ident() == loop_thread))
+        return [x for x in items]
+
+    async def main():
+        nonlocal loop_thread
+        loop_thread = threading.get_ident()
+        batcher = MicroBatcher(fn, max_batch=100, max_wait_ms=0, rows=lambda n: n, inline_rows=4)
+        await batcher.start()
+        try:
+            assert await asyncio.gather(batcher.submit(1), batcher.submit(3)) == [1, 3]  # 4 rows: inline
+            assert await batcher.submit(5) == 5  # 5 rows: on the thread
+        finally:
+            await batcher.stop()
+
+    loop_thread = 0
+    run(main())
+    assert where == [(4, True), (5, False)]
