@@ -66,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
     from service.main import QuietStartupErrors, create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    # The inference thread re-takes the GIL between torch calls; with the default 5 ms switch interval a
+    # busy event loop can make it wait that long each time. Measured beside a thread running Python
+    # non-stop: the ResNet-32 forward 1.3-2.1x slower at 5 ms, 1.1-1.4x at 1 ms.
+    sys.setswitchinterval(0.001)
     app = create_app(settings)
     config = uvicorn.Config(QuietStartupErrors(app), host=args.host, port=args.port, log_level=args.log_level,
                             lifespan="on", timeout_graceful_shutdown=10)
