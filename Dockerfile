@@ -33,9 +33,9 @@ COPY pyproject.toml README.md* ./
 COPY calib ./calib
 COPY feature_extract ./feature_extract
 COPY service ./service
-# uvicorn[standard] adds the httptools parser and uvloop (faster than the pure-Python defaults).
+# The project's dependencies include uvloop and the httptools parser (uvicorn picks them up).
 # hadolint ignore=DL3013
-RUN pip install . "uvicorn[standard]"
+RUN pip install .
 
 FROM ${BASE_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
