@@ -141,7 +141,9 @@ def start_server(model: Path, card: Path, calibration: Path, args: argparse.Name
     port = free_port()
     cmd = [sys.executable, "-m", "service", "--model", str(model), "--card", str(card), "--calibration", str(calibration),
            "--host", "127.0.0.1", "--port", str(port), "--torch-threads", str(args.torch_threads),
-           "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"]
+           "--max-batch", str(args.max_batch), "--log-level", "warning"]
+    if args.max_wait_ms is not None:
+        cmd += ["--max-wait-ms", str(args.max_wait_ms)]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
     deadline = time.monotonic() + 120
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="torch threads of the server and of the offline baseline (half the CPUs: the rest drive the load)")
     p.add_argument("--max-batch", type=int, default=32, help="server micro-batch size and offline batch size")
-    p.add_argument("--max-wait-ms", type=float, default=2.0, help="server micro-batch wait")
+    p.add_argument("--max-wait-ms", type=float, default=None, help="server micro-batch wait (default: the server's)")
     p.add_argument("--images", type=int, default=512, help="distinct CIFAR JPEGs sent to /predict")
     args = p.parse_args(argv)
     per_round = args.seconds / args.rounds

@@ -1,7 +1,7 @@
 """Micro-batching: concurrent requests share forward passes.
 
 An asyncio task collects submitted items until ``max_batch`` rows are queued or the first one has waited
-``max_wait_ms``, then runs ``fn(items)`` on one dedicated inference thread (so the event loop never
+``max_wait_ms`` since it arrived (an item that waited through the previous batch does not wait again), then runs ``fn(items)`` on one dedicated inference thread (so the event loop never
 blocks and the model is only ever called from one thread) and resolves each caller's future with its
 own result. ``fn`` maps a list of items to a list of results of the same length; an exception it raises
 is given to every caller of that batch.
@@ -9,7 +9,9 @@ is given to every caller of that batch.
     batcher = MicroBatcher(fn, max_batch=32, max_wait_ms=2, rows=len)
     await batcher.start(); result = await batcher.submit(item); await batcher.stop()
 
-With ``max_wait_ms=0`` nothing waits: a batch is whatever was queued while the previous one ran. With
+With ``max_wait_ms=0`` nothing waits: a batch is whatever was queued while the previous one ran; under
+load that alone fills batches, and a deliberate wait would only let a busy event loop run late and
+gather every client into one batch, with the model idle while they all come back. With
 ``inline_rows`` a batch of at most that many rows runs on the event loop itself: for ``/calibrate`` rows a
 small batch costs less than the hop to a thread, and a thread running many short torch calls would
 fight the busy event loop for the GIL at every call (measured: 2x the CPU per request).
@@ -49,7 +51,7 @@ class MicroBatcher:
         self.on_batch = on_batch  # called with the number of rows of every batch (metrics)
         self.inline_rows = inline_rows
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
-        self._queue: asyncio.Queue[tuple[Any, asyncio.Future]] | None = None
+        self._queue: asyncio.Queue[tuple[Any, asyncio.Future, float]] | None = None  # item, its caller, arrival time
         self._task: asyncio.Task | None = None
         self._inflight: list[asyncio.Future] = []
 
@@ -87,14 +89,17 @@ class MicroBatcher:
         if not self.running or self._queue is None:
             raise BatcherStopped("the model is not loaded yet.")
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((item, future))
+        self._queue.put_nowait((item, future, time.monotonic()))
         return await future
 
     async def _collect(self) -> list[tuple[Any, asyncio.Future]]:
         assert self._queue is not None
-        batch = [await self._queue.get()]
-        size = self.rows(batch[0][0])
-        deadline = time.monotonic() + self.max_wait
+        item, future, arrived = await self._queue.get()
+        batch = [(item, future)]
+        size = self.rows(item)
+        # The wait counts from the first item's arrival, not from when this task took it: under load the
+        # items queued during the previous batch have waited already and go at once, with all queued since.
+        deadline = arrived + self.max_wait
         while size < self.max_batch:
             if self._queue.empty():
                 remaining = deadline - time.monotonic()
@@ -106,7 +111,7 @@ class MicroBatcher:
                     break
             else:
                 entry = self._queue.get_nowait()
-            batch.append(entry)
+            batch.append(entry[:2])
             size += self.rows(entry[0])
         return batch
 

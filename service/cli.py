@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rows", default=argparse.SUPPRESS, type=int, help="most rows per /calibrate or /v2 infer request (default 4096)")
     p.add_argument("--torch-threads", default=argparse.SUPPRESS, type=int, help="torch intra-op threads (default min(4, CPUs))")
     p.add_argument("--max-batch", default=argparse.SUPPRESS, type=int, help="most images per forward pass (default 32)")
-    p.add_argument("--max-wait-ms", default=argparse.SUPPRESS, type=float, help="how long a batch waits to fill up (default 2)")
+    p.add_argument("--max-wait-ms", default=argparse.SUPPRESS, type=float, help="how long the first image of a batch may wait for others (default 0: batch what queued during the previous pass)")
     p.add_argument("--device", default=argparse.SUPPRESS, help="torch device of the model (default cpu)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 

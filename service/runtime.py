@@ -7,8 +7,8 @@ always computed with a single calibration version, which it reports.
 
 Shapes: features (N, d), logits (N, K), images (N, 3, H, W) uint8 before normalisation.
 
-Two micro-batchers, each on its own thread: images (``/predict``) wait up to ``max_wait_ms`` to share a
-forward pass; rows of stage-1 outputs (``/calibrate``, ``/v2`` tensors) never wait: a batch is whatever
+Two micro-batchers, each on its own thread: images (``/predict``) share a forward pass with the images
+queued while the previous pass ran (and, with ``max_wait_ms``, those arriving soon after); rows of stage-1 outputs (``/calibrate``, ``/v2`` tensors) never wait: a batch is whatever
 rows arrived while the previous batch ran, so the per-call cost of the head is paid once per batch.
 """
 
@@ -119,15 +119,6 @@ def check_calibration(calibrator: Calibrator, model: LoadedModel, model_name: st
     except ArtifactError as exc:
         raise IncompatibleCalibration(str(exc)) from None
     return CalibrationState(calibrator, calibration_version(calibrator))
-
-
-def top_k(probabilities: torch.Tensor, k: int, class_names: list[str]) -> list[list[dict]]:
-    """Per row the k most probable classes as ``{label, index, probability}``. probabilities (N, K)."""
-    values, indices = probabilities.topk(k, dim=1)  # (N, k)
-    return [
-        [{"label": class_names[i], "index": i, "probability": p} for i, p in zip(row_i, row_p, strict=True)]
-        for row_i, row_p in zip(indices.tolist(), values.tolist(), strict=True)
-    ]
 
 
 class Runtime:

@@ -105,6 +105,15 @@ class PredictJSON(BaseModel):
     images: list[str] = Field(min_length=1, description="base64-encoded image files (JPEG, PNG, …)")
 
 
+class PredictQuery(BaseModel):
+    """The query parameters of ``/predict``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    top_k: int | None = Field(None, ge=1, description="classes per image (default min(5, K))")
+    raw: bool = Field(False, description="also return the stage-1 (uncalibrated) top-k")
+
+
 class PredictResponse(BaseModel):
     model_name: str
     calibration_version: str
@@ -159,6 +168,15 @@ def json_body(model: type[BaseModel]) -> dict[str, Any]:
         return node
 
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+def query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
+    """OpenAPI ``parameters`` of a route that validates its query string itself with ``model``."""
+    schema = model.model_json_schema()
+    required = set(schema.get("required", ()))
+    return [{"name": name, "in": "query", "required": name in required, "description": prop.get("description", ""),
+             "schema": {key: value for key, value in prop.items() if key not in ("description", "title")}}
+            for name, prop in schema["properties"].items()]
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:

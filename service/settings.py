@@ -39,7 +39,10 @@ class Settings(BaseSettings):
     max_rows: int = Field(4096, ge=1, description="most rows in one /calibrate or /v2 infer request")
     torch_threads: int = Field(default_factory=default_torch_threads, ge=1, description="torch intra-op threads")
     max_batch: int = Field(32, ge=1, le=4096, description="most images in one forward pass of the micro-batcher")
-    max_wait_ms: float = Field(2.0, ge=0.0, le=1000.0, description="how long the first image of a batch waits for others")
+    # 0 by default: under load a batch is whatever queued while the previous pass ran, and a deliberate
+    # wait only synchronises the clients into one batch that leaves the model idle between passes
+    # (measured with 32 clients on 2 CPUs: 227 images/s at 0 ms, 167 at 2 ms).
+    max_wait_ms: float = Field(0.0, ge=0.0, le=1000.0, description="how long the first image of a batch may wait for others")
     device: str = Field("cpu", description="torch device of the model")
 
     @field_validator("admin_token")

@@ -16,8 +16,6 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from calib.errors import InputError
-from service.runtime import CalibrationState, top_k
-from service.schemas import Prediction
 
 DEFAULT_TOP_K = 5
 # Parsing or writing this much JSON takes about a millisecond: below it, the work costs less than handing it
@@ -116,8 +114,3 @@ def top_k_lists(indices: np.ndarray, probabilities: np.ndarray, class_names: lis
     """Per row ``[{label, index, probability}]`` from top-k indices and probabilities (n, k), for orjson."""
     return [[{"label": class_names[i], "index": i, "probability": p} for i, p in zip(row_i, row_p, strict=True)]
             for row_i, row_p in zip(indices.tolist(), probabilities, strict=True)]  # p: np.float32, written as such
-
-
-def predictions(probabilities: torch.Tensor, k: int, state: CalibrationState) -> list[list[Prediction]]:
-    """Per row the top-k as schema objects. probabilities (N, K)."""
-    return [[Prediction(**p) for p in row] for row in top_k(probabilities, k, state.class_names)]

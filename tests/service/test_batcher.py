@@ -121,3 +121,34 @@ def test_small_batches_run_inline_on_the_event_loop_and_large_ones_on_the_thread
     loop_thread = 0
     run(main())
     assert where == [(4, True), (5, False)]
+
+
+def test_the_wait_counts_from_arrival_so_an_item_queued_during_a_batch_does_not_wait_again():
+    calls: list[tuple[list[str], float]] = []
+
+    def fn(items):
+        calls.append((list(items), time.monotonic()))
+        time.sleep(0.4 if items == ["a"] else 0.0)
+        return items
+
+    async def main():
+        batcher = MicroBatcher(fn, max_batch=8, max_wait_ms=300)
+        await batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit("a"))
+            while not calls:  # "a" waits 300 ms for company, then its batch runs for 400 ms
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.05)
+            queued_during_batch = time.monotonic()
+            assert await batcher.submit("b") == "b"
+            await first
+            return queued_during_batch
+        finally:
+            await batcher.stop()
+
+    queued = run(main())
+    (batch_a, started_a), (batch_b, started_b) = calls
+    assert batch_a == ["a"] and batch_b == ["b"]
+    # "b" arrived 50 ms into a 400 ms batch: by its end "b" had waited 350 ms > 300 ms, so it goes at once
+    # (timed from when the batcher took it, it would wait another 300 ms).
+    assert started_b - queued < 0.4 + 0.15
