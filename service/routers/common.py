@@ -9,7 +9,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import orjson
-import torch
 from fastapi import HTTPException, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
@@ -104,9 +103,8 @@ def finite_float32(values: list, what: str) -> np.ndarray:
     return array
 
 
-def finite_or_raise(array: np.ndarray | torch.Tensor, what: str) -> None:
-    finite = np.isfinite(array).all() if isinstance(array, np.ndarray) else torch.isfinite(array).all()
-    if not finite:
+def finite_or_raise(array: np.ndarray, what: str) -> None:
+    if not np.isfinite(array).all():
         raise InputError(f"the {what} overflow float32 (NaN or inf); the input values are too large.")
 
 

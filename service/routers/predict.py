@@ -24,6 +24,7 @@ from service.routers.common import (
     check_count,
     decode_base64,
     json_response,
+    read_json,
     resolve_top_k,
     top_k_lists,
 )
@@ -67,7 +68,7 @@ async def read_images(request: Request, max_images: int) -> list[bytes]:
                 blobs.append(await upload.read())
             return blobs
     if media_type == "application/json" or media_type.endswith("+json"):
-        body = PredictJSON.model_validate_json(await request.body())
+        body = await read_json(request, PredictJSON)  # base64 bodies of several MiB are parsed off the loop
         check_count("images", len(body.images), max_images, "max_images")
         return decode_base64(body.images, "images")
     raise HTTPException(415, f"the body should be multipart/form-data or application/json, found {media_type or 'no Content-Type'}.")
