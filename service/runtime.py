@@ -7,9 +7,11 @@ always computed with a single calibration version, which it reports.
 
 Shapes: features (N, d), logits (N, K), images (N, 3, H, W) uint8 before normalisation.
 
-Two micro-batchers, each on its own thread: images (``/predict``) share a forward pass with the images
-queued while the previous pass ran (and, with ``max_wait_ms``, those arriving soon after); rows of stage-1 outputs (``/calibrate``, ``/v2`` tensors) never wait: a batch is whatever
-rows arrived while the previous batch ran, so the per-call cost of the head is paid once per batch.
+Two micro-batchers. Images (``/predict``) share a forward pass on the inference thread with the images
+queued while the previous pass ran (and, with ``max_wait_ms``, those arriving soon after). Rows of
+stage-1 outputs (``/calibrate``, ``/v2`` tensors) never wait: a batch is whatever rows arrived while the
+previous batch ran, so the per-call cost of the head is paid once per batch; small batches run on the
+event loop, large ones on a calibration thread.
 """
 
 from __future__ import annotations
@@ -166,7 +168,7 @@ class Runtime:
         return await self.row_batcher.submit(request)
 
     def _calibrate_batch(self, requests: list[RowRequest]) -> list[RowResult]:
-        """Calibration thread: one head evaluation, softmax and top-k for the rows of all requests of a batch."""
+        """One head evaluation, softmax and top-k for the rows of all requests of a batch (on the loop or the calibration thread)."""
         state = self.calibration  # one snapshot for the whole batch
         if len(requests) == 1:
             features, logits = requests[0].features, requests[0].logits
