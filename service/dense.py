@@ -240,9 +240,9 @@ def detections(output: dict[str, torch.Tensor], class_names: list[str]) -> list[
 
 async def predict_dense(runtime: DenseRuntime, blobs: list[bytes], raw: bool) -> DensePredictResponse:
     """The ``/predict`` answer of a dense runtime for a request's image files."""
-    from starlette.concurrency import run_in_threadpool
+    from service.routers.common import decode_images
 
-    images = await run_in_threadpool(runtime.decode, blobs)
+    images = await decode_images(runtime.decode, blobs)
     result = await runtime.predict(DenseRequest(images, raw))
     names = result.calibration.class_names
     predictions: list = []

@@ -13,7 +13,6 @@ import math
 import numpy as np
 import torch
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from calib.errors import InputError
 from service.deps import ModelName, RuntimeDep
@@ -21,6 +20,7 @@ from service.routers.common import (
     JSON_BYTES_PER_NUMBER,
     check_count,
     decode_base64,
+    decode_images,
     finite_float32,
     finite_or_raise,
     json_response,
@@ -122,8 +122,7 @@ async def infer(name: ModelName, request: Request, runtime: RuntimeDep) -> Respo
         state, arrays = rows.calibration, {"logits": rows.logits, "probabilities": rows.probabilities}
     elif set(inputs) == {"image"}:
         blobs = image_blobs(inputs["image"], runtime.settings.max_images)
-        images = await run_in_threadpool(runtime.image_tensor, blobs)
-        result = await runtime.classify(images)
+        result = await runtime.classify(await decode_images(runtime.image_tensor, blobs))
         calibrated = result.calibrated_logits
         state, arrays = result.calibration, {"logits": calibrated.numpy(), "probabilities": torch.softmax(calibrated, dim=1).numpy()}
     else:

@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("DISALIGN_SHARED_DIR", REPO / ".." / "shared")).resolve()
+from tests.conftest import REPO
+from tests.conftest import SHARED as SHARED_AS_GIVEN
+
+SHARED = SHARED_AS_GIVEN.resolve()
 MODEL = SHARED / "models" / "cifar10lt-ir50-resnet32.ts"
 CARD = SHARED / "models" / "cifar10lt-ir50-resnet32.json"
 LISTS = SHARED / "data" / "cifar10lt-ir50"
 
 
 @pytest.fixture(scope="session")
-def shared() -> Path:
-    if not MODEL.is_file():
-        pytest.fail(f"the shared data directory {SHARED} is missing (expected ../shared beside the repo); set DISALIGN_SHARED_DIR")
-    return SHARED
+def shared(shared_dir: Path) -> Path:
+    return shared_dir.resolve()
 
 
 @pytest.fixture(scope="session")

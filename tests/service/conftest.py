@@ -32,9 +32,8 @@ from calib.bank import write_bank
 from calib.disalign import DisAlign
 from service.main import create_app
 from service.settings import Settings
+from tests.conftest import REPO, SHARED
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("DISALIGN_SHARED_DIR", REPO.parent / "shared"))
 MODEL = SHARED / "models" / "cifar10lt-ir50-resnet32.ts"
 CARD = SHARED / "models" / "cifar10lt-ir50-resnet32.json"
 ARCHIVE = SHARED / "data" / "cifar10-jpeg.tar.gz"
