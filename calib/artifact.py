@@ -109,11 +109,12 @@ def error_sentence(exc: ValidationError) -> str:
     """The first pydantic error as ``'field' should be …, found …``."""
     first = exc.errors()[0]
     loc = ".".join(str(part) for part in first["loc"])
-    msg = str(first["msg"]).removeprefix("Value error, ").removeprefix("Input ")
+    msg = str(first["msg"]).removeprefix("Value error, ")
     if first["type"] == "missing":
         return f"'{loc}' is missing."
     if not loc:  # a check across fields: the message names its field
         return f"{msg}."
+    msg = msg[msg.index("should "):] if "should " in msg else msg  # "Input should be …" → "should be …"
     found = repr(first.get("input"))
     return f"'{loc}' {msg}, found {found[:60] + '…' if len(found) > 60 else found}."
 
