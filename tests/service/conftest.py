@@ -182,21 +182,21 @@ class ServerProcess:
         return self.process.returncode
 
 
-def server_command(calibration: Path, *extra: str, entry: str = "service") -> list[str]:
+def server_command(calibration: Path, *extra: str, entry: str = "service", card: Path | None = CARD) -> list[str]:
     prefix = [sys.executable, "-m", "service"] if entry == "service" else [sys.executable, "-m", "calib.cli", "serve"]
-    return [*prefix, "--model", str(MODEL), "--card", str(CARD), "--calibration", str(calibration),
+    return [*prefix, "--model", str(MODEL), *(["--card", str(card)] if card else []), "--calibration", str(calibration),
             "--host", "127.0.0.1", *extra]
 
 
 def start_server(calibration: Path, log: Path, *extra: str, env: dict | None = None, entry: str = "service",
-                 deadline_s: float = 60.0) -> ServerProcess:
+                 deadline_s: float = 60.0, card: Path | None = CARD, wrapper: tuple[str, ...] = ()) -> ServerProcess:
     """Start the server on a free loopback port and wait (bounded) until /v2/health/ready answers 200."""
     environment = {**os.environ, "DISALIGN_ADMIN_TOKEN": ADMIN_TOKEN, "DISALIGN_TORCH_THREADS": "1",
                    "DISALIGN_WATCH_INTERVAL_S": "0", **(env or {})}  # tests of the watcher turn it on
     for _attempt in range(3):  # the free port may be taken between probing and binding
         port = free_port()
         with open(log, "wb") as fh:
-            process = subprocess.Popen([*server_command(calibration, "--port", str(port), *extra, entry=entry)],
+            process = subprocess.Popen([*wrapper, *server_command(calibration, "--port", str(port), *extra, entry=entry, card=card)],
                                        stdout=fh, stderr=subprocess.STDOUT, env=environment, cwd=REPO)
         server = ServerProcess(process, f"http://127.0.0.1:{port}", log)
         if wait_ready(server, deadline_s):

@@ -13,18 +13,32 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from calib.bank import load_bank
+from calib.cli import main
 from calib.disalign import DisAlign
 from calib.errors import DisalignError
+from calib.methods import load_calibration
 from calib.publish import METADATA_FILE, PARAMETERS_FILE, artifact_dir, publish
 from feature_extract.preprocess import Preprocessing
 from service.main import create_app
-from tests.service.conftest import ADMIN_TOKEN, CARD, REPO, Artifacts, free_port, make_settings, server_command
+from tests.service.conftest import (
+    ADMIN_TOKEN,
+    CARD,
+    MODEL,
+    REPO,
+    Artifacts,
+    free_port,
+    make_settings,
+    server_command,
+    start_server,
+)
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 ROW = {"features": [0.5] * 64, "logits": [float(i) for i in range(10)]}
@@ -172,3 +186,31 @@ def test_start_up_on_an_invalid_artifact_is_one_sentence(artifacts: Artifacts, t
     assert result.returncode == 2, result.stderr
     assert "refusing to start:" in result.stderr and "'background_index' should be in 0..9 or null, found 50." in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_serve_without_a_card_answers_as_extract_and_predict_proba(cifar_calibration: Path, cifar_jpegs: list[Path], tmp_path):
+    """The same JPEGs through `disalign extract` + `DisAlign.predict_proba` and through `disalign serve` without
+    --card: the same top-1 and probabilities (the server takes the 32 px CIFAR preprocessing from the calibration)."""
+    (tmp_path / "list.txt").write_text("".join(f"{p.name}\n" for p in cifar_jpegs))
+    assert main(["extract", "--model", str(MODEL), "--card", str(CARD), "--root", str(cifar_jpegs[0].parent),
+                 "--list", str(tmp_path / "list.txt"), "--out", str(tmp_path / "jpegs.h5"), "--feature-dtype", "float32",
+                 "--workers", "0", "--quiet"]) == 0
+    bank = load_bank(tmp_path / "jpegs.h5")
+    order = bank.sample_index.argsort()
+    offline = load_calibration(cifar_calibration).predict_proba(bank.features[order].float(), bank.logits[order])  # (20, 10)
+
+    server = start_server(cifar_calibration, tmp_path / "server.log", entry="disalign", card=None)
+    try:
+        files = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in cifar_jpegs]
+        r = httpx.post(f"{server.url}/predict?top_k=10", files=files, timeout=60)
+    finally:
+        assert server.stop() == 0, server.log.read_text()[-2000:]
+    assert r.status_code == 200, r.text
+    online = torch.zeros_like(offline)
+    for i, prediction in enumerate(r.json()["predictions"]):
+        for entry in prediction["top_k"]:
+            online[i, entry["index"]] = entry["probability"]
+    assert torch.equal(online.argmax(1), offline.argmax(1))
+    torch.testing.assert_close(online, offline, atol=1e-4, rtol=0)
+    assert (offline.argmax(1) == torch.arange(10).repeat_interleave(2)).float().mean() > 0.5  # real predictions, not noise
