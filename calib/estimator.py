@@ -183,7 +183,10 @@ class Calibrator:
             raise ArtifactError("the calibration records no model fingerprint (its training bank has none), so no server "
                                 "could check it against a model; extract the banks with disalign extract, or pass "
                                 "model_fingerprint to write_bank.")
-        validate_metadata(metadata, META_FIELDS, "the calibration metadata")  # never publish what load() refuses
+        # Never publish what load() would refuse (a diverged fit, say): a server's watcher would pick it up.
+        validate_metadata(metadata, META_FIELDS, "the calibration metadata")
+        check_tensors(self.params_, "the calibration")
+        canary(self, "the calibration")
         publish(directory, artifact_bytes(self.params_, metadata, self.method), overwrite=overwrite)
         return Path(directory)
 

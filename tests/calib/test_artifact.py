@@ -122,9 +122,13 @@ def test_the_artifact_records_the_training_banks_preprocessing_and_model(good, l
     assert meta.preprocessing == (info.preprocessing or None)
 
 
-def test_saving_without_a_model_fingerprint_is_refused(lt_banks, tmp_path):
+def test_save_refuses_what_load_would_refuse(lt_banks, tmp_path):
     est = DisAlign(rho=1.0, epochs=1).fit(lt_banks["train"])
     est.meta_.model_fingerprint = ""
     with pytest.raises(ArtifactError, match="records no model fingerprint"):
+        est.save(tmp_path / "cal")
+    est = DisAlign(rho=1.0, epochs=1).fit(lt_banks["train"])
+    est.params_["alpha"][0] = 3e38  # a diverged fit
+    with pytest.raises(ArtifactError, match="the calibration gives NaN, inf or unnormalised probabilities"):
         est.save(tmp_path / "cal")
     assert not (tmp_path / "cal").exists()
