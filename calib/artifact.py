@@ -54,7 +54,7 @@ class FitReport(BaseModel):
     rho: float | None = None
     tau: float | None = None
     rho_curve: list[RhoPoint] | None = None
-    validation: dict[str, float | None] | None = None
+    validation: dict[str, Any] | None = None  # printed by `disalign fit`; its values vary by method
     fit_seconds: float | None = None
     epoch_seconds: list[float] | None = None
 
