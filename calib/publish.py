@@ -157,7 +157,7 @@ def publish(directory: str | os.PathLike, files: dict[str, bytes], *, overwrite:
     return versions / version
 
 
-def collect_garbage(directory: Path, *, keep: int = KEEP_VERSIONS, protected: set[str] = frozenset()) -> None:
+def collect_garbage(directory: Path, *, keep: int = KEEP_VERSIONS, protected: frozenset[str] | set[str] = frozenset()) -> None:
     """Remove versions beyond the newest ``keep`` (never the current or a ``protected`` one) and stale temporaries.
 
     Only entries whose names this module makes are ever removed.
