@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -163,7 +164,7 @@ def fit_temperature_bias(logits: torch.Tensor, labels: torch.Tensor, bias_penalt
     z, y = logits.detach().double(), labels.detach()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t, bias], lr=1.0, max_iter=500, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS([log_t, bias], lr=1.0, max_iter=100, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -232,20 +233,21 @@ def em_prior(probabilities: torch.Tensor, reference: torch.Tensor, *, concentrat
         M: π_y  = (Σ_i w_iy + A · π_ref,y) / (N + A)       (Dirichlet α_y = 1 + A · π_ref,y)
 
     with A = ``concentration`` (0: plain maximum likelihood). → (π (K,), iterations, converged).
+    Σ_i w_iy = π_y · Σ_i (p_iy / π_ref,y) / d_i with d = (p / π_ref) π: two matrix-vector products per
+    iteration, in numpy (torch's thread pool costs more than these small products on a busy machine).
     """
-    p = probabilities.double()
-    ratio = p / reference  # (N, K): p_iy / π_ref,y, constant across iterations
-    prior = (start if start is not None else reference).double().clone()
-    n = p.shape[0]
+    ratio = (probabilities.double() / reference.double()).numpy()  # (N, K): p_iy / π_ref,y, fixed
+    ref = reference.double().numpy()
+    prior = (start if start is not None else reference).double().numpy().copy()
+    n = ratio.shape[0]
     for iteration in range(1, max_iterations + 1):
-        weighted = ratio * prior  # (N, K)
-        posterior = weighted / weighted.sum(dim=1, keepdim=True).clamp_min(1e-300)
-        new = (posterior.sum(dim=0) + concentration * reference) / (n + concentration)
-        moved = float((new - prior).abs().max())
+        mixture = np.maximum(ratio @ prior, 1e-300)  # (N,): d_i
+        new = (prior * (ratio.T @ (1.0 / mixture)) + concentration * ref) / (n + concentration)
+        moved = float(np.abs(new - prior).max())
         prior = new
         if moved < tolerance:
-            return prior, iteration, True
-    return prior, max_iterations, False
+            return torch.from_numpy(prior), iteration, True
+    return torch.from_numpy(prior), max_iterations, False
 
 
 def likelihood_ratio(probabilities: torch.Tensor, prior: torch.Tensor, reference: torch.Tensor) -> float:
