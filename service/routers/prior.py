@@ -55,7 +55,7 @@ async def prior_status(runtime: RuntimeDep) -> PriorStatus:
     return PriorStatus(**runtime.prior.status())
 
 
-@router.post("/prior", response_model=PriorStatus, responses=error_responses(401, 403, 422, 503))
+@router.post("/prior", response_model=PriorStatus, responses=error_responses(400, 401, 403, 422, 503))
 async def prior_command(command: PriorCommand, runtime: RuntimeDep) -> PriorStatus:
     """Freeze, unfreeze, reset or set the served class prior."""
     tracker = runtime.prior
