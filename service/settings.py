@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     prior: str = Field("balanced", min_length=1, description="balanced, adaptive (estimated from the traffic) or a prior file (JSON)")
     prior_window: int = Field(5000, ge=10, le=1_000_000, description="adaptive prior: rows of recent traffic kept (x K float32)")
     prior_update_every: int = Field(100, ge=1, description="adaptive prior: requests between two estimates")
-    prior_min_rows: int = Field(500, ge=1, description="adaptive prior: rows the window needs before the first estimate")
+    prior_min_rows: int = Field(200, ge=1, description="adaptive prior: rows the window needs before the first estimate")
 
     @field_validator("admin_token")
     @classmethod
