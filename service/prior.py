@@ -15,7 +15,7 @@ version it used: ``balanced``, or ``<source>-<12 hex>`` with source ``estimate``
 
 The current prior is one immutable :class:`PriorState`, swapped by assignment (a batch takes one
 snapshot). A new calibration (a reload) resets the window and the estimate: the first batch computed
-with it notices. ``POST /admin/prior`` freezes, unfreezes, resets or sets the prior
+with it, or the next ``/admin/prior``, notices. ``POST /admin/prior`` freezes, unfreezes, resets or sets the prior
 (:mod:`service.routers.prior`). A calibration that already carries a target prior (``disalign adapt
 --out``) is served as it is: the server's prior does not apply to it.
 """
@@ -236,10 +236,7 @@ class PriorTracker:
         if state.calibration_version != calibration.version:
             if self._current_calibration().version != calibration.version:
                 return logits, make_state(BALANCED, None, calibration)  # a batch of the old calibration, after a reload
-            with self._lock:  # the first batch of a reloaded calibration
-                if self.state.calibration_version != calibration.version:
-                    self._reset_locked(calibration)
-            state = self.state
+            state = self._follow(calibration)  # the first batch of a reloaded calibration
         if self.adaptive and observe:
             self._observe(logits, calibration, requests)
         if state.shift is None or use_prior is False:
@@ -248,6 +245,13 @@ class PriorTracker:
         if isinstance(use_prior, torch.Tensor) and not bool(use_prior.all()):
             adjusted = torch.where(use_prior[:, None], adjusted, logits)
         return adjusted, state
+
+    def _follow(self, calibration: CalibrationState) -> PriorState:
+        """Reset if ``calibration`` (the runtime's current one) is not the one the state was made for: a reload."""
+        with self._lock:
+            if self.state.calibration_version != calibration.version:
+                self._reset_locked(calibration)
+            return self.state
 
     def _observe(self, logits: torch.Tensor, calibration: CalibrationState, requests: int) -> None:
         probabilities = torch.softmax(self._reference.adjust(logits), dim=1).numpy()  # (N, K): softmax(z / T + b)
@@ -300,7 +304,8 @@ class PriorTracker:
 
     def status(self) -> dict:
         """What ``/admin/prior`` answers (balanced for a runtime that never started it: a dense model)."""
-        state, estimate = self._state or PriorState(BALANCED, BALANCED, None, ""), self.last_estimate
+        state = self._follow(self._current_calibration()) if self._state is not None else PriorState(BALANCED, BALANCED, None, "")
+        estimate = self.last_estimate
         return {"mode": "file" if self._file_prior is not None else self.mode, "version": state.version, "source": state.source,
                 "frozen": self.frozen, "prior": state.prior.tolist() if state.prior is not None else None,
                 "window_rows": self._filled, "window_capacity": self.window_capacity if self.adaptive else 0,

@@ -157,6 +157,7 @@ def test_adaptive_prior_follows_shifted_traffic(tmp_path: Path, real_calibration
         install(Path(str(real_calibration)), target)  # same artifact, but the reload must still start a fresh window…
         (target / "calibration.json").write_text((target / "calibration.json").read_text().replace('"created": "', '"created": "x'))
         assert c.post("/admin/reload", headers=AUTH).json()["changed"]  # …of a new version
+        assert c.get("/admin/prior", headers=AUTH).json()["window_rows"] == 0
         assert calibrate(c, test_bank, rows[:10])["prior_version"] == "balanced"
         after = c.get("/admin/prior", headers=AUTH).json()
         assert after["window_rows"] == 10 and after["estimate"] is None
