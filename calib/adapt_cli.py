@@ -34,24 +34,7 @@ from calib.errors import InputError
 TARGET_PRIOR_CHOICES = ("uniform", "train", "estimate")
 
 
-# -- shared by adapt, eval and the server ---------------------------------------------------------
-def read_prior_file(path: str | Path, class_names: list[str]) -> torch.Tensor:
-    """A prior file (module docstring) → normalised prior (K,) float64; one sentence for any fault."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"prior file {path} does not exist.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"prior file {path} is not readable JSON ({exc}).") from None
-    values = raw.get("prior") if isinstance(raw, dict) else raw
-    if isinstance(raw, dict) and "classes" in raw and raw["classes"] != class_names:
-        raise InputError(f"prior file {path}: 'classes' should be the calibration's class names {class_names[:3]}…, found {raw['classes']!r:.80}.")
-    if not isinstance(values, list) or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-        raise InputError(f"prior file {path} should hold a list of {len(class_names)} numbers or an object with a 'prior' list.")
-    return label_shift.check_prior(values, len(class_names), f"prior file {path}: the prior")
-
-
+# -- shared by adapt, eval and the benchmark ------------------------------------------------------
 def probability_calibration(calibrator) -> label_shift.ProbabilityCalibration | None:
     raw = calibrator.meta_.probability_calibration
     return label_shift.ProbabilityCalibration.from_json(raw) if raw else None
@@ -206,6 +189,6 @@ def with_target_prior(estimators: dict, calibrator, test, choice: str | None) ->
         print(format_estimate(estimate, calibrator.meta_.class_names, None, None).splitlines()[-1])
         prior = estimate.applied if estimate.adapt else None
     else:
-        prior = read_prior_file(choice, calibrator.meta_.class_names)
+        prior = label_shift.read_prior_file(choice, calibrator.meta_.class_names)
     name = f"{calibrator.method}@{Path(choice).name if choice not in TARGET_PRIOR_CHOICES else choice}"
     return {**estimators, name: aligned_to_prior(calibrator, prior)}

@@ -31,13 +31,16 @@ Two guards keep the estimate sane where the plain procedure is not:
   With the MAP estimate in place of the maximum-likelihood one, Λ is a lower bound (conservative).
 
 Shapes: logits (N, K), probabilities (N, K) rows summing to 1, priors (K,) summing to 1. Everything here is
-a pure function over tensors; computations run in float64.
+a pure function over tensors (computations in float64), except :func:`read_prior_file`, the reader of the
+prior-file format that ``disalign adapt --json`` writes and ``eval --target-prior`` and the server read.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -322,6 +325,27 @@ def adjust_to_prior(logits: torch.Tensor, prior: torch.Tensor, calibration: Prob
     return calibrated_logits(logits, calibration) + target.log() - ref.log()
 
 
+def read_prior_file(path: str | Path, class_names: list[str]) -> torch.Tensor:
+    """A prior file → normalised prior (K,) float64; one sentence for any fault.
+
+    The format (what ``disalign adapt --json`` writes, ``eval --target-prior`` and ``DISALIGN_PRIOR`` read):
+    ``{"prior": [K numbers >= 0], "classes": [K names], ...}`` (``classes`` optional), or a bare list of K numbers.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"prior file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"prior file {path} is not readable JSON ({exc}).") from None
+    values = raw.get("prior") if isinstance(raw, dict) else raw
+    if isinstance(raw, dict) and "classes" in raw and raw["classes"] != class_names:
+        raise InputError(f"prior file {path}: 'classes' should be the calibration's class names {class_names[:3]}…, found {raw['classes']!r:.80}.")
+    if not isinstance(values, list) or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise InputError(f"prior file {path} should hold a list of {len(class_names)} numbers or an object with a 'prior' list.")
+    return check_prior(values, len(class_names), f"prior file {path}: the prior")
+
+
 def l1_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Σ_y |a_y − b_y| of two priors (K,): 0 for equal priors, 2 for disjoint ones."""
     return float((a.double() - b.double()).abs().sum())
@@ -344,5 +368,6 @@ __all__ = [
     "l1_distance",
     "likelihood_ratio",
     "prior_logits",
+    "read_prior_file",
     "uniform_prior",
 ]

@@ -35,7 +35,6 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 
 from calib import label_shift
-from calib.adapt_cli import read_prior_file
 from calib.errors import InputError
 
 if TYPE_CHECKING:
@@ -164,7 +163,7 @@ class PriorTracker:
     def start(self, calibration: CalibrationState) -> None:
         """Read the prior file (if any) and start balanced or at the file's prior; raises InputError."""
         if self.mode not in (BALANCED, ADAPTIVE):
-            self._file_prior = read_prior_file(self.mode, calibration.class_names).numpy()
+            self._file_prior = label_shift.read_prior_file(self.mode, calibration.class_names).numpy()
         if self.mode != BALANCED and calibration.meta.target_prior is not None:
             log.warning("the calibration is aligned to a target prior already; DISALIGN_PRIOR=%s does not apply to it", self.mode)
         if self.adaptive and calibration.meta.probability_calibration is None:

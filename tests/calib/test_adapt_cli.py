@@ -97,11 +97,13 @@ def test_adapt_keeps_the_reference_on_balanced_traffic(fitted, lt_banks, tmp_pat
     (["eval", "{test}", "--calibration", "{cal}", "--target-prior", "{tmp}/nope.json"], r"prior file .*nope.json does not exist\."),
     (["eval", "{test}", "--calibration", "{cal}", "--target-prior", "{short}"], r"prior file .*short.json: the prior should have 10 values"),
     (["eval", "{test}", "--calibration", "{cal}", "--target-prior", "{text}"], r"prior file .*text.json is not readable JSON"),
+    (["eval", "{test}", "--calibration", "{cal}", "--target-prior", "{named}"], r"'classes' should be the calibration's class names"),
 ])
 def test_bad_input_is_one_sentence_exit_2(argv, message, fitted, lt_banks, tmp_path, capsys):
     aligned = tmp_path / "aligned"
     names = {"tmp": tmp_path, "cal": fitted, "aligned": aligned, "short": tmp_path / "short.json", "text": tmp_path / "text.json",
-             **{k: str(v) for k, v in lt_banks.items()}}
+             "named": tmp_path / "named.json", **{k: str(v) for k, v in lt_banks.items()}}
+    (tmp_path / "named.json").write_text(json.dumps({"prior": [0.1] * 10, "classes": [f"c{i}" for i in range(10)]}))
     (tmp_path / "short.json").write_text(json.dumps({"prior": [0.5, 0.5]}))
     (tmp_path / "text.json").write_text("uniform, please")
     assert main(["adapt", str(lt_banks["test"]), "--calibration", str(fitted), "--out", str(aligned), "--no-test", "--bootstrap", "0"]) == 0
