@@ -187,7 +187,7 @@ def with_target_prior(estimators: dict, calibrator, test, choice: str | None) ->
         clean = test.view == 0
         estimate = label_shift.estimate_prior(reference_probabilities(calibrator, test.features[clean], test.logits[clean]))
         print(format_estimate(estimate, calibrator.meta_.class_names, None, None).splitlines()[-1])
-        prior = estimate.applied if estimate.adapt else None
+        prior = estimate.prior if estimate.adapt else None
     else:
         prior = label_shift.read_prior_file(choice, calibrator.meta_.class_names)
     name = f"{calibrator.method}@{Path(choice).name if choice not in TARGET_PRIOR_CHOICES else choice}"

@@ -124,6 +124,9 @@ def check_artifact_fields(probability_calibration: object, target_prior: object,
             raise ArtifactError(f"{where}: probability_calibration.temperature should be a finite number > 0, found {temperature!r}.")
         if not isinstance(bias, list) or len(bias) != num_classes or not all(_is_number(v) for v in bias):
             raise ArtifactError(f"{where}: probability_calibration.bias should be {num_classes} finite numbers, found {bias!r:.80}.")
+        penalty = raw.get("bias_penalty", 0.0)
+        if not _is_number(penalty) or penalty < 0:
+            raise ArtifactError(f"{where}: probability_calibration.bias_penalty should be a finite number >= 0, found {penalty!r:.40}.")
     if target_prior is not None and (not isinstance(target_prior, list) or len(target_prior) != num_classes
                                      or not all(_is_number(v) and v >= 0 for v in target_prior) or sum(target_prior) <= 0):
         raise ArtifactError(f"{where}: target_prior should be {num_classes} finite numbers >= 0 with a positive sum, found {target_prior!r:.80}.")

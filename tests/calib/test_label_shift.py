@@ -162,6 +162,7 @@ def test_bad_arguments_are_one_sentence(call, match):
     ("probability_calibration", {"temperature": 0, "bias": [0.0] * 10}, "temperature should be a finite number > 0"),
     ("probability_calibration", {"temperature": 1.0, "bias": [0.0] * 3}, "bias should be 10 finite numbers"),
     ("probability_calibration", [1.0], "should be an object"),
+    ("probability_calibration", {"temperature": 1.0, "bias": [0.0] * 10, "bias_penalty": "big"}, "bias_penalty should be"),
     ("target_prior", [0.1] * 9, "target_prior should be 10 finite numbers"),
     ("target_prior", [-0.1] + [0.1] * 9, "target_prior should be 10"),
 ])
