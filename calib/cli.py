@@ -3,6 +3,7 @@
     disalign fit TRAIN.h5 [--val VAL.h5] [--rho FLOAT|auto] [--epochs N] [--method disalign|…] --out CALIB_DIR
     disalign eval TEST.h5 --calibration CALIB_DIR [--train TRAIN.h5] [--val VAL.h5]
                   [--methods joint,disalign,logit-adjust,tau-norm,lws,crt,ncm] [--json OUT] [--plots DIR]
+    disalign adapt UNLABELED.h5 --calibration CALIB_DIR [--out CALIB_DIR2] …   (calib.adapt_cli)
     disalign extract …   (feature_extract.cli)
     disalign serve …     (service.cli)
 
@@ -18,6 +19,7 @@ import re
 import sys
 from pathlib import Path
 
+from calib.adapt_cli import add_adapt_parser, add_target_prior_argument, with_target_prior
 from calib.defaults import FEW_BELOW, MANY_ABOVE
 from calib.errors import DisalignError, InputError
 
@@ -108,6 +110,7 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--few-below", type=int, default=FEW_BELOW, help="'few' classes have fewer training samples than this")
     p.add_argument("--json", type=Path, help="write the report as JSON here")
     p.add_argument("--plots", type=Path, help="write PNG plots into this directory")
+    add_target_prior_argument(p)
     p.set_defaults(func=run_eval)
 
 
@@ -116,6 +119,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     calibration, test, train, val = load_eval_banks(args.calibration, args.test, args.train, args.val)
     estimators, class_counts = eval_estimators(args.methods, calibration, train, val, test, all_with_train=True)
+    estimators = with_target_prior(estimators, calibration, test, args.target_prior)
     report = evaluate_methods(test, estimators, class_counts=class_counts, many_above=args.many_above, few_below=args.few_below)
     print(format_table(report))
     write_report(report, calibration, json_path=args.json, plots_dir=args.plots)
@@ -178,9 +182,10 @@ def write_report(report: dict, calibration, *, json_path: Path | None, plots_dir
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disalign", description="Post-hoc distribution alignment of long-tail classifiers.")
     subparsers = parser.add_subparsers(dest="command", required=True,
-                                       metavar="{fit,eval,eval-segmentation,eval-detection,extract,serve}")
+                                       metavar="{fit,eval,adapt,eval-segmentation,eval-detection,extract,serve}")
     add_fit_parser(subparsers)
     add_eval_parser(subparsers)
+    add_adapt_parser(subparsers)
     from calib.dense_cli import add_parsers as add_dense_eval_parsers
 
     add_dense_eval_parsers(subparsers)

@@ -113,7 +113,8 @@ class DisAlign(Calibrator):
             source = RowSource(reader=reader, window_rows=window_rows)
             params, report = self.fit_source(source, labels, sample_index, view, counts, info.background_index, val_bank)
             report["streamed"] = {"window_rows": window_rows, "max_memory": max_memory}
-            return self._set_fitted(info, counts, params, report)
+            self._set_fitted(info, counts, params, report)
+            return self.fit_probability_calibration(val_bank) if val_bank is not None else self
 
     def _fit(self, train: Bank, val: Bank | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return self.fit_source(RowSource(bank=train), train.labels, train.sample_index, train.view,

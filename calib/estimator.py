@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from calib import label_shift
 from calib.artifact import (
     ARTIFACT_VERSION,
     artifact_bytes,
@@ -51,6 +52,10 @@ class CalibrationMeta:
     artifact_version: int = ARTIFACT_VERSION
     created: str = ""
     preprocessing: dict[str, Any] | None = None  # the training bank's, so the server can use the same
+    # Label shift (calib.label_shift): BCTS {"temperature", "bias" [K], "bias_penalty"} fitted on the val bank,
+    # and the class prior (K,) the predictions are aligned to (set by `disalign adapt --out`; None = balanced).
+    probability_calibration: dict[str, Any] | None = None
+    target_prior: list[float] | None = None
 
 
 def as_bank(data: Bank | str | os.PathLike, role: str) -> Bank:
@@ -119,7 +124,8 @@ class Calibrator:
         if not (train_bank.labels >= 0).any():
             raise InputError(f"train bank {train_bank.info.path} has no labelled rows (all labels are -1).")
         params, report = self._fit(train_bank, val_bank)
-        return self._set_fitted(train_bank.info, train_bank.training_class_counts(), params, report)
+        self._set_fitted(train_bank.info, train_bank.training_class_counts(), params, report)
+        return self.fit_probability_calibration(val_bank) if val_bank is not None else self
 
     def _set_fitted(self, info: BankInfo, class_counts, params: dict[str, torch.Tensor], report: dict[str, Any]) -> Calibrator:
         """Store fitted tensors and the metadata that makes the artifact self-describing."""
@@ -148,7 +154,25 @@ class Calibrator:
         """Calibrated logits (N, K) float32 from stage-1 features (N, d) and logits (N, K)."""
         self._check_fitted()
         check_inputs(features, logits, self.meta_.num_classes, self.meta_.feature_dim)
-        return self._predict_logits(features, logits.to(torch.float32))
+        calibrated = self._predict_logits(features, logits.to(torch.float32))
+        if self.meta_.target_prior is not None:  # a calibration derived by `disalign adapt --out`
+            calibrated = label_shift.prior_logits(calibrated, self.meta_.target_prior, self.meta_.probability_calibration)
+        return calibrated
+
+    def fit_probability_calibration(self, val: Bank | str | os.PathLike) -> Calibrator:
+        """Fit bias-corrected temperature scaling of this calibration's probabilities on a labelled bank
+        (clean view), for label-shift estimation (:mod:`calib.label_shift`); stored in the metadata."""
+        self._check_fitted()
+        if self.meta_.target_prior is not None:
+            raise InputError("this calibration is aligned to a target prior; fit the probability calibration on the balanced one.")
+        bank = as_bank(val, "val")
+        rows = label_shift.calibration_rows(bank.view, bank.labels)
+        if rows.numel() < label_shift.MIN_CALIBRATION_ROWS:
+            return self  # too few labelled rows to fit anything: the artifact says None
+        logits = self.predict_logits(bank.features[rows], bank.logits[rows])
+        fitted = label_shift.fit_probability_calibration(logits, bank.labels[rows])
+        self.meta_.probability_calibration = fitted.to_json()
+        return self
 
     def predict_proba(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Calibrated class probabilities (N, K)."""
@@ -221,7 +245,9 @@ META_FIELDS = {f.name for f in fields(CalibrationMeta)}
 def read_artifact(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], CalibrationMeta]:
     """Read and check the files of the current version of a calibration directory (both from one version)."""
     source, raw, params = read_files(directory)
-    meta = CalibrationMeta(**validate_metadata(raw, META_FIELDS, str(source / METADATA_FILE)))
+    meta_path = str(source / METADATA_FILE)
+    meta = CalibrationMeta(**validate_metadata(raw, META_FIELDS, meta_path))
+    label_shift.check_artifact_fields(meta.probability_calibration, meta.target_prior, meta.num_classes, meta_path)
     return check_tensors(params, str(source / PARAMETERS_FILE)), meta
 
 

@@ -22,7 +22,7 @@ from service.messages import validation_sentence
 
 SETTING_FLAGS = ("model", "weights", "classifier_layer", "card", "calibration", "model_name", "max_body_bytes",
                  "max_pixels", "max_images", "max_rows", "torch_threads", "max_batch", "max_wait_ms", "device",
-                 "preprocessing", "watch_interval_s")
+                 "preprocessing", "watch_interval_s", "prior", "prior_window", "prior_update_every", "prior_min_rows")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=argparse.SUPPRESS, help="torch device of the model (default cpu)")
     p.add_argument("--watch-interval-s", default=argparse.SUPPRESS, type=float,
                    help="seconds between checks of the calibration directory for a new version (default 1; 0: never)")
+    p.add_argument("--prior", default=argparse.SUPPRESS, help="class prior of the answers: balanced (default), adaptive or a prior file (JSON)")
+    p.add_argument("--prior-window", default=argparse.SUPPRESS, type=int, help="adaptive prior: rows of traffic kept (default 5000)")
+    p.add_argument("--prior-update-every", default=argparse.SUPPRESS, type=int, help="adaptive prior: requests between estimates (default 100)")
+    p.add_argument("--prior-min-rows", default=argparse.SUPPRESS, type=int, help="adaptive prior: rows before the first estimate (default 200)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 

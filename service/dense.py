@@ -141,6 +141,8 @@ class DenseRuntime(Runtime):
         if self.task not in DENSE_TASKS:
             raise InputError(f"model card {s.card}: 'task' should be classification, segmentation or detection, found {self.task!r}.")
         torch.set_num_threads(s.torch_threads)
+        if s.prior != "balanced":
+            raise InputError(f"DISALIGN_PRIOR={s.prior} applies to classifiers; a {self.task} model is served balanced.")
         if self.task == "segmentation":
             from feature_extract.preprocess import Preprocessing
             from feature_extract.segmentation import load_segmentation_model

@@ -4,7 +4,8 @@
   labelled with the route *template* (``/v2/models/{name}/infer``), never the raw path;
 - ``disalign_batch_size``: images per forward pass of the micro-batcher;
 - ``disalign_calibration_reloads_total{outcome}``;
-- ``disalign_model_info`` and ``disalign_calibration_info``: model fingerprint, calibration version.
+- ``disalign_model_info`` and ``disalign_calibration_info``: model fingerprint, calibration version;
+- ``disalign_prior_*``: the served class prior and its estimate from the traffic (:class:`service.prior.PriorMetrics`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.prior import PriorMetrics
 
 if TYPE_CHECKING:
     from feature_extract.models import LoadedModel
@@ -36,6 +39,7 @@ class ServiceMetrics:
         self.reloads = Counter("disalign_calibration_reloads", "Calibration reloads by outcome.", ("outcome",), registry=r)
         self.model_info = Info("disalign_model", "The served stage-1 model.", registry=r)
         self.calibration_info = Info("disalign_calibration", "The calibration currently served.", registry=r)
+        self.prior = PriorMetrics(r)  # disalign_prior_*: service.prior
 
     def set_model(self, name: str, model: LoadedModel) -> None:
         self.model_info.info({"name": name, "kind": model.kind, "fingerprint": model.fingerprint,

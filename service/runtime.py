@@ -33,6 +33,7 @@ from feature_extract.preprocess import Preprocessing, clean_view, decode_image, 
 from service.batcher import MicroBatcher
 from service.metrics import ServiceMetrics
 from service.preprocessing import check_same_preprocessing, recorded_preprocessing, serving_preprocessing
+from service.prior import PriorTracker, row_flags
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -68,7 +69,7 @@ class ImageResult:
     """What one request's images give: stage-1 and calibrated logits (n, K), and the version used."""
 
     raw_logits: torch.Tensor
-    calibrated_logits: torch.Tensor
+    calibrated_logits: torch.Tensor  # balanced: the routers align them to the served prior (service.prior)
     calibration: CalibrationState
 
 
@@ -79,6 +80,7 @@ class RowRequest:
     features: np.ndarray
     logits: np.ndarray
     top_k: int = 0
+    use_prior: bool = True  # False: the request asked for prior=balanced
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class RowResult:
     top_indices: np.ndarray
     top_probabilities: np.ndarray
     calibration: CalibrationState
+    prior_version: str = "balanced"
 
 
 def calibration_version(calibrator: Calibrator) -> str:
@@ -145,6 +148,7 @@ class Runtime:
         self.row_batcher = MicroBatcher(self._calibrate_batch, max_batch=settings.max_rows, max_wait_ms=0.0,
                                         rows=lambda request: request.features.shape[0], thread_name="disalign-calibrate",
                                         inline_rows=0)  # set in load(), once K is known
+        self.prior = PriorTracker(settings, metrics.prior, lambda: self.calibration)
 
     # -- start-up (called from the lifespan, on the inference thread) ---------------------------
     def load(self) -> None:
@@ -157,6 +161,7 @@ class Runtime:
                                 input_size=self.preprocessing.crop)
         self.calibration = check_calibration(calibrator, self.model, s.model_name, self.preprocessing)
         self.row_batcher.inline_rows = INLINE_LOGITS // self.model.num_classes
+        self.prior.start(self.calibration)
         self.metrics.set_model(s.model_name, self.model)
         self.metrics.set_calibration(self.calibration)
         log.info("loaded model %s (%s, K=%d, d=%d) and calibration %s", s.model_name, self.model.fingerprint[:19],
@@ -196,6 +201,7 @@ class Runtime:
         k = max(r.top_k for r in requests)
         with torch.inference_mode():
             calibrated = state.calibrator.predict_logits(torch.from_numpy(features), torch.from_numpy(logits))  # (N, K)
+            calibrated, prior = self.prior.apply(calibrated, row_flags(requests), state, requests=len(requests))
             probabilities = torch.softmax(calibrated, dim=1)
             top_p, top_i = probabilities.topk(k, dim=1)  # (N, k), k = 0 included
         out, start = [], 0
@@ -203,7 +209,7 @@ class Runtime:
         for r in requests:
             stop = start + r.features.shape[0]
             z, p, i, q = (a[start:stop] for a in arrays)
-            out.append(RowResult(z, p, i[:, :r.top_k], q[:, :r.top_k], state))
+            out.append(RowResult(z, p, i[:, :r.top_k], q[:, :r.top_k], state, prior.version_for(r.use_prior)))
             start = stop
         return out
 
@@ -233,4 +239,5 @@ class Runtime:
         if not torch.isfinite(raw).all() or not torch.isfinite(features).all():
             raise InputError("the model produced NaN or inf for an image.")
         calibrated = state.calibrator.predict_logits(features, raw)
+        self.prior.apply(calibrated, False, state, requests=len(requests))  # observed here, aligned in the routers
         return [ImageResult(r, c, state) for r, c in zip(raw.split(sizes), calibrated.split(sizes), strict=True)]

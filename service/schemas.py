@@ -105,7 +105,15 @@ class PredictJSON(BaseModel):
     images: list[str] = Field(min_length=1, description="base64-encoded image files (JPEG, PNG, …)")
 
 
-class PredictQuery(BaseModel):
+class PriorQuery(BaseModel):
+    """The query parameter of ``/calibrate`` (and ``/predict``) choosing the class prior of the answer."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prior: Literal["served", "balanced"] = Field("served", description="the server's class prior (DISALIGN_PRIOR) or balanced")
+
+
+class PredictQuery(PriorQuery):
     """The query parameters of ``/predict``."""
 
     model_config = ConfigDict(extra="ignore")
@@ -117,6 +125,7 @@ class PredictQuery(BaseModel):
 class PredictResponse(BaseModel):
     model_name: str
     calibration_version: str
+    prior_version: str = Field(description="the class prior the predictions are aligned to: 'balanced' or '<source>-<hex>'")
     predictions: list[ImagePredictions] = Field(description="one entry per image, in request order")
 
 
@@ -143,6 +152,7 @@ class CalibrateResult(BaseModel):
 class CalibrateResponse(BaseModel):
     model_name: str
     calibration_version: str
+    prior_version: str = Field(description="the class prior the results are aligned to: 'balanced' or '<source>-<hex>'")
     results: list[CalibrateResult]
 
 

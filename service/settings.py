@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     # (measured with 32 clients on 2 CPUs: 227 images/s at 0 ms, 167 at 2 ms).
     max_wait_ms: float = Field(0.0, ge=0.0, le=1000.0, description="how long the first image of a batch may wait for others")
     device: str = Field("cpu", description="torch device of the model")
+    # Label shift (service.prior): the class prior the predictions are aligned to, and the adaptive mode's window.
+    prior: str = Field("balanced", min_length=1, description="balanced, adaptive (estimated from the traffic) or a prior file (JSON)")
+    prior_window: int = Field(5000, ge=10, le=1_000_000, description="adaptive prior: rows of recent traffic kept (x K float32)")
+    prior_update_every: int = Field(100, ge=1, description="adaptive prior: requests between two estimates")
+    prior_min_rows: int = Field(200, ge=1, description="adaptive prior: rows the window needs before the first estimate")
 
     @field_validator("admin_token")
     @classmethod

@@ -7,10 +7,13 @@ and the response is written by orjson straight from the result arrays.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fastapi import APIRouter, Request, Response
 
 from calib.errors import InputError
 from service.deps import get_runtime
+from service.prior import use_served_prior
 from service.routers.common import (
     DirectRoute,
     check_count,
@@ -23,7 +26,15 @@ from service.routers.common import (
     top_k_lists,
 )
 from service.runtime import RowRequest
-from service.schemas import CalibrateRequest, CalibrateResponse, CalibrateRow, error_responses, json_body
+from service.schemas import (
+    CalibrateRequest,
+    CalibrateResponse,
+    CalibrateRow,
+    PriorQuery,
+    error_responses,
+    json_body,
+    query_parameters,
+)
 
 router = APIRouter(tags=["calibrate"], route_class=DirectRoute)
 
@@ -48,7 +59,8 @@ def rows_to_request(rows: list[CalibrateRow], num_classes: int, feature_dim: int
     return RowRequest(features, logits, top_k)
 
 
-@router.post("/calibrate", response_model=CalibrateResponse, openapi_extra=json_body(CalibrateRequest),
+@router.post("/calibrate", response_model=CalibrateResponse,
+             openapi_extra={**json_body(CalibrateRequest), "parameters": query_parameters(PriorQuery)},
              responses=error_responses(413, 415, 422, 503))
 async def calibrate(request: Request) -> Response:
     """Calibrate rows of cached stage-1 outputs: ``{"rows": [{"features": [d floats], "logits": [K floats]}], "top_k": 5}``."""
@@ -56,10 +68,10 @@ async def calibrate(request: Request) -> Response:
     body = await json_bytes(request)
     model = runtime.model
     rows = await off_loop_if_large(len(body), parse_rows, body, model.num_classes, model.feature_dim, runtime.settings.max_rows)
-    result = await runtime.calibrate_rows(rows)
+    result = await runtime.calibrate_rows(replace(rows, use_prior=use_served_prior(request.query_params.get("prior"))))
     finite_or_raise(result.logits, "calibrated logits")
     tops = top_k_lists(result.top_indices, result.top_probabilities, result.calibration.class_names)
     # Written by orjson from the arrays (the schema is still documented by response_model).
     results = [{"logits": z, "probabilities": p, "top_k": t} for z, p, t in zip(result.logits, result.probabilities, tops, strict=True)]
     return await json_response({"model_name": runtime.settings.model_name, "calibration_version": result.calibration.version,
-                                "results": results}, approx_values=2 * result.logits.size)
+                                "prior_version": result.prior_version, "results": results}, approx_values=2 * result.logits.size)

@@ -82,7 +82,8 @@ def parse_query(request: Request) -> PredictQuery:
 async def predict(request: Request) -> Response:
     """Classify one or more images with the calibrated model (segment or detect, for a dense model: service.dense).
 
-    Query parameters: ``top_k`` (classes per image, default min(5, K)) and ``raw`` (also the stage-1 top-k).
+    Query parameters: ``top_k`` (classes per image, default min(5, K)), ``raw`` (also the stage-1 top-k) and
+    ``prior`` (``balanced`` ignores the server's class prior, service.prior).
     """
     runtime = await get_runtime(request)
     query = parse_query(request)
@@ -93,15 +94,18 @@ async def predict(request: Request) -> Response:
     blobs = await read_images(request, runtime.settings.max_images)
     result = await runtime.classify(await decode_images(runtime.image_tensor, blobs))  # (n, 3, H, W) uint8
     names = result.calibration.class_names
+    use_prior = query.prior != "balanced"
+    aligned, prior = runtime.prior.apply(result.calibrated_logits, use_prior, result.calibration, observe=False)
 
     def tops(logits: torch.Tensor) -> list[list[dict]]:
         probabilities, indices = torch.softmax(logits, dim=1).topk(k, dim=1)  # (n, k)
         return top_k_lists(indices.numpy(), probabilities.numpy(), names)
 
-    calibrated = tops(result.calibrated_logits)
+    calibrated = tops(aligned)
     stage1 = tops(result.raw_logits) if query.raw else [None] * len(calibrated)
     return await json_response({
         "model_name": runtime.settings.model_name,
         "calibration_version": result.calibration.version,
+        "prior_version": prior.version_for(use_prior),
         "predictions": [{"top_k": c, "raw_top_k": r} for c, r in zip(calibrated, stage1, strict=True)],
     }, approx_values=4 * k * len(calibrated))

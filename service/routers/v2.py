@@ -3,7 +3,8 @@
 Inputs are either ``features`` (FP32, [N, d]) and ``logits`` (FP32, [N, K]), or ``image`` (BYTES, [N],
 base64-encoded files). Outputs: ``probabilities`` (FP32, [N, K], the default) and/or ``logits`` (the
 calibrated logits). ``model_version`` and ``parameters.calibration_version`` name the calibration that
-computed every output of the response.
+computed every output of the response; ``parameters.prior_version`` the class prior it is aligned to
+(:mod:`service.prior`; request ``parameters: {"prior": "balanced"}`` to ignore the server's).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fastapi import APIRouter, Request, Response
 
 from calib.errors import InputError
 from service.deps import ModelName, RuntimeDep
+from service.prior import use_served_prior
 from service.routers.common import (
     JSON_BYTES_PER_NUMBER,
     check_count,
@@ -98,13 +100,13 @@ def requested_outputs(body: InferRequest) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def row_request(runtime: Runtime, inputs: dict[str, InferInput]) -> RowRequest:
+def row_request(runtime: Runtime, inputs: dict[str, InferInput], use_prior: bool = True) -> RowRequest:
     model, rows = runtime.model, runtime.settings.max_rows
     features = fp32_array(inputs["features"], model.feature_dim, rows)
     logits = fp32_array(inputs["logits"], model.num_classes, rows)
     if features.shape[0] != logits.shape[0]:
         raise InputError(f"input 'features' has {features.shape[0]} rows but input 'logits' has {logits.shape[0]}.")
-    return RowRequest(features, logits)
+    return RowRequest(features, logits, use_prior=use_prior)
 
 
 @router.post("/{name}/infer", response_model=InferResponse, openapi_extra=json_body(InferRequest),
@@ -116,14 +118,16 @@ async def infer(name: ModelName, request: Request, runtime: RuntimeDep) -> Respo
     outputs = requested_outputs(body)
     if len(inputs) != len(body.inputs):
         raise InputError("each input name may appear only once.")
+    use_prior = use_served_prior((body.parameters or {}).get("prior"))
     if set(inputs) == {"features", "logits"}:
         values = len(inputs["features"].data) + len(inputs["logits"].data)
-        rows = await runtime.calibrate_rows(await off_loop_if_large(JSON_BYTES_PER_NUMBER * values, row_request, runtime, inputs))
-        state, arrays = rows.calibration, {"logits": rows.logits, "probabilities": rows.probabilities}
+        rows = await runtime.calibrate_rows(await off_loop_if_large(JSON_BYTES_PER_NUMBER * values, row_request, runtime, inputs, use_prior))
+        state, arrays, prior_version = rows.calibration, {"logits": rows.logits, "probabilities": rows.probabilities}, rows.prior_version
     elif set(inputs) == {"image"}:
         blobs = image_blobs(inputs["image"], runtime.settings.max_images)
         result = await runtime.classify(await decode_images(runtime.image_tensor, blobs))
-        calibrated = result.calibrated_logits
+        calibrated, prior = runtime.prior.apply(result.calibrated_logits, use_prior, result.calibration, observe=False)
+        prior_version = prior.version_for(use_prior)
         state, arrays = result.calibration, {"logits": calibrated.numpy(), "probabilities": torch.softmax(calibrated, dim=1).numpy()}
     else:
         raise InputError(f"inputs should be 'features' and 'logits' (FP32) or 'image' (BYTES), found {sorted(inputs)}.")
@@ -133,6 +137,6 @@ async def infer(name: ModelName, request: Request, runtime: RuntimeDep) -> Respo
         "model_name": name,
         "model_version": state.version,
         "id": body.id,
-        "parameters": {"calibration_version": state.version},
+        "parameters": {"calibration_version": state.version, "prior_version": prior_version},
         "outputs": [{"name": n, "datatype": "FP32", "shape": list(arrays[n].shape), "data": arrays[n].reshape(-1)} for n in outputs],
     }, approx_values=sum(arrays[n].size for n in outputs))

@@ -1,0 +1,114 @@
+"""`disalign adapt` and `disalign eval --target-prior`: the estimate, the derived calibration, the prior file,
+and one-sentence errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from calib.bank import load_bank, write_bank
+from calib.cli import main
+from calib.methods import load_calibration
+from calib.publish import artifact_dir
+
+FORWARD = np.round(200 * 20 ** (-np.arange(10) / 9)).astype(int)  # rows per class of a shifted bank (imbalance 20)
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def fitted(lt_banks, tmp_path_factory) -> Path:
+    """logit-adjust on the synthetic IR50 banks, with its probability calibration fitted on val."""
+    out = tmp_path_factory.mktemp("adapt") / "calibration"
+    assert main(["fit", str(lt_banks["train"]), "--method", "logit-adjust", "--val", str(lt_banks["val"]), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def shifted(lt_banks, tmp_path_factory) -> Path:
+    """The first FORWARD[c] test rows of each class c (the test bank has 200 per class)."""
+    test = load_bank(lt_banks["test"])
+    labels = test.labels.numpy()
+    rows = np.concatenate([np.flatnonzero(labels == c)[:n] for c, n in enumerate(FORWARD)])
+    info = test.info
+    return write_bank(tmp_path_factory.mktemp("shifted") / "shifted.h5", test.features[rows].numpy(), test.logits[rows].numpy(),
+                      labels[rows], class_names=info.class_names, model_fingerprint=info.model_fingerprint, class_counts=info.class_counts)
+
+
+def test_adapt_prints_the_estimate_and_writes_a_derived_calibration(fitted, shifted, lt_banks, tmp_path, capsys):
+    assert json.loads((artifact_dir(fitted) / "calibration.json").read_text())["probability_calibration"]["temperature"] > 0
+    code, out, err = run(capsys, "adapt", shifted, "--calibration", fitted, "--out", tmp_path / "aligned",
+                         "--json", tmp_path / "prior.json", "--bootstrap", 20)
+    assert code == 0, err
+    assert "95% interval" in out and "→ adapt to the estimate" in out and "wrote a calibration aligned to the estimated prior" in out
+    estimate = json.loads((tmp_path / "prior.json").read_text())
+    prior = np.array(estimate["prior"])
+    true = FORWARD / FORWARD.sum()
+    assert np.abs(prior - true).sum() < 0.25 and estimate["test"]["adapt"]
+    assert all(lo <= p <= hi for lo, p, hi in zip(estimate["interval"]["low"], prior, estimate["interval"]["high"], strict=True))
+    printed = re.search(r"L1 from the labelled rows' frequencies: ([0-9.]+)", out)
+    assert printed and float(printed.group(1)) == pytest.approx(np.abs(prior - true).sum(), abs=1e-3)
+
+    aligned = load_calibration(tmp_path / "aligned")
+    assert aligned.meta_.target_prior == pytest.approx(estimate["prior"])
+    bank = load_bank(shifted)
+    balanced = load_calibration(fitted).predict_logits(bank.features, bank.logits)
+    p_bal = torch.softmax(balanced.double() / aligned.meta_.probability_calibration["temperature"]
+                          + torch.tensor(aligned.meta_.probability_calibration["bias"], dtype=torch.float64), dim=1)
+    expected = p_bal * torch.from_numpy(prior) / (p_bal * torch.from_numpy(prior)).sum(1, keepdim=True)  # Bayes' rule
+    torch.testing.assert_close(aligned.predict_proba(bank.features, bank.logits).double(), expected, atol=1e-5, rtol=0)
+
+    # eval: the derived calibration, and the balanced one with each --target-prior choice, on the shifted bank.
+    code, out, err = run(capsys, "eval", shifted, "--calibration", fitted, "--methods", "logit-adjust",
+                         "--target-prior", tmp_path / "prior.json", "--json", tmp_path / "report.json")
+    assert code == 0, err
+    methods = json.loads((tmp_path / "report.json").read_text())["methods"]
+    assert methods["logit-adjust@prior.json"]["accuracy"] > methods["logit-adjust"]["accuracy"] + 0.02
+    for choice in ("estimate", "uniform", "train"):
+        code, out, err = run(capsys, "eval", shifted, "--calibration", fitted, "--methods", "logit-adjust",
+                             "--target-prior", choice, "--json", tmp_path / f"{choice}.json")
+        assert code == 0, err
+    accuracy = {c: json.loads((tmp_path / f"{c}.json").read_text())["methods"][f"logit-adjust@{c}"]["accuracy"]
+                for c in ("estimate", "uniform", "train")}
+    assert accuracy["estimate"] == pytest.approx(methods["logit-adjust@prior.json"]["accuracy"], abs=0.01)
+    assert accuracy["uniform"] == methods["logit-adjust"]["accuracy"]  # uniform: the calibration as fitted
+    assert accuracy["train"] > accuracy["uniform"]  # the training prior is forward-shifted too (IR50)
+
+
+def test_adapt_keeps_the_reference_on_balanced_traffic(fitted, lt_banks, tmp_path, capsys):
+    code, out, err = run(capsys, "adapt", lt_banks["test"], "--calibration", fitted, "--out", tmp_path / "kept", "--bootstrap", 0)
+    assert code == 0, err
+    assert "→ keep the balanced reference" in out and "95% interval" not in out
+    assert load_calibration(tmp_path / "kept").meta_.target_prior is None
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["adapt", "{test}", "--calibration", "{aligned}"], r"is already aligned to a target prior; adapt the balanced calibration\."),
+    (["adapt", "{test}", "--calibration", "{cal}", "--bootstrap", "-1"], r"--bootstrap should be >= 0, found -1\."),
+    (["adapt", "{test}", "--calibration", "{cal}", "--significance", "2"], r"significance should be between 0 and 1, found 2\.0\."),
+    (["eval", "{test}", "--calibration", "{cal}", "--target-prior", "{tmp}/nope.json"], r"prior file .*nope.json does not exist\."),
+    (["eval", "{test}", "--calibration", "{cal}", "--target-prior", "{short}"], r"prior file .*short.json: the prior should have 10 values"),
+    (["eval", "{test}", "--calibration", "{cal}", "--target-prior", "{text}"], r"prior file .*text.json is not readable JSON"),
+    (["eval", "{test}", "--calibration", "{cal}", "--target-prior", "{named}"], r"'classes' should be the calibration's class names"),
+])
+def test_bad_input_is_one_sentence_exit_2(argv, message, fitted, lt_banks, tmp_path, capsys):
+    aligned = tmp_path / "aligned"
+    names = {"tmp": tmp_path, "cal": fitted, "aligned": aligned, "short": tmp_path / "short.json", "text": tmp_path / "text.json",
+             "named": tmp_path / "named.json", **{k: str(v) for k, v in lt_banks.items()}}
+    (tmp_path / "named.json").write_text(json.dumps({"prior": [0.1] * 10, "classes": [f"c{i}" for i in range(10)]}))
+    (tmp_path / "short.json").write_text(json.dumps({"prior": [0.5, 0.5]}))
+    (tmp_path / "text.json").write_text("uniform, please")
+    assert main(["adapt", str(lt_banks["test"]), "--calibration", str(fitted), "--out", str(aligned), "--no-test", "--bootstrap", "0"]) == 0
+    capsys.readouterr()
+    code, _, err = run(capsys, *[a.format(**names) for a in argv])
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err

@@ -1,0 +1,217 @@
+"""Label-shift math (calib.label_shift): EM against hand-computed and independently optimised answers,
+BCTS recovering known temperatures and biases, the likelihood-ratio test, the artifact fields, and the
+whole procedure on the real CIFAR-10-LT IR50 banks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import optimize, stats
+
+from calib import label_shift as ls
+from calib.errors import ArtifactError, InputError
+from calib.methods import load_calibration
+from calib.publish import artifact_dir
+from tests.conftest import REPO
+
+EXAMPLES = REPO / "examples" / "cifar10lt"
+
+
+def gaussian_traffic(prior: np.ndarray, n: int, seed: int, separation: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of a 2-d Gaussian mixture (unit variance, class means on a circle) with labels drawn from ``prior``;
+    → (exact balanced posteriors (n, K), labels (n,)): perfectly calibrated probabilities for the uniform reference."""
+    rng = np.random.default_rng(seed)
+    k = prior.size
+    angles = 2 * np.pi * np.arange(k) / k
+    means = separation * np.stack([np.cos(angles), np.sin(angles)], axis=1)  # (K, 2)
+    labels = rng.choice(k, size=n, p=prior / prior.sum())
+    x = means[labels] + rng.normal(size=(n, 2))
+    log_lik = -0.5 * ((x[:, None, :] - means[None]) ** 2).sum(-1)  # (n, K)
+    return torch.softmax(torch.from_numpy(log_lik), dim=1), torch.from_numpy(labels)
+
+
+def long_tail(k: int, imbalance: float) -> np.ndarray:
+    p = imbalance ** (-np.arange(k) / (k - 1))
+    return p / p.sum()
+
+
+# -- EM ---------------------------------------------------------------------------------------------
+def test_em_on_one_hot_rows_is_the_smoothed_frequency():
+    # One-hot rows: the posterior weights are the rows themselves, so EM stops at (counts + A·π_ref) / (N + A).
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    rows = torch.nn.functional.one_hot(labels, 4).double()
+    prior, _, converged = ls.em_prior(rows, ls.uniform_prior(4), concentration=2.0)
+    assert converged
+    assert prior.tolist() == pytest.approx([(3 + 0.5) / 8, (1 + 0.5) / 8, (2 + 0.5) / 8, 0.5 / 8])
+    mle, _, _ = ls.em_prior(rows, ls.uniform_prior(4), concentration=0.0)
+    assert mle.tolist() == pytest.approx([0.5, 1 / 6, 1 / 3, 0.0])
+
+
+def test_em_matches_an_independent_maximum_likelihood():
+    probabilities, _ = gaussian_traffic(long_tail(5, 10.0), 3000, seed=0)
+    prior, _, converged = ls.em_prior(probabilities, ls.uniform_prior(5), concentration=0.0, tolerance=1e-10)
+    assert converged
+
+    p = probabilities.numpy()
+
+    def negative_log_likelihood(theta: np.ndarray) -> float:  # π = softmax(θ), θ_0 = 0
+        pi = np.exp(np.concatenate([[0.0], theta]))
+        pi /= pi.sum()
+        return -np.log(p @ pi).sum()
+
+    theta = optimize.minimize(negative_log_likelihood, np.zeros(4), method="BFGS", options={"gtol": 1e-9}).x
+    reference = np.exp(np.concatenate([[0.0], theta]))
+    reference /= reference.sum()
+    np.testing.assert_allclose(prior.numpy(), reference, atol=1e-5)
+
+
+def test_estimate_recovers_the_traffic_prior_and_the_test_decides():
+    true = long_tail(8, 10.0)
+    probabilities, labels = gaussian_traffic(true, 10000, seed=1)
+    estimate = ls.estimate_prior(probabilities, tolerance=0.0)
+    observed = torch.bincount(labels, minlength=8).double() / labels.numel()
+    assert ls.l1_distance(estimate.prior, observed) < 0.05
+    assert estimate.adapt and estimate.p_value < 1e-100
+    low, high = ls.bootstrap_interval(probabilities[:4000], ls.estimate_prior(probabilities[:4000]), resamples=20)
+    assert bool((low <= high).all()) and float((high - low).max()) < 0.1
+
+    balanced, balanced_labels = gaussian_traffic(np.full(8, 1 / 8), 10000, seed=2)
+    kept = ls.estimate_prior(balanced, tolerance=0.0)
+    # Calibrated probabilities on balanced traffic: Λ is a χ²(7) draw, far below the 1e-3 quantile (24.3).
+    assert not kept.adapt and kept.statistic < 24.3
+    assert torch.equal(kept.applied, kept.reference)
+    assert ls.l1_distance(kept.prior, torch.bincount(balanced_labels, minlength=8).double() / 10000) < 0.05
+
+
+def test_likelihood_ratio_and_its_p_value_by_hand():
+    rows = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]], dtype=torch.float64)
+    prior = torch.tensor([0.7, 0.3], dtype=torch.float64)
+    by_hand = 2 * sum(math.log((a * 0.7 + b * 0.3) / 0.5) for a, b in rows.tolist())
+    assert ls.likelihood_ratio(rows, prior, ls.uniform_prior(2)) == pytest.approx(by_hand)
+    for x, dof in ((0.5, 1), (24.3, 7), (100.0, 9), (3.0, 999)):
+        assert ls.chi2_survival(x, dof) == pytest.approx(stats.chi2.sf(x, dof), rel=1e-9)
+    # The tolerance is subtracted from Λ before the χ² tail: 2·N·τ = 2·3·0.1 = 0.6.
+    estimate = ls.estimate_prior(rows, concentration=0.0, tolerance=0.1)
+    assert estimate.p_value == pytest.approx(stats.chi2.sf(estimate.statistic - 0.6, 1))
+
+
+def test_a_missing_class_or_a_zero_prior_never_gives_nan():
+    probabilities, _ = gaussian_traffic(np.array([0.5, 0.5, 0.0]), 500, seed=3)
+    estimate = ls.estimate_prior(probabilities)
+    assert bool(torch.isfinite(estimate.prior).all()) and 0 < float(estimate.prior[2]) < 0.02
+    z = torch.randn(4, 3)
+    adjusted = ls.adjust_to_prior(z, torch.tensor([0.5, 0.5, 0.0]), None)
+    assert bool(torch.isfinite(adjusted).all()) and bool((adjusted.argmax(1) != 2).all())
+    one_hot = torch.nn.functional.one_hot(torch.tensor([0, 0, 1]), 3).double()
+    assert bool(torch.isfinite(ls.estimate_prior(one_hot, concentration=0.0).prior.log()[:2]).all())
+
+
+def test_adjusting_is_bayes_rule_on_calibrated_logits():
+    z = torch.tensor([[1.0, 0.0, -1.0]])
+    calibration = ls.ProbabilityCalibration(2.0, (0.1, 0.0, -0.1))
+    prior = torch.tensor([0.2, 0.3, 0.5])
+    got = torch.softmax(ls.adjust_to_prior(z, prior, calibration), dim=1)
+    p_bal = torch.softmax(z.double() / 2 + torch.tensor([0.1, 0.0, -0.1], dtype=torch.float64), dim=1)
+    expected = p_bal * prior.double() / (p_bal * prior.double()).sum()
+    torch.testing.assert_close(got, expected)
+
+
+# -- bias-corrected temperature scaling -------------------------------------------------------------
+def test_bcts_recovers_a_known_temperature_and_bias():
+    rng = np.random.default_rng(4)
+    true_logits = torch.from_numpy(rng.normal(scale=2.0, size=(6000, 4)))
+    true_bias = torch.tensor([0.5, 0.0, -0.3, -0.2], dtype=torch.float64)
+    labels = torch.multinomial(torch.softmax(true_logits + true_bias, dim=1), 1, generator=torch.Generator().manual_seed(0)).squeeze(1)
+    observed = true_logits * 3.0  # an over-confident model: T = 3 undoes it
+    temperature, bias = ls.fit_temperature_bias(observed, labels)
+    assert temperature == pytest.approx(3.0, rel=0.05)
+    torch.testing.assert_close(bias - bias.mean(), true_bias - true_bias.mean(), atol=0.06, rtol=0)
+    fitted = ls.fit_probability_calibration(observed[:2000], labels[:2000])
+    assert fitted.bias_penalty <= 1e-2 and max(abs(b) for b in fitted.bias) > 0.2  # the bias is real: kept
+
+
+def test_bcts_cross_validation_drops_biases_the_data_cannot_support():
+    rng = np.random.default_rng(5)
+    logits = torch.from_numpy(rng.normal(scale=2.0, size=(200, 10)))
+    labels = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=torch.Generator().manual_seed(1)).squeeze(1)
+    fitted = ls.fit_probability_calibration(logits, labels)
+    assert fitted.bias_penalty >= 1.0 and max(abs(b) for b in fitted.bias) < 0.05
+    with pytest.raises(InputError, match="at least 10 labelled rows"):
+        ls.fit_probability_calibration(logits[:5], labels[:5])
+
+
+# -- boundary checks --------------------------------------------------------------------------------
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda: ls.estimate_prior(torch.tensor([[0.5, float("nan")]])), "finite and non-negative"),
+    (lambda: ls.estimate_prior(torch.ones(3)), r"shape \(N, K\)"),
+    (lambda: ls.estimate_prior(torch.full((2, 2), 0.5), concentration=-1), "concentration should be"),
+    (lambda: ls.estimate_prior(torch.full((2, 2), 0.5), significance=0), "significance should be"),
+    (lambda: ls.adjust_to_prior(torch.zeros(1, 3), torch.tensor([0.5, 0.5]), None), "3 values"),
+    (lambda: ls.adjust_to_prior(torch.zeros(1, 2), torch.tensor([0.0, 0.0]), None), "positive sum"),
+])
+def test_bad_arguments_are_one_sentence(call, match):
+    with pytest.raises(InputError, match=match):
+        call()
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("probability_calibration", {"temperature": 0, "bias": [0.0] * 10}, "temperature should be a finite number > 0"),
+    ("probability_calibration", {"temperature": 1.0, "bias": [0.0] * 3}, "bias should be 10 finite numbers"),
+    ("probability_calibration", [1.0], "should be an object"),
+    ("probability_calibration", {"temperature": 1.0, "bias": [0.0] * 10, "bias_penalty": "big"}, "bias_penalty should be"),
+    ("target_prior", [0.1] * 9, "target_prior should be 10 finite numbers"),
+    ("target_prior", [-0.1] + [0.1] * 9, "target_prior should be 10"),
+])
+def test_artifact_fields_are_checked_on_read(field, value, match, tmp_path: Path, lt_banks):
+    from calib.baselines.prior import Joint
+
+    directory = Joint().fit(lt_banks["train"]).save(tmp_path / "calib")
+    meta = json.loads((artifact_dir(directory) / "calibration.json").read_text())
+    assert meta["probability_calibration"] is None and meta["target_prior"] is None  # written, null
+    del meta["probability_calibration"], meta["target_prior"]  # an artifact written before these fields still loads
+    (artifact_dir(directory) / "calibration.json").write_text(json.dumps(meta))
+    assert load_calibration(directory).meta_.target_prior is None
+    meta[field] = value
+    (artifact_dir(directory) / "calibration.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=match):
+        load_calibration(directory)
+
+
+# -- real data --------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_real_ir50_banks_forward_shift_is_closed_and_uniform_kept(tmp_path: Path):
+    """The committed CIFAR-10-LT IR50 banks: DisAlign (ρ = 1.75, as `fit --rho auto` chooses) with its BCTS on
+    val; a forward-shifted test subset (imbalance 10) gains most of the oracle's accuracy, balanced traffic
+    is left alone."""
+    from calib.adapt_cli import reference_probabilities
+    from calib.bank import load_bank
+    from calib.disalign import DisAlign
+
+    calibrator = DisAlign(rho=1.75).fit(EXAMPLES / "train.h5", val=EXAMPLES / "val.h5")
+    fitted = ls.ProbabilityCalibration.from_json(calibrator.meta_.probability_calibration)
+    assert 1.1 < fitted.temperature < 1.4  # DisAlign's logits are over-confident on val
+    test = load_bank(EXAMPLES / "test.h5")
+    labels = test.labels.numpy()
+    rng = np.random.default_rng(0)
+    heads = np.round(980 * 10 ** (-np.arange(10) / 9)).astype(int)
+    rows = torch.from_numpy(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:heads[c]] for c in range(10)]))
+    z = calibrator.predict_logits(test.features[rows], test.logits[rows])
+    y = test.labels[rows]
+    true = torch.from_numpy(heads / heads.sum())
+    estimate = ls.estimate_prior(reference_probabilities(calibrator, test.features[rows], test.logits[rows]))
+    assert estimate.adapt and ls.l1_distance(estimate.prior, true) < 0.15
+
+    def accuracy(logits: torch.Tensor) -> float:
+        return float((logits.argmax(1) == y).double().mean())
+
+    balanced, oracle = accuracy(z), accuracy(ls.adjust_to_prior(z, true, fitted))
+    adapted = accuracy(ls.adjust_to_prior(z, estimate.prior, fitted))
+    assert oracle - balanced > 0.025 and (adapted - balanced) / (oracle - balanced) > 0.6
+
+    uniform = ls.estimate_prior(reference_probabilities(calibrator, test.features, test.logits))  # all 9,800, balanced
+    assert not uniform.adapt and 0.003 < uniform.statistic / uniform.num_samples < 2 * ls.DEFAULT_TOLERANCE
