@@ -110,12 +110,16 @@ def float_rows(tensor: InferInput, raw: memoryview | None, width: int, max_rows:
     if raw is not None:
         if len(raw) != count * wire.itemsize:
             raise InputError(f"input '{name}' has {len(raw)} bytes of binary data but shape {shape} of {datatype} needs {count * wire.itemsize}.")
-        values = np.frombuffer(raw, dtype=wire)  # a view of the body (a bytearray: writable, so torch takes it as is)
+        values = np.frombuffer(raw, dtype=wire).reshape(shape[0], width)  # a view of the body (writable: a bytearray)
         if not values.flags.aligned:  # the router aligns the binary part; a copy only if it could not
             values = values.copy()
+        if datatype == "FP32":  # used where it lies; only checked
+            if not np.isfinite(values).all():
+                finite_float32(values, what)  # raises the one sentence for NaN / inf
+            return values
         if datatype == "BF16":
             values = (values.astype(np.uint32) << 16).view(np.float32)
-        return finite_float32(values, what).reshape(shape[0], width)  # FP32: no copy
+        return finite_float32(values, what)
     data = tensor.data or []
     if data and isinstance(data[0], str):
         raise InputError(f"input '{name}' has datatype {datatype}, so its data should be numbers, not strings.")
@@ -170,8 +174,8 @@ def encode_response(payload: dict[str, Any], outputs: list[OutputTensor]) -> tup
     for out in outputs:
         entry: dict[str, Any] = {"name": out.name, "datatype": "FP32", "shape": list(out.array.shape)}
         if out.binary:
-            blob = out.array.astype("<f4", copy=False).tobytes()
-            entry["parameters"] = {"binary_data_size": len(blob)}
+            blob = memoryview(np.ascontiguousarray(out.array, dtype="<f4")).cast("B")  # copied once, by the join below
+            entry["parameters"] = {"binary_data_size": blob.nbytes}
             blobs.append(blob)
         else:
             entry["data"] = out.array.reshape(-1)

@@ -92,62 +92,7 @@ async def served(request: Request, name: str, version: str | None) -> Runtime:
     return runtime
 
 
-# -- metadata and readiness -----------------------------------------------------------------------------
-@router.get("", response_model=ServerMetadata)
-async def server_metadata(request: Request) -> ServerMetadata:
-    """The server's name, version and protocol extensions."""
-    return ServerMetadata(name="disalign", version=__version__, extensions=EXTENSIONS)
-
-
-def model_metadata(name: str, runtime: Runtime) -> ModelMetadata:
-    model, state = runtime.model, runtime.calibration
-    k, d = model.num_classes, model.feature_dim
-    floats = "FP32"  # FP16, FP64 and BF16 are accepted too, converted to float32
-    return ModelMetadata(
-        name=name,
-        versions=[state.version],
-        platform=f"pytorch_{model.kind}",
-        inputs=[TensorSpec(name="features", datatype=floats, shape=[-1, d]),
-                TensorSpec(name="logits", datatype=floats, shape=[-1, k]),
-                TensorSpec(name="image", datatype="BYTES", shape=[-1])],
-        outputs=[TensorSpec(name=n, datatype="FP32", shape=[-1, k]) for n in OUTPUT_NAMES],
-        classes=state.class_names,
-        num_classes=k,
-        feature_dim=d,
-        model_fingerprint=model.fingerprint,
-        calibration_version=state.version,
-        calibration_method=state.meta.method,
-        calibration_created=state.meta.created,
-    )
-
-
-@router.get("/models/{name}", response_model=ModelMetadata, responses=error_responses(404, 503))
-async def metadata(request: Request, name: str) -> ModelMetadata:
-    """Inputs, outputs, class names and the calibration version (the model's version) of the served model."""
-    return model_metadata(name, await served(request, name, None))
-
-
-@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=error_responses(404, 503))
-async def version_metadata(request: Request, name: str, version: str) -> ModelMetadata:
-    """The metadata, if ``version`` is the calibration version served."""
-    return model_metadata(name, await served(request, name, version))
-
-
-@router.get("/models/{name}/ready", response_model=ModelReady, responses=error_responses(404, 503))
-async def model_ready(request: Request, name: str) -> ModelReady:
-    """200 once the model and its calibration are loaded; 503 before, 404 for another model."""
-    await served(request, name, None)
-    return ModelReady(name=name, ready=True)
-
-
-@router.get("/models/{name}/versions/{version}/ready", response_model=ModelReady, responses=error_responses(404, 503))
-async def version_ready(request: Request, name: str, version: str) -> ModelReady:
-    """200 while ``version`` is the calibration version served."""
-    await served(request, name, version)
-    return ModelReady(name=name, ready=True)
-
-
-# -- inference ------------------------------------------------------------------------------------------
+# -- inference (registered first: the busy route is matched first) ---------------------------------------
 async def read_body(request: Request) -> tuple[bytes | bytearray, memoryview | None]:
     """The JSON part of the body and the binary part after it (None without Inference-Header-Content-Length).
 
@@ -164,14 +109,31 @@ async def read_body(request: Request) -> tuple[bytes | bytearray, memoryview | N
         raise HTTPException(415, f"the body is {encoding}-encoded; send it uncompressed.")
     declared = headers.get(HEADER_LENGTH)
     pad = -int(declared) % 8 if declared is not None and declared.isascii() and declared.isdigit() else 0
-    buffer = bytearray(pad)
-    async for chunk in request.stream():  # through the body limit, which counts what streams in
-        buffer += chunk
+    buffer = await body_into(request, pad)
     header_length = json_length(declared, len(buffer) - pad)
     if header_length is None:
         return buffer, None
     view = memoryview(buffer)
     return bytes(view[pad:pad + header_length]), view[pad + header_length:]
+
+
+async def body_into(request: Request, pad: int) -> bytearray:
+    """The body after ``pad`` zero bytes, in one buffer filled as the chunks arrive (each byte copied once).
+
+    The body limit middleware has checked Content-Length and counts what streams in; without a length
+    (chunked) the buffer grows as it goes.
+    """
+    length = request.headers.get("content-length", "")
+    buffer = bytearray(pad + int(length)) if length.isascii() and length.isdigit() else bytearray(pad)
+    end = pad
+    async for chunk in request.stream():
+        if end + len(chunk) <= len(buffer):
+            buffer[end:end + len(chunk)] = chunk
+        else:
+            buffer[end:] = chunk
+        end += len(chunk)
+    del buffer[end:]  # a body shorter than its Content-Length (the client went away): what came
+    return buffer
 
 
 def row_request(runtime: Runtime, parsed: InferBody) -> RowRequest:
@@ -258,3 +220,58 @@ async def run_inference(request: Request, name: str, version: str | None) -> Res
     if json_size is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(json_size)})
+
+
+# -- metadata and readiness -----------------------------------------------------------------------------
+@router.get("", response_model=ServerMetadata)
+async def server_metadata(request: Request) -> ServerMetadata:
+    """The server's name, version and protocol extensions."""
+    return ServerMetadata(name="disalign", version=__version__, extensions=EXTENSIONS)
+
+
+def model_metadata(name: str, runtime: Runtime) -> ModelMetadata:
+    model, state = runtime.model, runtime.calibration
+    k, d = model.num_classes, model.feature_dim
+    floats = "FP32"  # FP16, FP64 and BF16 are accepted too, converted to float32
+    return ModelMetadata(
+        name=name,
+        versions=[state.version],
+        platform=f"pytorch_{model.kind}",
+        inputs=[TensorSpec(name="features", datatype=floats, shape=[-1, d]),
+                TensorSpec(name="logits", datatype=floats, shape=[-1, k]),
+                TensorSpec(name="image", datatype="BYTES", shape=[-1])],
+        outputs=[TensorSpec(name=n, datatype="FP32", shape=[-1, k]) for n in OUTPUT_NAMES],
+        classes=state.class_names,
+        num_classes=k,
+        feature_dim=d,
+        model_fingerprint=model.fingerprint,
+        calibration_version=state.version,
+        calibration_method=state.meta.method,
+        calibration_created=state.meta.created,
+    )
+
+
+@router.get("/models/{name}", response_model=ModelMetadata, responses=error_responses(404, 503))
+async def metadata(request: Request, name: str) -> ModelMetadata:
+    """Inputs, outputs, class names and the calibration version (the model's version) of the served model."""
+    return model_metadata(name, await served(request, name, None))
+
+
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=error_responses(404, 503))
+async def version_metadata(request: Request, name: str, version: str) -> ModelMetadata:
+    """The metadata, if ``version`` is the calibration version served."""
+    return model_metadata(name, await served(request, name, version))
+
+
+@router.get("/models/{name}/ready", response_model=ModelReady, responses=error_responses(404, 503))
+async def model_ready(request: Request, name: str) -> ModelReady:
+    """200 once the model and its calibration are loaded; 503 before, 404 for another model."""
+    await served(request, name, None)
+    return ModelReady(name=name, ready=True)
+
+
+@router.get("/models/{name}/versions/{version}/ready", response_model=ModelReady, responses=error_responses(404, 503))
+async def version_ready(request: Request, name: str, version: str) -> ModelReady:
+    """200 while ``version`` is the calibration version served."""
+    await served(request, name, version)
+    return ModelReady(name=name, ready=True)

@@ -203,7 +203,7 @@ OK_INPUTS = [tensor("features", [1, 64], [0.0] * 64), tensor("logits", [1, 10], 
     ],
 )
 def test_infer_errors(server: ServerProcess, request_body: dict, status: int, match: str):
-    r = httpx.post(f"{server.url}/v2/models/disalign/infer", json=request_body, timeout=30)
+    r = httpx.post(f"{server.url}/v2/models/disalign/infer", content=json.dumps(request_body), timeout=30)  # NaN as NaN
     assert r.status_code == status and list(r.json()) == ["error"], r.text
     assert match in r.json()["error"] and r.json()["error"].endswith("."), r.text
 
