@@ -26,7 +26,7 @@ from calib.errors import InputError
 from service.routers.common import check_count, decode_base64, finite_float32
 from service.schemas import InferInput, InferRequest
 
-HEADER_LENGTH = "inference-header-content-length"
+HEADER_LENGTH = b"inference-header-content-length"  # as ASGI gives header names
 # Wire dtype of each float datatype; BF16 is read as the upper 16 bits of a float32.
 FLOAT_DATATYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "FP64": np.dtype("<f8"), "BF16": np.dtype("<u2")}
 UNSUPPORTED_PARAMETERS = {"shared_memory_region": "shared memory", "classification": "the classification extension"}

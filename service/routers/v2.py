@@ -23,6 +23,7 @@ import torch
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from calib import __version__
 from calib.errors import DisalignError, InputError
@@ -100,39 +101,44 @@ async def read_body(request: Request) -> tuple[bytes | bytearray, memoryview | N
     buffer that starts early by the padding that lands the binary part 8-byte aligned: its tensors are
     then used where they lie, without a copy.
     """
-    headers = request.headers
-    media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    headers = dict(request.scope["headers"])  # raw names are lower-case bytes
+    media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
     if media_type not in BODY_TYPES and not media_type.endswith("+json"):
         raise HTTPException(415, f"the body should be application/json, or application/octet-stream with binary tensors, found {media_type}.")
-    encoding = headers.get("content-encoding", "identity").strip().lower()
+    encoding = headers.get(b"content-encoding", b"identity").strip().lower().decode("latin-1")
     if encoding != "identity":
         raise HTTPException(415, f"the body is {encoding}-encoded; send it uncompressed.")
     declared = headers.get(HEADER_LENGTH)
-    pad = -int(declared) % 8 if declared is not None and declared.isascii() and declared.isdigit() else 0
-    buffer = await body_into(request, pad)
-    header_length = json_length(declared, len(buffer) - pad)
+    pad = -int(declared) % 8 if declared is not None and declared.isdigit() else 0
+    buffer = await body_into(request, pad, headers.get(b"content-length", b""))
+    header_length = json_length(None if declared is None else declared.decode("latin-1"), len(buffer) - pad)
     if header_length is None:
         return buffer, None
     view = memoryview(buffer)
     return bytes(view[pad:pad + header_length]), view[pad + header_length:]
 
 
-async def body_into(request: Request, pad: int) -> bytearray:
+async def body_into(request: Request, pad: int, content_length: bytes) -> bytearray:
     """The body after ``pad`` zero bytes, in one buffer filled as the chunks arrive (each byte copied once).
 
-    The body limit middleware has checked Content-Length and counts what streams in; without a length
-    (chunked) the buffer grows as it goes.
+    The body limit middleware has checked Content-Length and counts what comes in (``request.receive``);
+    without a length (chunked) the buffer grows as it goes.
     """
-    length = request.headers.get("content-length", "")
-    buffer = bytearray(pad + int(length)) if length.isascii() and length.isdigit() else bytearray(pad)
+    buffer = bytearray(pad + int(content_length)) if content_length.isdigit() else bytearray(pad)
     end = pad
-    async for chunk in request.stream():
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         if end + len(chunk) <= len(buffer):
             buffer[end:end + len(chunk)] = chunk
         else:
             buffer[end:] = chunk
         end += len(chunk)
-    del buffer[end:]  # a body shorter than its Content-Length (the client went away): what came
+        if not message.get("more_body", False):
+            break
+    del buffer[end:]  # a body shorter than its Content-Length
     return buffer
 
 
