@@ -150,10 +150,14 @@ class Calibrator:
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit() or load() first.")
 
     @torch.inference_mode()
-    def predict_logits(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Calibrated logits (N, K) float32 from stage-1 features (N, d) and logits (N, K)."""
+    def predict_logits(self, features: torch.Tensor, logits: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
+        """Calibrated logits (N, K) float32 from stage-1 features (N, d) and logits (N, K).
+
+        ``validate=False`` skips the shape and finiteness checks, for a caller that made them already.
+        """
         self._check_fitted()
-        check_inputs(features, logits, self.meta_.num_classes, self.meta_.feature_dim)
+        if validate:
+            check_inputs(features, logits, self.meta_.num_classes, self.meta_.feature_dim)
         calibrated = self._predict_logits(features, logits.to(torch.float32))
         if self.meta_.target_prior is not None:  # a calibration derived by `disalign adapt --out`
             calibrated = label_shift.prior_logits(calibrated, self.meta_.target_prior, self.meta_.probability_calibration)

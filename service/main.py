@@ -80,7 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = ServiceMetrics()
     app.state.runtime = None
     app.state.startup_error = None
-    for module in (health, calibrate, predict, v2, admin, prior, metrics):  # matched in this order: the busy routes first
+    for module in (health, calibrate, v2, predict, admin, prior, metrics):  # matched in this order: the busy routes first
         app.include_router(module.router)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)

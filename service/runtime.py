@@ -200,7 +200,8 @@ class Runtime:
             logits = np.concatenate([r.logits for r in requests])
         k = max(r.top_k for r in requests)
         with torch.inference_mode():
-            calibrated = state.calibrator.predict_logits(torch.from_numpy(features), torch.from_numpy(logits))  # (N, K)
+            # Not validated again: each request's rows were checked (shapes, finite) by its router.
+            calibrated = state.calibrator.predict_logits(torch.from_numpy(features), torch.from_numpy(logits), validate=False)  # (N, K)
             calibrated, prior = self.prior.apply(calibrated, row_flags(requests), state, requests=len(requests))
             probabilities = torch.softmax(calibrated, dim=1)
             top_p, top_i = probabilities.topk(k, dim=1)  # (N, k), k = 0 included

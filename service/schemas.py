@@ -24,6 +24,17 @@ class Ready(BaseModel):
 
 
 # -- /v2 (Open Inference Protocol) ------------------------------------------------------------------
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str] = Field(description="protocol extensions: binary_tensor_data")
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
 class TensorSpec(BaseModel):
     name: str
     datatype: str
@@ -32,7 +43,7 @@ class TensorSpec(BaseModel):
 
 class ModelMetadata(BaseModel):
     name: str
-    versions: list[str]
+    versions: list[str] = Field(description="the served calibration version; /v2/models/{name}/versions/{version}/… accepts it")
     platform: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -45,20 +56,44 @@ class ModelMetadata(BaseModel):
     calibration_created: str
 
 
+# Row-major tensor contents, flat or in their natural nesting (our inputs have at most two dimensions).
+TensorData = list[float] | list[list[float]] | list[str]
+Datatype = Literal["FP32", "FP16", "FP64", "BF16", "BYTES"]
+
+
+class InputParameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    binary_data_size: int | None = Field(None, ge=0, description="bytes of this tensor in the binary part of the body")
+
+
 class InferInput(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     name: str = Field(max_length=64)
     shape: list[int] = Field(min_length=1, max_length=4)
-    datatype: Literal["FP32", "BYTES"]
-    data: list[float] | list[str]
-    parameters: dict[str, Any] | None = None
+    datatype: Datatype
+    data: TensorData | None = Field(None, description="absent when parameters.binary_data_size is given")
+    parameters: InputParameters | None = None
+
+
+class OutputParameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    binary_data: bool | None = Field(None, description="return this output as raw little-endian bytes after the JSON")
 
 
 class RequestedOutput(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     name: str = Field(max_length=64)
+    parameters: OutputParameters | None = None
+
+
+class RequestParameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    binary_data_output: bool = Field(False, description="return every output as binary data unless it says otherwise")
 
 
 class InferRequest(BaseModel):
@@ -66,21 +101,22 @@ class InferRequest(BaseModel):
 
     id: str | None = Field(None, max_length=256)
     inputs: list[InferInput] = Field(min_length=1, max_length=2)
-    outputs: list[RequestedOutput] | None = Field(None, max_length=2)
-    parameters: dict[str, Any] | None = None
+    outputs: list[RequestedOutput] | None = Field(None, max_length=2, description="all outputs when absent")
+    parameters: RequestParameters | None = None
 
 
 class InferOutput(BaseModel):
     name: str
     datatype: str
     shape: list[int]
-    data: list[float]
+    data: list[float] | None = Field(None, description="absent for a binary output")
+    parameters: dict[str, int] | None = Field(None, description="binary_data_size of a binary output")
 
 
 class InferResponse(BaseModel):
     model_name: str
     model_version: str = Field(description="the calibration version that computed every output")
-    id: str | None = None
+    id: str | None = Field(None, description="the request's id, when it had one")
     parameters: dict[str, str]
     outputs: list[InferOutput]
 

@@ -1,64 +1,258 @@
-"""Open Inference Protocol (KServe v2) model routes: ``GET /v2/models/{name}`` and ``POST /v2/models/{name}/infer``.
+"""Open Inference Protocol (KServe v2) routes, with the binary tensor data extension.
 
-Inputs are either ``features`` (FP32, [N, d]) and ``logits`` (FP32, [N, K]), or ``image`` (BYTES, [N],
-base64-encoded files). Outputs: ``probabilities`` (FP32, [N, K], the default) and/or ``logits`` (the
-calibrated logits). ``model_version`` and ``parameters.calibration_version`` name the calibration that
-computed every output of the response; ``parameters.prior_version`` the class prior it is aligned to
-(:mod:`service.prior`; request ``parameters: {"prior": "balanced"}`` to ignore the server's).
+    GET  /v2                                            server metadata (extensions: binary_tensor_data)
+    GET  /v2/models/{name}[/versions/{version}]         model metadata
+    GET  /v2/models/{name}[/versions/{version}]/ready   model readiness
+    POST /v2/models/{name}[/versions/{version}]/infer   inference, JSON or binary tensors
+
+The model's version is the calibration's version (``versions`` in the metadata lists the one served);
+a versioned path must name it, and its answer is computed by that calibration or not at all (404).
+Inputs: ``features`` [N, d] and ``logits`` [N, K] (FP32, FP16, FP64 or BF16, converted to float32), or
+``image`` [N] (BYTES: image files, base64 strings in JSON). Outputs: ``probabilities`` and ``logits``
+(calibrated), both when ``outputs`` is absent; each as JSON ``data`` or, on request (``binary_data``
+per output, ``binary_data_output`` for the request), as binary data (:mod:`service.v2_tensors`).
+An invalid request answers 400, the protocol's status (the other routes answer 422).
+``parameters.calibration_version`` names the calibration that computed every output of the response and
+``parameters.prior_version`` the class prior it is aligned to (:mod:`service.prior`; request
+``parameters: {"prior": "balanced"}`` to ignore the server's).
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from typing import Any
 
-import numpy as np
 import torch
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
-from calib.errors import InputError
-from service.deps import ModelName, RuntimeDep
+from calib import __version__
+from calib.errors import DisalignError, InputError
+from service.deps import check_model_name, get_runtime
+from service.errors import disalign_status, error_response
+from service.messages import validation_sentence
 from service.prior import use_served_prior
-from service.routers.common import (
-    JSON_BYTES_PER_NUMBER,
-    check_count,
-    decode_base64,
-    decode_images,
-    finite_float32,
-    finite_or_raise,
-    json_response,
-    off_loop_if_large,
-    read_json,
-)
+from service.routers.common import JSON_BYTES_PER_NUMBER, decode_images, finite_or_raise, off_loop_if_large
 from service.runtime import RowRequest, Runtime
 from service.schemas import (
-    InferInput,
     InferRequest,
     InferResponse,
     ModelMetadata,
+    ModelReady,
+    ServerMetadata,
     TensorSpec,
     error_responses,
     json_body,
 )
-
-router = APIRouter(prefix="/v2/models", tags=["v2"])
+from service.v2_tensors import (
+    HEADER_LENGTH,
+    InferBody,
+    OutputTensor,
+    byte_elements,
+    check_parameters,
+    encode_response,
+    float_rows,
+    json_length,
+    split_inputs,
+)
 
 OUTPUT_NAMES = ("probabilities", "logits")
+EXTENSIONS = ["binary_tensor_data"]
+BODY_TYPES = ("application/json", "application/octet-stream", "")
 
 
-@router.get("/{name}", response_model=ModelMetadata, responses=error_responses(404, 422, 503))
-async def metadata(name: ModelName, runtime: RuntimeDep) -> ModelMetadata:
-    """Inputs, outputs, class names and the calibration version of the served model."""
+class V2Route(APIRoute):
+    """Called with the bare request and its path parameters (strings), like ``DirectRoute``: no per-request
+    dependency resolution on the hot route. Invalid input answers 400, as the protocol says."""
+
+    def get_route_handler(self) -> Callable[[Request], Any]:
+        endpoint = self.endpoint
+
+        async def handle(request: Request) -> Response:
+            try:
+                result = await endpoint(request, **request.path_params)
+            except ValidationError as exc:
+                return error_response(400, validation_sentence(exc.errors()))
+            except DisalignError as exc:
+                status = disalign_status(exc)
+                return error_response(400 if status == 422 else status, str(exc))
+            if isinstance(result, BaseModel):  # the metadata routes
+                return Response(result.model_dump_json(), media_type="application/json")
+            return result
+
+        return handle
+
+
+router = APIRouter(prefix="/v2", tags=["v2"], route_class=V2Route)
+
+
+async def served(request: Request, name: str, version: str | None) -> Runtime:
+    """The runtime when ``name`` (and ``version``, if given) is what this server serves; 404 or 503 if not."""
+    await check_model_name(name, request.app.state.settings)
+    runtime = await get_runtime(request)
+    if version is not None and version != runtime.calibration.version:
+        raise HTTPException(404, f"model '{name}' has no version '{version}'; the served version is '{runtime.calibration.version}'.")
+    return runtime
+
+
+# -- inference (registered first: the busy route is matched first) ---------------------------------------
+async def read_body(request: Request) -> tuple[bytes | bytearray, memoryview | None]:
+    """The JSON part of the body and the binary part after it (None without Inference-Header-Content-Length).
+
+    415 unless the body is JSON or octet-stream, uncompressed. With binary data the body is read into a
+    buffer that starts early by the padding that lands the binary part 8-byte aligned: its tensors are
+    then used where they lie, without a copy.
+    """
+    headers = dict(request.scope["headers"])  # raw names are lower-case bytes
+    media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
+    if media_type not in BODY_TYPES and not media_type.endswith("+json"):
+        raise HTTPException(415, f"the body should be application/json, or application/octet-stream with binary tensors, found {media_type}.")
+    encoding = headers.get(b"content-encoding", b"identity").strip().lower().decode("latin-1")
+    if encoding != "identity":
+        raise HTTPException(415, f"the body is {encoding}-encoded; send it uncompressed.")
+    declared = headers.get(HEADER_LENGTH)
+    pad = -int(declared) % 8 if declared is not None and declared.isdigit() else 0
+    buffer = await body_into(request, pad, headers.get(b"content-length", b""))
+    header_length = json_length(None if declared is None else declared.decode("latin-1"), len(buffer) - pad)
+    if header_length is None:
+        return buffer, None
+    view = memoryview(buffer)
+    return bytes(view[pad:pad + header_length]), view[pad + header_length:]
+
+
+async def body_into(request: Request, pad: int, content_length: bytes) -> bytearray:
+    """The body after ``pad`` zero bytes, in one buffer filled as the chunks arrive (each byte copied once).
+
+    The body limit middleware has checked Content-Length and counts what comes in (``request.receive``);
+    without a length (chunked) the buffer grows as it goes.
+    """
+    buffer = bytearray(pad + int(content_length)) if content_length.isdigit() else bytearray(pad)
+    end = pad
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        if end + len(chunk) <= len(buffer):
+            buffer[end:end + len(chunk)] = chunk
+        else:
+            buffer[end:] = chunk
+        end += len(chunk)
+        if not message.get("more_body", False):
+            break
+    del buffer[end:]  # a body shorter than its Content-Length
+    return buffer
+
+
+def row_request(runtime: Runtime, parsed: InferBody, use_prior: bool = True) -> RowRequest:
+    model, rows = runtime.model, runtime.settings.max_rows
+    inputs, binary = parsed.inputs, parsed.binary
+    features = float_rows(inputs["features"], binary.get("features"), model.feature_dim, rows)
+    logits = float_rows(inputs["logits"], binary.get("logits"), model.num_classes, rows)
+    if features.shape[0] != logits.shape[0]:
+        raise InputError(f"input 'features' has {features.shape[0]} rows but input 'logits' has {logits.shape[0]}.")
+    return RowRequest(features, logits, use_prior=use_prior)
+
+
+def requested_outputs(request: InferRequest) -> dict[str, bool]:
+    """Output name → whether it is sent as binary data; every output when none is named."""
+    default = request.parameters.binary_data_output if request.parameters else False
+    if not request.outputs:
+        return dict.fromkeys(OUTPUT_NAMES, default)
+    outputs: dict[str, bool] = {}
+    for out in request.outputs:
+        if out.name not in OUTPUT_NAMES:
+            raise InputError(f"output '{out.name}' does not exist; the outputs are {', '.join(OUTPUT_NAMES)}.")
+        if out.name in outputs:
+            raise InputError(f"output '{out.name}' is requested twice.")
+        params = out.parameters
+        check_parameters(params.model_extra if params else None, f"output '{out.name}'")
+        outputs[out.name] = default if params is None or params.binary_data is None else params.binary_data
+    return outputs
+
+
+INFER_DOC: dict[str, Any] = {
+    "parameters": [{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
+                    "description": "length of the JSON part when binary tensors follow it (binary tensor data extension)",
+                    "schema": {"type": "integer", "minimum": 1}}],
+    **json_body(InferRequest),
+}
+INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **error_responses(400, 404, 413, 415, 503),
+    200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+          "description": "JSON, or with binary outputs the JSON part followed by their bytes",
+          "headers": {"Inference-Header-Content-Length": {"description": "length of the JSON part (binary outputs only)",
+                                                          "schema": {"type": "integer"}}}},
+}
+
+
+@router.post("/models/{name}/infer", response_model=InferResponse, openapi_extra=INFER_DOC, responses=INFER_RESPONSES)
+async def infer(request: Request, name: str) -> Response:
+    """Calibrated probabilities and logits for ``features`` + ``logits`` or ``image``, JSON or binary tensors."""
+    return await run_inference(request, name, None)
+
+
+@router.post("/models/{name}/versions/{version}/infer", response_model=InferResponse, openapi_extra=INFER_DOC,
+             responses=INFER_RESPONSES)
+async def version_infer(request: Request, name: str, version: str) -> Response:
+    """Inference by the calibration ``version`` (404 if another one is served)."""
+    return await run_inference(request, name, version)
+
+
+async def run_inference(request: Request, name: str, version: str | None) -> Response:
+    runtime = await served(request, name, version)
+    json_part, rest = await read_body(request)
+    body = await off_loop_if_large(len(json_part), InferRequest.model_validate_json, json_part)
+    parsed = split_inputs(body, rest)
+    outputs = requested_outputs(body)
+    use_prior = use_served_prior((body.parameters.model_extra or {}).get("prior") if body.parameters else None)
+    if set(parsed.inputs) == {"features", "logits"}:
+        json_values = sum(len(t.data or ()) for t in body.inputs)  # nested: rows, the same order of work
+        rows = await off_loop_if_large(JSON_BYTES_PER_NUMBER * json_values, row_request, runtime, parsed, use_prior)
+        result = await runtime.calibrate_rows(rows)
+        state, arrays, prior_version = result.calibration, {"logits": result.logits, "probabilities": result.probabilities}, result.prior_version
+    elif set(parsed.inputs) == {"image"}:
+        blobs = byte_elements(parsed.inputs["image"], parsed.binary.get("image"), runtime.settings.max_images)
+        images = await runtime.classify(await decode_images(runtime.image_tensor, blobs))
+        calibrated, prior = runtime.prior.apply(images.calibrated_logits, use_prior, images.calibration, observe=False)
+        prior_version = prior.version_for(use_prior)
+        state, arrays = images.calibration, {"logits": calibrated.numpy(), "probabilities": torch.softmax(calibrated, dim=1).numpy()}
+    else:
+        raise InputError(f"inputs should be 'features' and 'logits' (floats) or 'image' (BYTES), found {sorted(parsed.inputs)}.")
+    if version is not None and state.version != version:  # a reload swapped the calibration meanwhile
+        raise HTTPException(404, f"model '{name}' version '{version}' was replaced by '{state.version}' while this request ran.")
+    finite_or_raise(arrays["logits"], "calibrated logits")
+    payload = {"model_name": name, "model_version": state.version, **({"id": body.id} if body.id is not None else {}),
+               "parameters": {"calibration_version": state.version, "prior_version": prior_version}}
+    tensors = [OutputTensor(n, arrays[n], binary) for n, binary in outputs.items()]
+    json_values = sum(arrays[n].size for n, binary in outputs.items() if not binary)
+    content, json_size = await off_loop_if_large(JSON_BYTES_PER_NUMBER * json_values, encode_response, payload, tensors)
+    if json_size is None:
+        return Response(content, media_type="application/json")
+    return Response(content, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(json_size)})
+
+
+# -- metadata and readiness -----------------------------------------------------------------------------
+@router.get("", response_model=ServerMetadata)
+async def server_metadata(request: Request) -> ServerMetadata:
+    """The server's name, version and protocol extensions."""
+    return ServerMetadata(name="disalign", version=__version__, extensions=EXTENSIONS)
+
+
+def model_metadata(name: str, runtime: Runtime) -> ModelMetadata:
     model, state = runtime.model, runtime.calibration
     k, d = model.num_classes, model.feature_dim
+    floats = "FP32"  # FP16, FP64 and BF16 are accepted too, converted to float32
     return ModelMetadata(
         name=name,
         versions=[state.version],
         platform=f"pytorch_{model.kind}",
-        inputs=[TensorSpec(name="features", datatype="FP32", shape=[-1, d]),
-                TensorSpec(name="logits", datatype="FP32", shape=[-1, k]),
+        inputs=[TensorSpec(name="features", datatype=floats, shape=[-1, d]),
+                TensorSpec(name="logits", datatype=floats, shape=[-1, k]),
                 TensorSpec(name="image", datatype="BYTES", shape=[-1])],
-        outputs=[TensorSpec(name="probabilities", datatype="FP32", shape=[-1, k]),
-                 TensorSpec(name="logits", datatype="FP32", shape=[-1, k])],
+        outputs=[TensorSpec(name=n, datatype="FP32", shape=[-1, k]) for n in OUTPUT_NAMES],
         classes=state.class_names,
         num_classes=k,
         feature_dim=d,
@@ -69,74 +263,27 @@ async def metadata(name: ModelName, runtime: RuntimeDep) -> ModelMetadata:
     )
 
 
-def fp32_array(tensor: InferInput, width: int, max_rows: int) -> np.ndarray:
-    """An FP32 input of shape [N, width] → (N, width) float32, finite."""
-    name = tensor.name
-    if tensor.datatype != "FP32" or any(isinstance(v, str) for v in tensor.data):
-        raise InputError(f"input '{name}' should have datatype FP32 with numbers as data, found {tensor.datatype}.")
-    if len(tensor.shape) != 2 or tensor.shape[1] != width or tensor.shape[0] < 1:
-        raise InputError(f"input '{name}' should have shape [N, {width}], found {tensor.shape}.")
-    check_count(f"input '{name}' rows", tensor.shape[0], max_rows, "max_rows")
-    if len(tensor.data) != math.prod(tensor.shape):
-        raise InputError(f"input '{name}' has {len(tensor.data)} values but its shape {tensor.shape} needs {math.prod(tensor.shape)}.")
-    return finite_float32(tensor.data, f"input '{name}' data").reshape(tensor.shape)
+@router.get("/models/{name}", response_model=ModelMetadata, responses=error_responses(404, 503))
+async def metadata(request: Request, name: str) -> ModelMetadata:
+    """Inputs, outputs, class names and the calibration version (the model's version) of the served model."""
+    return model_metadata(name, await served(request, name, None))
 
 
-def image_blobs(tensor: InferInput, max_images: int) -> list[bytes]:
-    """A BYTES input of shape [N] of base64 strings → N image files."""
-    if tensor.datatype != "BYTES" or any(not isinstance(v, str) for v in tensor.data):
-        raise InputError(f"input 'image' should have datatype BYTES with base64 strings as data, found {tensor.datatype}.")
-    if len(tensor.shape) != 1 or tensor.shape[0] != len(tensor.data) or not tensor.data:
-        raise InputError(f"input 'image' should have shape [N] with N = {len(tensor.data)} (the number of strings), found {tensor.shape}.")
-    check_count("images", len(tensor.data), max_images, "max_images")
-    return decode_base64([str(v) for v in tensor.data], "inputs.image.data")
+@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=error_responses(404, 503))
+async def version_metadata(request: Request, name: str, version: str) -> ModelMetadata:
+    """The metadata, if ``version`` is the calibration version served."""
+    return model_metadata(name, await served(request, name, version))
 
 
-def requested_outputs(body: InferRequest) -> list[str]:
-    names = [o.name for o in body.outputs] if body.outputs else ["probabilities"]
-    for n in names:
-        if n not in OUTPUT_NAMES:
-            raise InputError(f"output '{n}' does not exist; the outputs are {', '.join(OUTPUT_NAMES)}.")
-    return list(dict.fromkeys(names))
+@router.get("/models/{name}/ready", response_model=ModelReady, responses=error_responses(404, 503))
+async def model_ready(request: Request, name: str) -> ModelReady:
+    """200 once the model and its calibration are loaded; 503 before, 404 for another model."""
+    await served(request, name, None)
+    return ModelReady(name=name, ready=True)
 
 
-def row_request(runtime: Runtime, inputs: dict[str, InferInput], use_prior: bool = True) -> RowRequest:
-    model, rows = runtime.model, runtime.settings.max_rows
-    features = fp32_array(inputs["features"], model.feature_dim, rows)
-    logits = fp32_array(inputs["logits"], model.num_classes, rows)
-    if features.shape[0] != logits.shape[0]:
-        raise InputError(f"input 'features' has {features.shape[0]} rows but input 'logits' has {logits.shape[0]}.")
-    return RowRequest(features, logits, use_prior=use_prior)
-
-
-@router.post("/{name}/infer", response_model=InferResponse, openapi_extra=json_body(InferRequest),
-             responses=error_responses(400, 404, 413, 415, 422, 503))
-async def infer(name: ModelName, request: Request, runtime: RuntimeDep) -> Response:
-    """Calibrated probabilities for v2 JSON tensors (``features`` + ``logits``, or ``image``)."""
-    body = await read_json(request, InferRequest)
-    inputs = {t.name: t for t in body.inputs}
-    outputs = requested_outputs(body)
-    if len(inputs) != len(body.inputs):
-        raise InputError("each input name may appear only once.")
-    use_prior = use_served_prior((body.parameters or {}).get("prior"))
-    if set(inputs) == {"features", "logits"}:
-        values = len(inputs["features"].data) + len(inputs["logits"].data)
-        rows = await runtime.calibrate_rows(await off_loop_if_large(JSON_BYTES_PER_NUMBER * values, row_request, runtime, inputs, use_prior))
-        state, arrays, prior_version = rows.calibration, {"logits": rows.logits, "probabilities": rows.probabilities}, rows.prior_version
-    elif set(inputs) == {"image"}:
-        blobs = image_blobs(inputs["image"], runtime.settings.max_images)
-        result = await runtime.classify(await decode_images(runtime.image_tensor, blobs))
-        calibrated, prior = runtime.prior.apply(result.calibrated_logits, use_prior, result.calibration, observe=False)
-        prior_version = prior.version_for(use_prior)
-        state, arrays = result.calibration, {"logits": calibrated.numpy(), "probabilities": torch.softmax(calibrated, dim=1).numpy()}
-    else:
-        raise InputError(f"inputs should be 'features' and 'logits' (FP32) or 'image' (BYTES), found {sorted(inputs)}.")
-    finite_or_raise(arrays["logits"], "calibrated logits")
-    # The InferResponse schema, written by orjson straight from the float32 arrays.
-    return await json_response({
-        "model_name": name,
-        "model_version": state.version,
-        "id": body.id,
-        "parameters": {"calibration_version": state.version, "prior_version": prior_version},
-        "outputs": [{"name": n, "datatype": "FP32", "shape": list(arrays[n].shape), "data": arrays[n].reshape(-1)} for n in outputs],
-    }, approx_values=sum(arrays[n].size for n in outputs))
+@router.get("/models/{name}/versions/{version}/ready", response_model=ModelReady, responses=error_responses(404, 503))
+async def version_ready(request: Request, name: str, version: str) -> ModelReady:
+    """200 while ``version`` is the calibration version served."""
+    await served(request, name, version)
+    return ModelReady(name=name, ready=True)

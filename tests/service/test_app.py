@@ -215,37 +215,10 @@ def test_v2_infer_features_and_logits(client: TestClient, artifacts: Artifacts):
 def test_v2_infer_image(client: TestClient, cifar_jpegs: list[Path], artifacts: Artifacts):
     r = client.post("/v2/models/disalign/infer", json={"inputs": [tensor("image", [2], [b64(p) for p in cifar_jpegs[:2]], "BYTES")]})
     assert r.status_code == 200, r.text
-    (out,) = r.json()["outputs"]
+    out = r.json()["outputs"][0]  # all outputs, probabilities first (errors and binary tensors: test_v2.py)
     assert out["name"] == "probabilities" and out["shape"] == [2, 10]
     _, calibrated = offline_probabilities(cifar_jpegs[:2], artifacts.good)
     assert out["data"] == pytest.approx(calibrated.flatten().tolist(), abs=1e-5)
-
-
-@pytest.mark.parametrize(
-    ("inputs", "status", "match"),
-    [
-        ([tensor("features", [1, 64], [0.0] * 64), tensor("logits", [1, 9], [0.0] * 9)], 422, "input 'logits' should have shape [N, 10], found [1, 9]"),
-        ([tensor("features", [1, 32], [0.0] * 32), tensor("logits", [1, 10], [0.0] * 10)], 422, "should have shape [N, 64]"),
-        ([tensor("features", [1, 64], [0.0] * 63), tensor("logits", [1, 10], [0.0] * 10)], 422, "has 63 values but its shape [1, 64] needs 64"),
-        ([tensor("features", [2, 64], [0.0] * 128), tensor("logits", [1, 10], [0.0] * 10)], 422, "has 2 rows but input 'logits' has 1"),
-        ([tensor("features", [1, 64], [0.0] * 64)], 422, "inputs should be 'features' and 'logits'"),
-        ([tensor("features", [1, 64], ["a"] * 64), tensor("logits", [1, 10], [0.0] * 10)], 422, "datatype FP32 with numbers"),
-        ([tensor("image", [1], ["!!"], "BYTES")], 400, "is not valid base64"),
-        ([tensor("image", [2], ["aGk="], "BYTES")], 422, "should have shape [N] with N = 1"),
-        ([tensor("image", [1], ["aGk="], "INT8")], 422, "datatype"),
-        ([tensor("image", [1], ["aGk="], "BYTES")], 400, "could not be decoded"),
-    ],
-)
-def test_v2_infer_errors(client: TestClient, inputs: list, status: int, match: str):
-    assert_error(client.post("/v2/models/disalign/infer", json={"inputs": inputs}), status, match)
-
-
-def test_v2_infer_rejects_unknown_outputs_and_nan(client: TestClient):
-    ok = [tensor("features", [1, 64], [0.0] * 64), tensor("logits", [1, 10], [0.0] * 10)]
-    assert_error(client.post("/v2/models/disalign/infer", json={"inputs": ok, "outputs": [{"name": "gate"}]}), 422, "output 'gate' does not exist")
-    body = json.dumps({"inputs": ok}).replace("0.0", "NaN", 1)
-    r = client.post("/v2/models/disalign/infer", content=body, headers={"content-type": "application/json"})
-    assert_error(r, 422, "finite")
 
 
 # -- /admin/reload --------------------------------------------------------------------------------------

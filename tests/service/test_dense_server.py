@@ -110,7 +110,7 @@ def test_segmentation_server_keeps_the_other_routes(seg_server):
     image = base64.b64encode(png_bytes(np.zeros((64, 64, 3), np.uint8))).decode()
     r = httpx.post(f"{server.url}/v2/models/disalign/infer", timeout=10,
                    json={"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [image]}]})
-    assert r.status_code == 422 and "send images to /predict" in r.json()["error"]
+    assert r.status_code == 400 and "send images to /predict" in r.json()["error"]  # /v2 answers 400 for invalid input
     r = httpx.post(f"{server.url}/predict", files=[("file", ("x.png", b"not an image", "image/png"))], timeout=10)
     assert r.status_code == 400
 

@@ -190,7 +190,7 @@ def test_bad_prior_settings_and_requests_are_one_sentence(tmp_path: Path, artifa
     infer = client.post("/v2/models/disalign/infer", json={"parameters": {"prior": 3}, "inputs": [
         {"name": "features", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64},
         {"name": "logits", "shape": [1, 10], "datatype": "FP32", "data": [0.0] * 10}]})
-    assert infer.status_code == 422 and "prior should be one of" in infer.json()["error"]
+    assert infer.status_code == 400 and "prior should be one of" in infer.json()["error"]  # v2 answers 400 for bad input
     assert client.post("/predict?prior=skewed", json={"images": ["x"]}).status_code == 422
 
     assert client.post("/admin/prior", json={"action": "reset"}).status_code == 401
