@@ -170,6 +170,13 @@ class Calibrator:
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "params_")
 
+    def __sklearn_tags__(self):
+        """scikit-learn's estimator tags (``check_is_fitted`` reads them). Only scikit-learn calls this, so
+        it is installed then; the fit takes banks, not ``(X, y)``, hence no estimator type."""
+        from sklearn.utils import Tags, TargetTags
+
+        return Tags(estimator_type=None, target_tags=TargetTags(required=False), requires_fit=True)
+
     @property
     def classes_(self) -> np.ndarray:
         """The class indices 0..K-1 (int64) that :meth:`predict` returns; names in :attr:`class_names_`."""

@@ -211,7 +211,7 @@ def reliability_figure(reliability: dict[str, dict]) -> Figure:
     rows = max(1, math.ceil(len(names) / cols))
     width, height = 3.4 * cols, 3.9 * rows + 0.4
     fig = Figure(figsize=(width, height))
-    fig.subplots_adjust(left=0.65 / width, right=0.98, bottom=0.45 / height, top=1 - 0.6 / height, wspace=0.35, hspace=0.3)
+    fig.subplots_adjust(left=0.65 / width, right=1 - 0.2 / width, bottom=0.45 / height, top=1 - (0.6 if cols > 1 else 0.8) / height, wspace=0.35, hspace=0.3)
     outer = fig.add_gridspec(rows, cols)
     for index, name in enumerate(names):
         inner = outer[divmod(index, cols)].subgridspec(2, 1, height_ratios=(3, 1), hspace=0.08)
@@ -245,7 +245,7 @@ def reliability_figure(reliability: dict[str, dict]) -> Figure:
                         Patch(facecolor="#a9c8e8", edgecolor="tab:blue", hatch="///", label=f"… fewer than {FEW_SAMPLES} rows"),
                         Line2D([], [], marker="o", linestyle="none", color="tab:red", markersize=3, label="mean confidence"),
                         Line2D([], [], linestyle="--", color="0.3", linewidth=1, label="perfect calibration")],
-               loc="upper center", ncols=4, fontsize="small", frameon=False)
+               loc="upper center", ncols=4 if cols > 1 else 2, fontsize="small", frameon=False)
     return fig
 
 

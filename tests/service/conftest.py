@@ -185,7 +185,7 @@ class ServerProcess:
 
 
 def server_command(calibration: Path, *extra: str, entry: str = "service") -> list[str]:
-    prefix = [sys.executable, "-m", "service"] if entry == "service" else [sys.executable, "-m", "calib.cli", "serve"]
+    prefix = [sys.executable, "-m", "service"] if entry == "service" else [sys.executable, "-m", "disalign", "serve"]
     return [*prefix, "--model", str(MODEL), "--card", str(CARD), "--calibration", str(calibration),
             "--host", "127.0.0.1", *extra]
 
