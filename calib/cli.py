@@ -116,11 +116,12 @@ def run_fit(args: argparse.Namespace) -> int:
             fit_kwargs["max_memory"] = args.max_memory
         if "progress" in inspect.signature(DisAlign.fit).parameters:  # the fit's own bar (rho grid, epochs, loss)
             fit_kwargs["progress"] = not args.quiet
-        if estimator.rho == "auto" and estimator.use_grw and args.val is None:
-            print(f"warning: --rho auto chooses rho on a validation bank and no --val was given: using rho = {DEFAULT_RHO:g}.",
-                  file=sys.stderr)
     estimator.fit(args.train, val=args.val, **fit_kwargs)
     estimator.save(args.out)
+    if isinstance(estimator, DisAlign) and estimator.rho == "auto" and estimator.use_grw and args.val is None:
+        # said once the fit succeeded, so that a bad input still gives exactly one error line
+        print(f"warning: --rho auto chooses rho on a validation bank and no --val was given: used rho = {float(DEFAULT_RHO)}.",
+              file=sys.stderr)
     report = estimator.meta_.report
     summary = {k: report[k] for k in ("rho", "tau", "temperature", "validation", "fit_seconds") if k in report}
     print(f"wrote {args.method} calibration to {args.out}: {json.dumps(summary)}")
