@@ -51,7 +51,7 @@ def run_predict(args: argparse.Namespace) -> int:
         calibration.check_compatible(num_classes=info.num_classes, feature_dim=info.feature_dim,
                                      model_fingerprint=info.model_fingerprint, source=f"bank {args.bank}")
         k = min(args.top_k, info.num_classes)
-        paths = source_paths(args.bank, reader.column("sample_index"), args.list_file, quiet=args.quiet)
+        paths, no_paths = source_paths(args.bank, reader.column("sample_index"), args.list_file)
         names = np.asarray(info.class_names, dtype=object)
         writer = WRITERS[fmt](args.out, k=k, stage1=args.stage1, with_paths=paths is not None, class_names=list(info.class_names),
                               attrs={"bank": str(args.bank), "calibration": str(args.calibration), "method": calibration.method})
@@ -75,5 +75,7 @@ def run_predict(args: argparse.Namespace) -> int:
         except BaseException:
             writer.abort()
             raise
+    if no_paths:  # said after the work, so that a bad input still gives exactly one error line
+        note(no_paths, quiet=args.quiet)
     note(f"wrote {info.num_rows} rows of {calibration.method} predictions (top {k}) to {args.out}", quiet=args.quiet)
     return 0

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-from calib.cli_common import note
 from calib.errors import InputError
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".h5": "hdf5", ".hdf5": "hdf5"}
@@ -50,12 +49,13 @@ class Predictions:
 
 
 # -- the path column --------------------------------------------------------------------------------
-def source_paths(bank: Path, sample_index: np.ndarray, list_file: Path | None, *, quiet: bool) -> list[str] | None:
-    """The image path of every list row the bank's ``sample_index`` refers to, or None when unknown.
+def source_paths(bank: Path, sample_index: np.ndarray, list_file: Path | None) -> tuple[list[str] | None, str]:
+    """``(paths, why_not)``: the image path of every list row the bank's ``sample_index`` refers to, or None
+    and the reason when unknown.
 
     ``list_file`` given: it must exist and cover every sample_index. Otherwise the bank's ``source``
     attribute is tried (as written, then relative to the bank's directory); when that is not a readable
-    list covering the bank, there is no path column and a note says why.
+    list covering the bank, there is no path column.
     """
     needed = int(sample_index.max()) + 1 if sample_index.size else 0
     if list_file is not None:
@@ -64,22 +64,20 @@ def source_paths(bank: Path, sample_index: np.ndarray, list_file: Path | None, *
             raise InputError(f"--list {list_file} is not a readable list file or COCO JSON.")
         if len(paths) < needed:
             raise InputError(f"--list {list_file} has {len(paths)} rows but the bank refers to row {needed - 1}.")
-        return paths
+        return paths, ""
     import h5py
 
     with h5py.File(bank, "r") as f:  # one optional attribute the bank reader does not expose
         source = f.attrs.get("source")
     if not isinstance(source, str) or not source:
-        note("the bank records no source list: no path column (pass --list to add one).", quiet=quiet)
-        return None
+        return None, "the bank records no source list: no path column (pass --list to add one)."
     for candidate in (Path(source), bank.parent / source):
         if candidate.is_file():
             paths = read_source(candidate)
             if paths is not None and len(paths) >= needed:
-                return paths
-    note(f"the bank's source list {source} is not readable here or does not cover the bank: no path column "
-         "(pass --list to add one).", quiet=quiet)
-    return None
+                return paths, ""
+    return None, (f"the bank's source list {source} is not readable here or does not cover the bank: no path column "
+                  "(pass --list to add one).")
 
 
 def read_source(path: Path) -> list[str] | None:
