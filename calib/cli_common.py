@@ -12,6 +12,7 @@ import argparse
 import os
 import re
 import sys
+import uuid
 from pathlib import Path
 
 from calib.errors import DisalignError, InputError
@@ -110,16 +111,20 @@ def _check_parent(path: Path, flag: str) -> None:
 
 
 def write_text_atomic(path: Path | str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename; ``-`` writes to stdout."""
+    """Write ``text`` to ``path`` atomically (:func:`write_bytes_atomic`); ``-`` writes to stdout."""
     if path == STDOUT:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    path = Path(path)
+    write_bytes_atomic(Path(path), text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary sibling of ``path``, then rename it into place (parents created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

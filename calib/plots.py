@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator
+
+from calib.cli_common import write_bytes_atomic
 
 NAMED_CLASSES_UP_TO = 30  # up to this many classes, every class is drawn and named
 COUNT_BINS = 16  # log-spaced training-count bins above that
@@ -262,18 +263,10 @@ def render_plots(report: dict, *, rho_curve: list[dict] | None, chosen_rho: floa
 
 def write_pngs(directory: str | os.PathLike, figures: dict[str, bytes]) -> list[Path]:
     """Write rendered figures into ``directory`` (created if missing), each through a temporary name and a rename."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     written = []
     for name, data in figures.items():
-        path = directory / name
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        written.append(path)
+        write_bytes_atomic(Path(directory) / name, data)
+        written.append(Path(directory) / name)
     return written
 
 
