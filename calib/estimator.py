@@ -195,7 +195,6 @@ class Calibrator:
         return self.meta_.feature_dim
 
     # -- public API -----------------------------------------------------------------------------
-
     def fit(self, train: Bank | str | os.PathLike, val: Bank | str | os.PathLike | None = None) -> Calibrator:
         train_bank = as_bank(train, "train")
         val_bank = as_bank(val, "val") if val is not None else None
