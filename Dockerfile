@@ -33,6 +33,7 @@ COPY pyproject.toml README.md* ./
 COPY calib ./calib
 COPY feature_extract ./feature_extract
 COPY service ./service
+COPY disalign ./disalign
 # The project's dependencies include uvloop and the httptools parser (uvicorn picks them up).
 # hadolint ignore=DL3013
 RUN pip install .

@@ -24,24 +24,43 @@ import argparse
 import copy
 import dataclasses
 import json
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from calib import label_shift
+from calib.cli_common import (
+    STDOUT,
+    HelpFormatter,
+    add_quiet_argument,
+    check_writable_file,
+    note,
+    output_path,
+    write_text_atomic,
+)
+from calib.defaults import PRIOR_CONCENTRATION, PRIOR_SIGNIFICANCE, PRIOR_TOLERANCE
 from calib.errors import InputError
+
+if TYPE_CHECKING:  # torch and the math are imported where used: the parser (--help) stays light
+    import torch
+
+    from calib import label_shift
 
 TARGET_PRIOR_CHOICES = ("uniform", "train", "estimate")
 
 
 # -- shared by adapt, eval and the benchmark ------------------------------------------------------
 def probability_calibration(calibrator) -> label_shift.ProbabilityCalibration | None:
+    from calib import label_shift
+
     raw = calibrator.meta_.probability_calibration
     return label_shift.ProbabilityCalibration.from_json(raw) if raw else None
 
 
 def reference_probabilities(calibrator, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Calibrated balanced probabilities (N, K) float64: softmax(z / T + b) of the calibration's logits z."""
+    import torch
+
+    from calib import label_shift
     from calib.evaluate import predict_in_blocks
 
     z = predict_in_blocks(calibrator, features, logits)
@@ -58,6 +77,8 @@ def aligned_to_prior(calibrator, prior: torch.Tensor | None):
 
 
 def training_prior(calibrator) -> torch.Tensor:
+    from calib import label_shift
+
     counts = calibrator.meta_.class_counts
     if counts is None:
         raise InputError("the calibration records no training class counts, so there is no training prior.")
@@ -67,31 +88,39 @@ def training_prior(calibrator) -> torch.Tensor:
 # -- adapt ----------------------------------------------------------------------------------------
 def add_adapt_parser(subparsers) -> None:
     p = subparsers.add_parser("adapt", help="estimate the class prior of an unlabeled bank (label shift)",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
     p.add_argument("unlabeled", type=Path, help="bank of the deployment's inputs (HDF5); labels are ignored")
     p.add_argument("--calibration", type=Path, required=True, help="balanced calibration directory from 'disalign fit'")
     p.add_argument("--val", type=Path, help="labelled val bank: fits the probability calibration if the artifact has none")
     p.add_argument("--out", type=Path, help="write a calibration aligned to the estimated prior here")
-    p.add_argument("--json", type=Path, help="write the estimate here (the prior-file format)")
+    p.add_argument("--json", type=output_path, help="write the estimate here (the prior-file format; - for stdout)")
     p.add_argument("--no-test", action="store_true", help="align --out to the estimate even when the test keeps the reference")
     add_estimate_arguments(p)
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the intervals (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    add_quiet_argument(p)
     p.set_defaults(func=run_adapt)
 
 
 def add_estimate_arguments(p) -> None:
-    p.add_argument("--concentration", type=float, default=label_shift.DEFAULT_CONCENTRATION,
+    p.add_argument("--concentration", type=float, default=PRIOR_CONCENTRATION,
                    help="Dirichlet pseudo-counts of the prior on pi, spread as the reference")
-    p.add_argument("--significance", type=float, default=label_shift.DEFAULT_SIGNIFICANCE, help="level of the likelihood-ratio test")
-    p.add_argument("--tolerance", type=float, default=label_shift.DEFAULT_TOLERANCE,
+    p.add_argument("--significance", type=float, default=PRIOR_SIGNIFICANCE, help="level of the likelihood-ratio test")
+    p.add_argument("--tolerance", type=float, default=PRIOR_TOLERANCE,
                    help="log-likelihood gain per row (nats) the test attributes to miscalibration")
 
 
 def run_adapt(args: argparse.Namespace) -> int:
+    import torch
+
+    from calib import label_shift
     from calib.bank import load_bank
     from calib.methods import load_calibration
+    from calib.publish import check_publish_target
 
+    check_writable_file(args.json, "--json")  # every output checked before any work
+    if args.out is not None:
+        check_publish_target(args.out, role="--out")
     calibrator = load_calibration(args.calibration)
     if calibrator.meta_.target_prior is not None:
         raise InputError(f"{args.calibration} is already aligned to a target prior; adapt the balanced calibration.")
@@ -104,9 +133,10 @@ def run_adapt(args: argparse.Namespace) -> int:
         if calibrator.meta_.probability_calibration is None:
             calibrator.fit_probability_calibration(args.val)
         else:
-            print(f"note: {args.calibration} has a probability calibration already; --val is not used.")
+            note(f"{args.calibration} has a probability calibration already; --val is not used.", quiet=args.quiet)
     if calibrator.meta_.probability_calibration is None:
-        print("note: the calibration has no probability calibration (fit with --val, or pass --val here); using T = 1, b = 0.")
+        note("the calibration has no probability calibration (fit with --val, or pass --val here); using T = 1, b = 0.",
+             quiet=args.quiet)
     clean = bank.view == 0
     if not bool(clean.any()):
         raise InputError(f"bank {args.unlabeled} has no rows in its clean view (view 0).")
@@ -119,22 +149,24 @@ def run_adapt(args: argparse.Namespace) -> int:
     observed = None
     if bool((labels >= 0).all()):
         observed = torch.bincount(labels, minlength=bank.num_classes).double() / labels.numel()
-    print(format_estimate(estimate, calibrator.meta_.class_names, interval, observed))
+    # with --json - the estimate goes to stdout and the table to stderr
+    print(format_estimate(estimate, calibrator.meta_.class_names, interval, observed), file=sys.stderr if args.json == STDOUT else sys.stdout)
     if args.json:
-        from calib.cli import write_text_atomic
-
         write_text_atomic(args.json, json.dumps(estimate_json(estimate, calibrator.meta_.class_names, interval), indent=2) + "\n")
-        print(f"wrote the estimate to {args.json}")
+        if args.json != STDOUT:
+            note(f"wrote the estimate to {args.json}", quiet=args.quiet)
     if args.out:
         prior = estimate.prior if args.no_test else (estimate.prior if estimate.adapt else None)
         aligned_to_prior(calibrator, prior).save(args.out)
         what = "the estimated prior" if prior is not None else "the balanced reference (the test kept it)"
-        print(f"wrote a calibration aligned to {what} to {args.out}")
+        print(f"wrote a calibration aligned to {what} to {args.out}", file=sys.stderr if args.json == STDOUT else sys.stdout)
     return 0
 
 
 def format_estimate(estimate: label_shift.PriorEstimate, class_names: list[str], interval, observed) -> str:
     """The estimate as a text table (percentages), then the test's decision."""
+    from calib import label_shift
+
     header = ["class", "prior %"] + (["95% interval"] if interval is not None else []) + (["labelled %"] if observed is not None else [])
     rows = []
     for k, name in enumerate(class_names):
@@ -177,6 +209,8 @@ def add_target_prior_argument(p) -> None:
 
 def with_target_prior(estimators: dict, calibrator, test, choice: str | None) -> dict:
     """``estimators`` plus the calibration aligned to the ``--target-prior`` choice, as ``<method>@<choice>``."""
+    from calib import label_shift
+
     if choice is None:
         return estimators
     if choice == "uniform":

@@ -8,3 +8,8 @@ MANY_ABOVE = 100
 FEW_BELOW = 20
 HEAD_ABOVE = 0.01
 TAIL_BELOW = 0.001
+
+# class-prior estimation (calib.label_shift, disalign adapt)
+PRIOR_CONCENTRATION = 10.0  # Dirichlet pseudo-counts in total, spread as the reference prior
+PRIOR_SIGNIFICANCE = 1e-3  # the likelihood-ratio test's level
+PRIOR_TOLERANCE = 0.005  # nats of log-likelihood gain per row that miscalibration may explain

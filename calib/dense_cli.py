@@ -2,9 +2,9 @@
 
     disalign eval-segmentation TEST.h5 --calibration CALIB --root DIR --list test.txt
         [--train TRAIN.h5 [--val VAL.h5]] [--methods joint,disalign,…] [--head-above 0.01] [--tail-below 0.001]
-        [--json OUT] [--plots DIR]
+        [--json OUT|-] [--plots DIR] [--quiet]
     disalign eval-detection --model torchvision:fasterrcnn_… --weights W.pt --calibration CALIB
-        --annotations test.json --root DIR [--methods joint,disalign] [--json OUT]
+        --annotations test.json --root DIR [--methods joint,disalign] [--json OUT|-] [--quiet]
 
 ``add_parsers(subparsers)`` adds both. Each is a thin layer: argparse here, the work in
 :mod:`calib.segmentation` and :mod:`calib.detection_eval`.
@@ -16,7 +16,17 @@ import argparse
 import json
 from pathlib import Path
 
-from calib.cli import ALL_METHODS, eval_estimators, load_eval_banks, write_report, write_text_atomic
+from calib.cli import (
+    ALL_METHODS,
+    add_report_arguments,
+    check_report_outputs,
+    eval_estimators,
+    load_eval_banks,
+    print_table,
+    provenance,
+    write_report,
+)
+from calib.cli_common import HelpFormatter, write_text_atomic
 from calib.defaults import HEAD_ABOVE, TAIL_BELOW
 from calib.errors import InputError
 
@@ -34,7 +44,7 @@ def _ratio(text: str) -> float:
 # -- segmentation ---------------------------------------------------------------------------------
 def add_segmentation_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval-segmentation", help="mIoU / mAcc of calibrated pixel logits at full resolution",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              description="mIoU / mAcc of calibrated pixel logits at full resolution.", formatter_class=HelpFormatter)
     p.add_argument("test", type=Path, help="dense test pixel bank (extract --task segmentation without --pixels-per-image)")
     p.add_argument("--calibration", type=Path, required=True, help="calibration directory from 'disalign fit'")
     p.add_argument("--root", type=Path, required=True, help="directory the list's mask paths are relative to")
@@ -44,8 +54,7 @@ def add_segmentation_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: joint + the calibration)")
     p.add_argument("--head-above", type=_ratio, default=HEAD_ABOVE, help="head classes have a training pixel ratio above this")
     p.add_argument("--tail-below", type=_ratio, default=TAIL_BELOW, help="tail classes have a training pixel ratio below this")
-    p.add_argument("--json", type=Path, help="write the report as JSON here")
-    p.add_argument("--plots", type=Path, help="write PNG plots into this directory")
+    add_report_arguments(p, plots=True)
     p.set_defaults(func=run_segmentation)
     return p
 
@@ -54,24 +63,29 @@ def run_segmentation(args: argparse.Namespace) -> int:
     from calib.segmentation import evaluate_segmentation, format_segmentation_table
     from feature_extract.segmentation import read_mask, read_pairs
 
+    check_report_outputs(args)
     calibration, test, train, val = load_eval_banks(args.calibration, args.test, args.train, args.val)
     pairs = read_pairs(args.list_file)
     images = test.info.preprocessing.get("images")
     if images is not None and images != len(pairs):
         raise InputError(f"--list {args.list_file} has {len(pairs)} image/mask pairs but the test bank was extracted from {images}.")
-    estimators, counts = eval_estimators(args.methods, calibration, train, val, test, all_with_train=False)
+    estimators, counts = eval_estimators(args.methods, calibration, train, val, test, all_with_train=False, progress=not args.quiet)
     report = evaluate_segmentation(test, estimators, lambda i: read_mask(args.root / pairs[i][1], test.num_classes),
-                                   class_counts=counts, head_above=args.head_above, tail_below=args.tail_below)
-    print(format_segmentation_table(report))
-    print("groups (training pixel ratio): " + "; ".join(f"{g}: {len(c)} classes" for g, c in report["groups"].items()))
-    write_report(report, calibration, json_path=args.json, plots_dir=args.plots)
+                                   class_counts=counts, head_above=args.head_above, tail_below=args.tail_below,
+                                   progress=not args.quiet)
+    report["class_names"] = list(test.info.class_names)
+    report["provenance"] = provenance(args, calibration, {"test": test, "train": train, "val": val}, {"list": args.list_file})
+    print_table(format_segmentation_table(report) + "\ngroups (training pixel ratio): "
+                + "; ".join(f"{g}: {len(c)} classes" for g, c in report["groups"].items()), args)
+    write_report(report, calibration, json_path=args.json, plots_dir=args.plots, quiet=args.quiet)
     return 0
 
 
 # -- detection ------------------------------------------------------------------------------------
 def add_detection_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval-detection", help="COCO AP / AP_r,c,f of the detector with its calibrated box classifier",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              description="COCO AP / AP_r,c,f of the detector with its calibrated box classifier.",
+                              formatter_class=HelpFormatter)
     p.add_argument("--model", help="detector builder (default: the card's 'model')")
     p.add_argument("--weights", type=Path, required=True, help="the detector's state_dict")
     p.add_argument("--card", type=Path, help="detector card JSON (model, model_kwargs)")
@@ -82,8 +96,8 @@ def add_detection_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--score-threshold", type=float, default=1e-4, help="detections below this score are dropped")
     p.add_argument("--detections-per-image", type=int, default=300, help="kept per image after NMS (LVIS: 300)")
     p.add_argument("--device", default="cpu", help="torch device of the detector")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--json", type=Path, help="write the report as JSON here")
+    p.add_argument("--batch-size", type=int, default=8, help="test images per detector forward pass")
+    add_report_arguments(p, plots=False)
     p.set_defaults(func=run_detection)
     return p
 
@@ -93,6 +107,7 @@ def run_detection(args: argparse.Namespace) -> int:
     from calib.methods import load_calibration
     from feature_extract.detection import load_detector, read_coco, sorted_categories
 
+    check_report_outputs(args)
     calibration = load_calibration(args.calibration)
     coco = read_coco(args.annotations)
     detector = load_detector(args.model, args.weights, card=args.card, categories=sorted_categories(coco), device=args.device)
@@ -106,11 +121,12 @@ def run_detection(args: argparse.Namespace) -> int:
     iou_types = ["bbox", "segm"] if detector.has_masks and any("segmentation" in a for a in coco["annotations"]) else ["bbox"]
     heads = {name: calibration if name == calibration.method else None for name in names}
     results = detect(detector, coco, args.root, heads, batch_size=args.batch_size, score_threshold=args.score_threshold,
-                     detections_per_image=args.detections_per_image)  # backbone and RPN once, the RoI heads per method
+                     detections_per_image=args.detections_per_image, progress=not args.quiet)  # backbone and RPN once, the RoI heads per method
     for name in names:
         report["methods"][name] = {t: coco_ap(coco, results[name], iou_type=t, max_detections=args.detections_per_image)
                                    for t in iou_types}
-    print(format_detection_table(report))
+    report["provenance"] = provenance(args, calibration, {}, {"annotations": args.annotations, "weights": args.weights})
+    print_table(format_detection_table(report), args)
     if args.json:
         write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
     return 0
@@ -123,8 +139,8 @@ def add_parsers(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m calib.dense_cli eval-segmentation|eval-detection …`` (until ``disalign`` registers them)."""
-    from calib.cli import run_command
+    """``python -m calib.dense_cli eval-segmentation|eval-detection …`` (the same as ``disalign eval-…``)."""
+    from calib.cli_common import run_command
 
     parser = argparse.ArgumentParser(prog="python -m calib.dense_cli", description=__doc__.split("\n\n")[0])
     add_parsers(parser.add_subparsers(dest="command", required=True))

@@ -27,6 +27,7 @@ from torch import nn
 
 from calib.errors import InputError
 from calib.estimator import Calibrator
+from calib.progress import progress_bar
 
 SCORE_THRESHOLD = 1e-4
 NMS_THRESHOLD = 0.5
@@ -123,8 +124,10 @@ def check_detector_calibration(detector, calibrator: Calibrator) -> None:
 
 
 def detect(detector, coco: dict, root: str | Path, heads: dict[str, Calibrator | None], *, batch_size: int = 8,
-           score_threshold: float = SCORE_THRESHOLD, detections_per_image: int = DETECTIONS_PER_IMAGE) -> dict[str, list[dict]]:
-    """COCO result dicts for every image of ``coco``, per named head (a calibrator, or None for the stage-1 head)."""
+           score_threshold: float = SCORE_THRESHOLD, detections_per_image: int = DETECTIONS_PER_IMAGE,
+           progress: bool = False) -> dict[str, list[dict]]:
+    """COCO result dicts for every image of ``coco``, per named head (a calibrator, or None for the stage-1 head);
+    ``progress``: a bar on a terminal's stderr."""
     from feature_extract.detection import load_image
 
     for calibrator in heads.values():
@@ -133,13 +136,15 @@ def detect(detector, coco: dict, root: str | Path, heads: dict[str, Calibrator |
     category_ids = [c["id"] for c in detector.categories]
     results: dict[str, list[dict]] = {name: [] for name in heads}
     images = coco["images"]
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        outputs = run_heads(detector.module, [load_image(Path(root), img).to(detector.device) for img in batch], heads,
-                            score_threshold=score_threshold, detections_per_image=detections_per_image)
-        for name, per_image in outputs.items():
-            for img, out in zip(batch, per_image, strict=True):
-                results[name].extend(detections_to_coco(img["id"], out, category_ids))
+    with progress_bar(total=len(images), enabled=progress, desc="detecting", unit="image") as bar:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            outputs = run_heads(detector.module, [load_image(Path(root), img).to(detector.device) for img in batch], heads,
+                                score_threshold=score_threshold, detections_per_image=detections_per_image)
+            for name, per_image in outputs.items():
+                for img, out in zip(batch, per_image, strict=True):
+                    results[name].extend(detections_to_coco(img["id"], out, category_ids))
+            bar.update(len(batch))
     return results
 
 

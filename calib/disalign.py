@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from calib.bank import Bank, BankReader
+from calib.baselines.common import check_grid
 from calib.errors import InputError
 from calib.estimator import Calibrator, as_bank, check_banks_agree, require_shape
 from calib.grw import grw_cross_entropy, grw_weights
@@ -60,7 +61,7 @@ class DisAlign(Calibrator):
         count_smoothing: float = 0.0,
     ):
         self.rho = rho
-        self.rho_grid = tuple(float(r) for r in rho_grid)
+        self.rho_grid = rho_grid  # as given (scikit-learn's clone relies on it); checked by fit
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
@@ -72,12 +73,6 @@ class DisAlign(Calibrator):
         self.use_margin = use_margin
         self.use_grw = use_grw
         self.count_smoothing = count_smoothing
-
-    def get_params(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in (
-            "rho", "rho_grid", "epochs", "batch_size", "lr", "momentum", "weight_decay", "seed",
-            "cosine", "use_magnitude", "use_margin", "use_grw", "count_smoothing",
-        )}
 
     @property
     def recipe(self) -> SGDRecipe:
@@ -134,7 +129,7 @@ class DisAlign(Calibrator):
         if isinstance(self.rho, str):
             if self.rho != "auto":
                 raise InputError(f"rho should be a number >= 0 or 'auto', found {self.rho!r}.")
-            grid = self.rho_grid if val is not None else (DEFAULT_RHO,)
+            grid = check_grid("rho_grid", self.rho_grid) if val is not None else (DEFAULT_RHO,)
         else:
             grid = (float(self.rho),)
         if not self.use_grw:

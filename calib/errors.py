@@ -29,5 +29,6 @@ class InputError(DisalignError):
     """Tensors or arguments have the wrong shape, dtype or values."""
 
 
-class NotFittedError(DisalignError):
-    """An estimator was used before fit() or load()."""
+class NotFittedError(DisalignError, AttributeError):
+    """An estimator was used before fit() or load() (an AttributeError too, as scikit-learn's, so that
+    ``hasattr(est, "classes_")`` is False before fit)."""

@@ -1,8 +1,12 @@
 """The estimator contract shared by DisAlign and every baseline, and the calibration artifact.
 
-An estimator stores keyword hyper-parameters in ``__init__``; ``fit(train, val=None)`` validates, runs
-the math and stores fitted tensors in ``params_`` and metadata in ``meta_``; ``predict_logits`` maps
-stage-1 ``(features (N, d), logits (N, K))`` to calibrated logits (N, K).
+An estimator stores keyword hyper-parameters in ``__init__`` exactly as given; ``fit(train, val=None)``
+validates, runs the math and stores fitted tensors in ``params_`` and metadata in ``meta_``;
+``predict_logits`` maps stage-1 ``(features (N, d), logits (N, K))`` — torch tensors or numpy arrays, the
+result in the same kind — to calibrated logits (N, K). scikit-learn conventions hold: ``get_params`` /
+``set_params`` (so ``sklearn.base.clone`` works), a repr of the non-default hyper-parameters, fitted
+attributes with a trailing underscore (``classes_``, ``class_names_``, ``n_features_in_``) and
+``sklearn.utils.validation.check_is_fitted``; scikit-learn itself is not needed.
 
 Artifact (spec: ``docs/calibration-format.md``): ``parameters.safetensors`` (the tensors of ``params_``)
 and ``calibration.json`` (method, hyper-parameters, K, d, class names, model fingerprint, the banks'
@@ -13,12 +17,14 @@ everything in it (:mod:`calib.artifact`).
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from calib import label_shift
@@ -79,6 +85,37 @@ def check_banks_agree(train: BankInfo, other: BankInfo, role: str) -> None:
         )
 
 
+ArrayLike = torch.Tensor | np.ndarray
+
+
+def as_tensor(value: ArrayLike, name: str) -> torch.Tensor:
+    """A torch tensor of a tensor or numpy array (shares memory unless the array is read-only or strided)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise InputError(f"{name} should be a numeric array, found dtype {value.dtype}.")
+        if not value.flags.writeable:  # torch warns on read-only memory it cannot own
+            value = value.copy()
+        return torch.from_numpy(np.ascontiguousarray(value))
+    raise InputError(f"{name} should be a numpy array or a torch tensor, found {type(value).__name__}.")
+
+
+def _like_inputs(result: torch.Tensor, *inputs: ArrayLike) -> ArrayLike:
+    """``result`` as a numpy array when any input is one, else as the tensor it is."""
+    return result.numpy() if any(isinstance(x, np.ndarray) for x in inputs) else result
+
+
+def _same(value: Any, default: Any) -> bool:
+    """Whether a hyper-parameter equals its default (for the repr)."""
+    if value is default:
+        return True
+    try:
+        return type(value) is type(default) and bool(value == default)
+    except (TypeError, ValueError, RuntimeError):  # arrays and tensors have no single truth value
+        return False
+
+
 def check_inputs(features: torch.Tensor, logits: torch.Tensor, num_classes: int, feature_dim: int) -> None:
     """Validate predict-time tensors: features (N, d) and logits (N, K), finite."""
     if not isinstance(features, torch.Tensor) or not isinstance(logits, torch.Tensor):
@@ -112,10 +149,63 @@ class Calibrator:
     def _predict_logits(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    # -- public API -----------------------------------------------------------------------------
-    def get_params(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)} if hasattr(self, "__dataclass_fields__") else dict(vars(self))
+    # -- hyper-parameters (scikit-learn conventions: sklearn.base.clone works on every estimator) ----
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        """The keyword hyper-parameters: the parameters of ``__init__``, which stores each one as given."""
+        return [p.name for p in inspect.signature(cls.__init__).parameters.values()
+                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Hyper-parameter name → value, as given to ``__init__`` (``deep``: no nested estimators, so no effect)."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> Calibrator:
+        """Set hyper-parameters by name (validated by the next ``fit``); returns self."""
+        valid = self._param_names()
+        unknown = sorted(set(params) - set(valid))
+        if unknown:
+            raise InputError(f"{', '.join(unknown)} {'is not a hyper-parameter' if len(unknown) == 1 else 'are not hyper-parameters'} "
+                             f"of {type(self).__name__}; valid: {', '.join(valid) or 'none'}.")
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        """``DisAlign(rho=1.5, epochs=5)``: the hyper-parameters that differ from their defaults."""
+        defaults = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()}
+        changed = [f"{name}={value!r}" for name, value in self.get_params().items() if not _same(value, defaults.get(name))]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+    # -- fitted state: params_, meta_ and what derives from them ----------------------------------
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "params_")
+
+    def __sklearn_tags__(self):
+        """scikit-learn's estimator tags (``check_is_fitted`` reads them). Only scikit-learn calls this, so
+        it is installed then; the fit takes banks, not ``(X, y)``, hence no estimator type."""
+        from sklearn.utils import Tags, TargetTags
+
+        return Tags(estimator_type=None, target_tags=TargetTags(required=False), requires_fit=True)
+
+    @property
+    def classes_(self) -> np.ndarray:
+        """The class indices 0..K-1 (int64) that :meth:`predict` returns; names in :attr:`class_names_`."""
+        self._check_fitted()
+        return np.arange(self.meta_.num_classes, dtype=np.int64)
+
+    @property
+    def class_names_(self) -> list[str]:
+        self._check_fitted()
+        return list(self.meta_.class_names)
+
+    @property
+    def n_features_in_(self) -> int:
+        """d, the feature width the calibration expects."""
+        self._check_fitted()
+        return self.meta_.feature_dim
+
+    # -- public API -----------------------------------------------------------------------------
     def fit(self, train: Bank | str | os.PathLike, val: Bank | str | os.PathLike | None = None) -> Calibrator:
         train_bank = as_bank(train, "train")
         val_bank = as_bank(val, "val") if val is not None else None
@@ -149,13 +239,27 @@ class Calibrator:
         if not hasattr(self, "params_"):
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit() or load() first.")
 
-    @torch.inference_mode()
-    def predict_logits(self, features: torch.Tensor, logits: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
+    # Inputs are torch tensors or numpy arrays (e.g. read with h5py); the result is a numpy array when
+    # either input is one, else a tensor.
+    def predict_logits(self, features: ArrayLike, logits: ArrayLike, *, validate: bool = True) -> ArrayLike:
         """Calibrated logits (N, K) float32 from stage-1 features (N, d) and logits (N, K).
 
         ``validate=False`` skips the shape and finiteness checks, for a caller that made them already.
         """
+        return _like_inputs(self._calibrated_logits(features, logits, validate), features, logits)
+
+    def predict_proba(self, features: ArrayLike, logits: ArrayLike) -> ArrayLike:
+        """Calibrated class probabilities (N, K) float32."""
+        return _like_inputs(torch.softmax(self._calibrated_logits(features, logits), dim=1), features, logits)
+
+    def predict(self, features: ArrayLike, logits: ArrayLike) -> ArrayLike:
+        """Predicted class indices (N,) int64 (indices into :attr:`classes_` / :attr:`class_names_`)."""
+        return _like_inputs(self._calibrated_logits(features, logits).argmax(dim=1), features, logits)
+
+    @torch.inference_mode()
+    def _calibrated_logits(self, features: ArrayLike, logits: ArrayLike, validate: bool = True) -> torch.Tensor:
         self._check_fitted()
+        features, logits = as_tensor(features, "features"), as_tensor(logits, "logits")
         if validate:
             check_inputs(features, logits, self.meta_.num_classes, self.meta_.feature_dim)
         calibrated = self._predict_logits(features, logits.to(torch.float32))
@@ -177,14 +281,6 @@ class Calibrator:
         fitted = label_shift.fit_probability_calibration(logits, bank.labels[rows])
         self.meta_.probability_calibration = fitted.to_json()
         return self
-
-    def predict_proba(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Calibrated class probabilities (N, K)."""
-        return torch.softmax(self.predict_logits(features, logits), dim=1)
-
-    def predict(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Predicted class indices (N,) int64."""
-        return self.predict_logits(features, logits).argmax(dim=1)
 
     def check_compatible(self, *, num_classes: int, feature_dim: int, model_fingerprint: str = "", source: str = "model") -> None:
         """Raise :class:`ArtifactError` if this calibration does not fit a bank or model."""

@@ -46,12 +46,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from calib.defaults import PRIOR_CONCENTRATION, PRIOR_SIGNIFICANCE, PRIOR_TOLERANCE
 from calib.errors import ArtifactError, InputError
 
 DEFAULT_BIAS_PENALTIES = (0.0, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge on b, chosen by cross-validation
-DEFAULT_CONCENTRATION = 10.0  # Dirichlet pseudo-counts in total, spread as the reference prior
-DEFAULT_SIGNIFICANCE = 1e-3  # the likelihood-ratio test's level
-DEFAULT_TOLERANCE = 0.005  # nats of log-likelihood gain per row that miscalibration may explain (module docstring)
+# Dirichlet pseudo-counts, the test's level, and the nats per row that miscalibration may explain (module
+# docstring); in calib.defaults so that the command line's parser can show them without importing torch
+DEFAULT_CONCENTRATION, DEFAULT_SIGNIFICANCE, DEFAULT_TOLERANCE = PRIOR_CONCENTRATION, PRIOR_SIGNIFICANCE, PRIOR_TOLERANCE
 EM_TOLERANCE = 1e-7  # stop when no class prior moves by more than this
 EM_MAX_ITERATIONS = 2000
 MIN_CALIBRATION_ROWS = 20  # fewer labelled val rows: no probability calibration is fitted

@@ -1,156 +1,276 @@
-"""Figures of an evaluation report (from :func:`calib.evaluate.evaluate_methods`), written as PNG files.
+"""Figures of an evaluation report (from :func:`calib.evaluate.evaluate_methods` or
+:func:`calib.segmentation.evaluate_segmentation`), written as PNG files.
 
-    write_plots("out/plots", report, rho_curve=disalign.meta_.report.get("rho_curve"))
+    write_plots("out/plots", report, rho_curve=disalign.meta_.report.get("rho_curve"), chosen_rho=1.75)
 
-- ``per_class_accuracy.png``: per-class test accuracy of every method against the classes sorted by
-  training count (paper Fig. 1 style): training counts on a log axis above, accuracies below (a moving
-  average over neighbouring classes when K > 50), many / medium / few boundaries marked.
-- ``rho_curve.png``: validation mean-class accuracy (and accuracy) of DisAlign against ρ; skipped when
-  there is no curve or it has no validation scores.
-- ``reliability.png``: one reliability diagram per method: accuracy per confidence bin (bars) and the
-  bin's mean confidence (dots) against the diagonal, ECE in the title.
+- ``per_class_accuracy.png``: per-class test accuracy against the training count (log axis), one marker
+  and colour per method. With K <= :data:`NAMED_CLASSES_UP_TO` classes every class is a point and its name
+  sits on the top axis; with more classes the classes are binned by training count (mean accuracy per
+  bin, the number of classes per bin in a panel below). The many / medium / few (head / body / tail)
+  groups are shaded and labelled with their size.
+- ``reliability.png``: one reliability diagram per method: accuracy per confidence bin (bars, hatched
+  when the bin holds fewer than :data:`FEW_SAMPLES` rows) and the bin's mean confidence (dots) against the
+  diagonal, ECE in the title; below each, the rows per bin on a log axis (a bin of one row is visible).
+- ``rho_curve.png``: DisAlign's validation mean-class accuracy (left axis) and NLL, the tie-breaker
+  (right axis), against ρ, the chosen ρ marked; skipped when the curve has no validation scores.
 
 Figures are drawn on the Agg canvas directly (no pyplot, no global backend or state; fixed margins rather
-than constrained layout, which doubles the drawing time) and each file is written to a temporary name in the same directory, then renamed into place.
+than constrained layout, which doubles the drawing time). :func:`render_plots` draws every figure to PNG
+bytes first; :func:`write_pngs` then writes each to a temporary name in the directory and renames it.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator
 
-SMOOTH_ABOVE = 50  # per-class curves are smoothed when there are more classes than this
+from calib.cli_common import write_bytes_atomic
+
+NAMED_CLASSES_UP_TO = 30  # up to this many classes, every class is drawn and named
+COUNT_BINS = 16  # log-spaced training-count bins above that
+FEW_SAMPLES = 10  # reliability bins with fewer rows are hatched
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+GROUP_SHADES = ("#fbe3d6", "#ffffff", "#dcebf7")  # few / medium / many (light, so markers stay readable)
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    """Render ``fig`` to PNG at a temporary sibling name, then rename it to ``path``."""
+def render_png(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
 
 
 def _as_float(values: list[float | None]) -> np.ndarray:
     return np.array([math.nan if v is None else float(v) for v in values], dtype=np.float64)
 
 
-def moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average of values (K,) over ``window`` neighbours, ignoring NaN; NaN where none is valid."""
+def binned_mean(x: np.ndarray, values: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of values (K,) (NaN ignored) per bin of x (K,) between ``edges`` (B+1,) → (means (B,), classes (B,)).
+
+    A bin holds the x in [edges[i], edges[i+1]) (the last bin also its right edge); means are NaN for bins
+    without a valid value; ``classes`` counts every x in the bin, valid value or not.
+    """
+    index = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, edges.size - 2)
+    classes = np.bincount(index, minlength=edges.size - 1)
     valid = ~np.isnan(values)
-    kernel = np.ones(window)
-    sums = np.convolve(np.where(valid, values, 0.0), kernel, mode="same")
-    counts = np.convolve(valid.astype(np.float64), kernel, mode="same")
-    out = np.full_like(values, math.nan)
-    np.divide(sums, counts, out=out, where=counts > 0)
-    return out
+    sums = np.bincount(index[valid], weights=values[valid], minlength=edges.size - 1)
+    counted = np.bincount(index[valid], minlength=edges.size - 1)
+    means = np.full(edges.size - 1, math.nan)
+    np.divide(sums, counted, out=means, where=counted > 0)
+    return means, classes
+
+
+def group_spans(report: dict, low: float, high: float) -> list[tuple[int, str, float, float]]:
+    """The few / medium / many groups that hold classes as ``(group, label, x_from, x_to)`` on the count
+    axis, low → high; ``group`` 0, 1, 2 = few, medium, many (tail, body, head for segmentation)."""
+    counts = np.asarray(report["class_counts"], dtype=np.float64)
+    many_above, few_below = report.get("many_above"), report.get("few_below")
+    if many_above is None or few_below is None:
+        return []
+    if "head_above" in report:  # segmentation: head / body / tail by training pixel ratio
+        names = ("tail", "body", "head")
+        tail, head = 100 * report["tail_below"], 100 * report["head_above"]
+        bounds = (f"< {tail:g}%", f"{tail:g}–{head:g}%", f"> {head:g}%")
+    else:
+        names = ("few", "medium", "many")
+        bounds = (f"< {few_below:g}", f"{few_below:g}–{many_above:g}", f"> {many_above:g}")
+    sizes = (int(np.sum(counts < few_below)), int(np.sum((counts >= few_below) & (counts <= many_above))),
+             int(np.sum(counts > many_above)))
+    # Counts are integers: the boundaries sit half-way between the last count of one group and the next.
+    edges = (low, min(max(few_below - 0.5, low), high), min(max(many_above + 0.5, low), high), high)
+    return [(g, f"{names[g]} ({bounds[g]})\n{sizes[g]} class{'es' if sizes[g] > 1 else ''}", edges[g], edges[g + 1]) for g in range(3) if sizes[g]]
 
 
 def per_class_figure(report: dict) -> Figure:
-    """Training counts (log axis; a zero count is drawn at 0.5) above per-class accuracies, classes by count."""
-    counts = np.asarray(report["class_counts"], dtype=np.float64)
-    order = np.argsort(-counts, kind="stable")
-    rank = np.arange(1, counts.size + 1)
-    window = max(1, counts.size // 20) if counts.size > SMOOTH_ABOVE else 1
-    fig = Figure(figsize=(8, 6))
-    fig.subplots_adjust(left=0.1, right=0.97, top=0.92, bottom=0.09, hspace=0.08)
-    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(1, 2))
-    top.bar(rank, np.maximum(counts[order], 0.5), width=1.0, color="0.6")
-    top.set_yscale("log")
-    top.set_ylabel("training count")
-    for name, accuracy in report["per_class_accuracy"].items():
-        values = _as_float(accuracy)[order]
-        if window > 1:
-            values = moving_average(values, window)
-        bottom.plot(rank, 100 * values, label=name, marker="o" if counts.size <= SMOOTH_ABOVE else None, markersize=3)
-    sorted_counts = counts[order]
-    boundaries = []  # between the many / medium / few groups (classes are sorted by count, descending)
-    if report.get("many_above") is not None:
-        boundaries.append(int(np.sum(sorted_counts > report["many_above"])))
-    if report.get("few_below") is not None:
-        boundaries.append(int(np.sum(sorted_counts >= report["few_below"])))
-    for boundary in sorted(set(b for b in boundaries if 0 < b < counts.size)):
-        for ax in (top, bottom):
-            ax.axvline(boundary + 0.5, color="0.3", linestyle=":", linewidth=1)
-    bottom.set_xlabel("class rank by training count" + (f" (moving average over {window} classes)" if window > 1 else ""))
-    bottom.set_ylabel("test accuracy (%)")
-    bottom.set_ylim(-2, 102)
-    if report["per_class_accuracy"]:
-        bottom.legend(loc="lower left", fontsize="small")
-    fig.suptitle("Per-class accuracy vs training count")
+    """Per-class accuracy (%) against the training count (log axis; a zero count is drawn at 0.5)."""
+    counts = np.maximum(np.asarray(report["class_counts"], dtype=np.float64), 0.5)
+    k = counts.size
+    names = report.get("class_names") or [str(i) for i in range(k)]
+    accuracies = {name: 100 * _as_float(values) for name, values in report["per_class_accuracy"].items()}
+    count_label = "training pixels" if "head_above" in report else "training count"
+    low, high = counts.min() / 1.6, counts.max() * 1.6
+    named = k <= NAMED_CLASSES_UP_TO
+    fig = Figure(figsize=(10, 5.6))
+    if named:
+        fig.subplots_adjust(left=0.07, right=0.78, top=0.78, bottom=0.1)
+        ax = fig.subplots()
+        hist = None
+    else:
+        fig.subplots_adjust(left=0.07, right=0.78, top=0.9, bottom=0.09, hspace=0.06)
+        ax, hist = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    for i, (group, label, start, stop) in enumerate(group_spans(report, low, high)):
+        for axis in (ax, hist) if hist is not None else (ax,):
+            axis.axvspan(start, stop, color=GROUP_SHADES[group], zorder=0, linewidth=0)
+            if i:
+                axis.axvline(start, color="0.45", linestyle="--", linewidth=0.8, zorder=1)
+        ax.text(math.sqrt(start * stop), 0.995, label, transform=ax.get_xaxis_transform(), ha="center", va="top",
+                fontsize="small", color="0.25")
+    spread = np.log(high / low)
+    for m, (method, values) in enumerate(accuracies.items()):
+        marker, colour = MARKERS[m % len(MARKERS)], f"C{m % 10}"
+        mean = np.nanmean(values) if np.isfinite(values).any() else math.nan
+        legend = f"{method} (mean {mean:.1f}%)"
+        if named:
+            # spread the methods sideways a little so equal accuracies do not hide each other's markers
+            offset = np.exp(spread * 0.006 * (m - (len(accuracies) - 1) / 2))
+            order = np.argsort(counts, kind="stable")
+            ax.plot(counts[order] * offset, values[order], marker=marker, color=colour, linewidth=0.8, alpha=0.9,
+                    markersize=6, markeredgecolor="white", markeredgewidth=0.5, label=legend, zorder=3)
+        else:
+            edges = np.geomspace(counts.min(), counts.max() * (1 + 1e-9), COUNT_BINS + 1)
+            means, classes = binned_mean(counts, values, edges)
+            centres = np.sqrt(edges[:-1] * edges[1:])
+            ax.plot(centres[classes > 0], means[classes > 0], marker=marker, color=colour, linewidth=1.2, markersize=6,
+                    markeredgecolor="white", markeredgewidth=0.5, label=legend, zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlim(low, high)
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.set_ylim(-3, 112)  # room above 100 % for the group labels
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(axis="y", color="0.88", linewidth=0.6)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", title="method (mean-class acc.)",
+              title_fontsize="small", frameon=False)
+    if named:
+        ax.set_xlabel(f"{count_label} (log scale)")
+        top = ax.secondary_xaxis("top")
+        ticks, labels = _merged_names(counts, names)
+        top.set_xticks(ticks, labels, rotation=60, ha="left", fontsize="small", rotation_mode="anchor")
+        top.minorticks_off()
+        fig.suptitle(f"Per-class accuracy vs {count_label} ({k} classes)", y=0.985)
+    else:
+        edges = np.geomspace(counts.min(), counts.max() * (1 + 1e-9), COUNT_BINS + 1)
+        _, classes = binned_mean(counts, np.zeros(k), edges)
+        hist.bar(edges[:-1], classes, width=np.diff(edges), align="edge", color="0.55", edgecolor="white", zorder=2)
+        hist.set_ylabel("classes")
+        hist.set_xlabel(f"{count_label} (log scale; {COUNT_BINS} bins, accuracy = mean over the bin's classes)")
+        ax.set_title(f"Per-class accuracy vs {count_label} ({k} classes, binned)")
     return fig
 
 
-def rho_figure(rho_curve: list[dict]) -> Figure | None:
-    """Validation accuracies against ρ; None when no point of the curve has a validation score."""
+def _merged_names(counts: np.ndarray, names: list[str]) -> tuple[list[float], list[str]]:
+    """One top-axis tick per distinct count, naming every class with that count."""
+    by_count: dict[float, list[str]] = {}
+    for count, name in sorted(zip(counts.tolist(), names, strict=True)):
+        by_count.setdefault(count, []).append(str(name))
+    return list(by_count), [", ".join(v) if len(v) <= 3 else f"{', '.join(v[:2])} +{len(v) - 2}" for v in by_count.values()]
+
+
+def rho_figure(rho_curve: list[dict], chosen_rho: float | None = None) -> Figure | None:
+    """Validation mean-class accuracy and NLL against ρ (twin axes); None when the curve has no validation score.
+
+    ``chosen_rho``: the ρ the fit kept; unset, the fit's rule picks it (best mean-class accuracy, then lower NLL).
+    """
     points = sorted((p for p in rho_curve if p.get("val_mean_class_accuracy") is not None), key=lambda p: p["rho"])
     if not points:
         return None
     rho = np.array([p["rho"] for p in points], dtype=np.float64)
-    mca = np.array([p["val_mean_class_accuracy"] for p in points], dtype=np.float64)
-    fig = Figure(figsize=(6, 4))
-    fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.13)
+    mca = 100 * np.array([p["val_mean_class_accuracy"] for p in points], dtype=np.float64)
+    nll = np.array([math.nan if p.get("val_nll") is None else p["val_nll"] for p in points], dtype=np.float64)
+    if chosen_rho is None or not np.isclose(rho, chosen_rho).any():
+        best = max(range(len(points)), key=lambda i: (mca[i], -(0.0 if math.isnan(nll[i]) else nll[i])))
+    else:
+        best = int(np.argmin(np.abs(rho - chosen_rho)))
+    fig = Figure(figsize=(7, 4.6))
+    fig.subplots_adjust(left=0.1, right=0.88, top=0.9, bottom=0.24)
     ax = fig.subplots()
-    ax.plot(rho, 100 * mca, marker="o", label="val mean-class accuracy")
-    if all(p.get("val_accuracy") is not None for p in points):
-        ax.plot(rho, [100 * p["val_accuracy"] for p in points], marker="s", linestyle="--", label="val accuracy")
-    # The fit's own rule: best mean-class accuracy, ties broken by the lower validation NLL.
-    best = max(range(len(points)), key=lambda i: (mca[i], -(points[i].get("val_nll") or 0.0)))
-    ax.axvline(rho[best], color="0.3", linestyle=":", linewidth=1, label=f"chosen: ρ = {rho[best]:g}")
+    ax.plot(rho, mca, marker="o", color="C0", label="val mean-class accuracy")
     ax.set_xlabel("ρ (GRW exponent)")
-    ax.set_ylabel("accuracy (%)")
-    ax.legend(fontsize="small")
-    ax.set_title("DisAlign: validation accuracy vs ρ")
+    ax.set_ylabel("val mean-class accuracy (%)", color="C0")
+    ax.tick_params(axis="y", colors="C0")
+    handles = ax.get_lines()
+    if np.isfinite(nll).any():
+        right = ax.twinx()
+        right.plot(rho, nll, marker="s", linestyle="--", color="C3", markersize=4, label="val NLL (tie-breaker)")
+        right.set_ylabel("val NLL", color="C3")
+        right.tick_params(axis="y", colors="C3")
+        handles = [*handles, *right.get_lines()]
+    ax.axvline(rho[best], color="0.3", linestyle=":", linewidth=1)
+    ax.plot([rho[best]], [mca[best]], marker="*", markersize=16, color="gold", markeredgecolor="0.2", linestyle="none", zorder=5)
+    chosen = ax.get_lines()[-1]
+    chosen.set_label(f"chosen ρ = {rho[best]:g}: {mca[best]:.1f}%" + ("" if math.isnan(nll[best]) else f", NLL {nll[best]:.3f}"))
+    fig.legend(handles=[*handles, chosen], fontsize="small", loc="lower center", ncols=2, frameon=False)
+    ax.grid(color="0.9", linewidth=0.6)
+    ax.set_title("DisAlign: validation mean-class accuracy and NLL vs ρ")
     return fig
 
 
 def reliability_figure(reliability: dict[str, dict]) -> Figure:
-    """One reliability diagram per method, three per row."""
+    """One reliability diagram per method (three per row), each over a histogram of the rows per bin."""
     names = list(reliability)
     cols = max(1, min(3, len(names)))
     rows = max(1, math.ceil(len(names) / cols))
-    fig = Figure(figsize=(3.3 * cols, 3.3 * rows))
-    fig.subplots_adjust(left=0.6 / (3.3 * cols), right=0.97, bottom=0.5 / (3.3 * rows), top=1 - 0.3 / (3.3 * rows),
-                        wspace=0.35, hspace=0.45)
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    for ax, name in zip(axes, names, strict=False):
+    width, height = 3.4 * cols, 3.9 * rows + 0.4
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(left=0.65 / width, right=1 - 0.2 / width, bottom=0.45 / height, top=1 - (0.6 if cols > 1 else 0.8) / height, wspace=0.35, hspace=0.3)
+    outer = fig.add_gridspec(rows, cols)
+    for index, name in enumerate(names):
+        inner = outer[divmod(index, cols)].subgridspec(2, 1, height_ratios=(3, 1), hspace=0.08)
+        ax = fig.add_subplot(inner[0])
+        hist = fig.add_subplot(inner[1], sharex=ax)
         bins = reliability[name]
-        accuracy = _as_float(bins["accuracy"])
+        accuracy, confidence = _as_float(bins["accuracy"]), _as_float(bins["confidence"])
+        count = np.asarray(bins.get("count") or [0] * accuracy.size, dtype=np.float64)
         num_bins = accuracy.size
         centres = (np.arange(num_bins) + 0.5) / num_bins
         filled = ~np.isnan(accuracy)
-        ax.bar(centres[filled], accuracy[filled], width=1.0 / num_bins, color="tab:blue", edgecolor="white", label="accuracy")
-        confidence = _as_float(bins["confidence"])
-        ax.plot(centres[filled], confidence[filled], "o", color="tab:red", markersize=3, label="mean confidence")
+        few = filled & (count < FEW_SAMPLES)
+        many = filled & ~few
+        ax.bar(centres[many], accuracy[many], width=1.0 / num_bins, color="tab:blue", edgecolor="white")
+        ax.bar(centres[few], accuracy[few], width=1.0 / num_bins, color="#a9c8e8", edgecolor="tab:blue", hatch="///",
+               linewidth=0.5)
+        ax.plot(centres[filled], confidence[filled], "o", color="tab:red", markersize=3)
         ax.plot([0, 1], [0, 1], color="0.3", linestyle="--", linewidth=1)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ece = bins.get("ece")
         ax.set_title(name if ece is None else f"{name} (ECE {100 * ece:.1f}%)", fontsize="medium")
-        ax.set_xlabel("confidence")
         ax.set_ylabel("accuracy")
-    for ax in axes[len(names):]:
-        ax.set_axis_off()
+        ax.tick_params(labelbottom=False)
+        hist.bar(centres[count > 0], count[count > 0], width=1.0 / num_bins, color="0.5", edgecolor="white")
+        hist.set_yscale("log")
+        hist.set_ylim(0.5, max(2.0, count.max()) * 3)
+        hist.set_xlabel("confidence")
+        hist.set_ylabel("rows")
+    fig.legend(handles=[Patch(color="tab:blue", label="accuracy of the bin"),
+                        Patch(facecolor="#a9c8e8", edgecolor="tab:blue", hatch="///", label=f"… fewer than {FEW_SAMPLES} rows"),
+                        Line2D([], [], marker="o", linestyle="none", color="tab:red", markersize=3, label="mean confidence"),
+                        Line2D([], [], linestyle="--", color="0.3", linewidth=1, label="perfect calibration")],
+               loc="upper center", ncols=4 if cols > 1 else 2, fontsize="small", frameon=False)
     return fig
 
 
-def write_plots(directory: str | os.PathLike, report: dict, *, rho_curve: list[dict] | None) -> list[Path]:
-    """Write the report's figures into ``directory`` (created if missing); returns the PNG paths written."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    written = [_save(per_class_figure(report), directory / "per_class_accuracy.png")]
-    rho = rho_figure(rho_curve) if rho_curve else None
+def render_plots(report: dict, *, rho_curve: list[dict] | None, chosen_rho: float | None = None) -> dict[str, bytes]:
+    """Every figure of the report as PNG bytes, by file name (nothing is written)."""
+    figures = {"per_class_accuracy.png": render_png(per_class_figure(report))}
+    rho = rho_figure(rho_curve, chosen_rho) if rho_curve else None
     if rho is not None:
-        written.append(_save(rho, directory / "rho_curve.png"))
+        figures["rho_curve.png"] = render_png(rho)
     if report.get("reliability"):
-        written.append(_save(reliability_figure(report["reliability"]), directory / "reliability.png"))
+        figures["reliability.png"] = render_png(reliability_figure(report["reliability"]))
+    return figures
+
+
+def write_pngs(directory: str | os.PathLike, figures: dict[str, bytes]) -> list[Path]:
+    """Write rendered figures into ``directory`` (created if missing), each through a temporary name and a rename."""
+    written = []
+    for name, data in figures.items():
+        write_bytes_atomic(Path(directory) / name, data)
+        written.append(Path(directory) / name)
     return written
+
+
+def write_plots(directory: str | os.PathLike, report: dict, *, rho_curve: list[dict] | None,
+                chosen_rho: float | None = None) -> list[Path]:
+    """Draw the report's figures, then write them into ``directory``; returns the PNG paths written."""
+    return write_pngs(directory, render_plots(report, rho_curve=rho_curve, chosen_rho=chosen_rho))

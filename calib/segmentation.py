@@ -39,6 +39,7 @@ from calib.dense_metrics import (
 from calib.errors import InputError
 from calib.estimator import Calibrator
 from calib.evaluate import predict_in_blocks
+from calib.progress import progress_bar
 
 
 def dense_layout(bank: Bank) -> tuple[int, int, list[torch.Tensor]]:
@@ -82,11 +83,13 @@ def evaluate_segmentation(
     head_above: float = HEAD_ABOVE,
     tail_below: float = TAIL_BELOW,
     num_bins: int = 15,
+    progress: bool = False,
 ) -> dict:
     """Scores of every estimator on full-resolution predictions (report layout: module docstring).
 
     masks: per image (H, W) int class ids with IGNORE_INDEX for unlabelled pixels, as a sequence or a
     function of the image index. class_counts (K,): training pixel counts, which define the groups.
+    progress: a bar per image on a terminal's stderr (:func:`calib.progress.progress_bar`).
     """
     h, w, groups = dense_layout(test)
     k = test.num_classes
@@ -111,7 +114,7 @@ def evaluate_segmentation(
         calibrated[name] = predict_in_blocks(estimator, test.features, test.logits).float()  # (N, K)
     conf = {name: torch.zeros(k, k, dtype=torch.int64) for name in estimators}
     bins = {name: torch.zeros(3, num_bins, dtype=torch.float64) for name in estimators}  # count, Σ confidence, Σ correct
-    for image, rows in enumerate(groups):
+    for image, rows in enumerate(progress_bar(groups, enabled=progress, desc="scoring", unit="image")):
         mask = torch.as_tensor(np.asarray(mask_of(image)), dtype=torch.int64)  # (H, W)
         if mask.ndim != 2:
             raise InputError(f"mask of image {image} should be (H, W), found shape {tuple(mask.shape)}.")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from calib.cli import run_command
+from calib.cli_common import run_command
 from feature_extract.cli import build_parser, run
 
 

@@ -14,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
+from calib.cli_common import HelpFormatter, add_quiet_argument
+
 HELP = "extract a feature bank (HDF5) from images and a frozen stage-1 model"
 
 
@@ -79,7 +81,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=4, help="DataLoader decoding processes (0: decode in the main process)")
     g.add_argument("--prefetch", type=int, default=4, help="batches in flight per worker")
     g.add_argument("--threads", type=int, help="torch threads of the main process; unset: torch's choice")
-    g.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    add_quiet_argument(g)
     from feature_extract.dense_cli import add_dense_arguments
 
     add_dense_arguments(parser)  # --task segmentation|detection and their flags (feature_extract.dense_cli)
@@ -88,7 +90,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``extract`` on the top-level ``disalign`` subparsers; sets ``func=run``."""
-    parser = subparsers.add_parser("extract", help=HELP, description=HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = subparsers.add_parser("extract", help=HELP, description=HELP, formatter_class=HelpFormatter)
     configure(parser)
     parser.set_defaults(func=run)
     return parser
@@ -96,7 +98,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m feature_extract`` (the same flags, no subcommand)."""
-    parser = argparse.ArgumentParser(prog="python -m feature_extract", description=HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m feature_extract", description=HELP, formatter_class=HelpFormatter)
     return configure(parser)
 
 

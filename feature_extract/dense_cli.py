@@ -52,7 +52,7 @@ def run_dense(args: argparse.Namespace) -> int:
             model=args.model, root=args.root, list_file=args.list_file, out=args.out, weights=args.weights, card=args.card,
             prep=prep, pixels_per_image=args.pixels_per_image, balanced=args.balanced, class_stats=args.class_stats,
             class_counts_from=args.class_counts_from, seed=args.seed, batch_size=min(args.batch_size, 64), device=args.device,
-            feature_dtype=args.feature_dtype, overwrite=args.overwrite))
+            feature_dtype=args.feature_dtype, overwrite=args.overwrite, progress=not args.quiet))
     else:
         from feature_extract.detection import DetectionExtractConfig, extract_detection_bank
         from feature_extract.errors import ExtractError
@@ -63,14 +63,14 @@ def run_dense(args: argparse.Namespace) -> int:
             model=args.model, weights=args.weights, card=args.card, root=args.root, annotations=args.annotations, out=args.out,
             rois_per_image=args.rois_per_image, fg_fraction=args.fg_fraction, class_counts_from=args.class_counts_from,
             seed=args.seed, batch_size=min(args.batch_size, 16), device=args.device, feature_dtype=args.feature_dtype,
-            overwrite=args.overwrite))
+            overwrite=args.overwrite, progress=not args.quiet))
     if not args.quiet:
         print(f"wrote {path}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from calib.cli import run_command
+    from calib.cli_common import run_command
     from feature_extract.cli import configure
 
     parser = configure(argparse.ArgumentParser(prog="python -m feature_extract.dense_cli", description=__doc__.split("\n\n")[0]))

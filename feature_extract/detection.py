@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from calib.bank import FEATURE_DTYPES, BankReader, BankWriter
+from calib.progress import progress_bar
 from feature_extract.detectors import build_detector
 from feature_extract.errors import ExtractError
 from feature_extract.models import _apply_weights, _load_state_dict, file_fingerprint
@@ -222,6 +223,7 @@ class DetectionExtractConfig:
     device: str = "cpu"
     feature_dtype: str = "float16"
     overwrite: bool = False
+    progress: bool = False  # a bar per batch of images on a terminal's stderr
 
     def __post_init__(self):
         if self.rois_per_image < 1:
@@ -269,7 +271,7 @@ def extract_detection_bank(cfg: DetectionExtractConfig) -> Path:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             images = coco["images"]
-            for start in range(0, len(images), cfg.batch_size):
+            for start in progress_bar(range(0, len(images), cfg.batch_size), enabled=cfg.progress, desc="extracting", unit="batch"):
                 batch = images[start:start + cfg.batch_size]
                 rows = sample_rois(detector, [load_image(cfg.root, img) for img in batch], [targets[img["id"]] for img in batch],
                                    rois_per_image=cfg.rois_per_image, fg_fraction=cfg.fg_fraction)

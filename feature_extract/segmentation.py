@@ -39,6 +39,7 @@ from torch import nn
 
 from calib.bank import FEATURE_DTYPES, BankReader, BankWriter
 from calib.dense_metrics import IGNORE_INDEX
+from calib.progress import progress_bar
 from feature_extract.errors import ExtractError
 from feature_extract.models import TORCHVISION_PREFIX, file_fingerprint
 from feature_extract.preprocess import Preprocessing, decode_image, normalize
@@ -252,6 +253,7 @@ class SegmentationExtractConfig:
     device: str = "cpu"
     feature_dtype: str = "float16"
     overwrite: bool = False
+    progress: bool = False  # a bar per batch of images on a terminal's stderr
 
     def __post_init__(self):
         if self.pixels_per_image is not None and self.pixels_per_image < 1:
@@ -304,7 +306,7 @@ def extract_segmentation_bank(cfg: SegmentationExtractConfig) -> Path:
     rng = np.random.default_rng(cfg.seed)
     writer = None
     try:
-        for start in range(0, len(pairs), cfg.batch_size):
+        for start in progress_bar(range(0, len(pairs), cfg.batch_size), enabled=cfg.progress, desc="extracting", unit="batch"):
             batch = pairs[start:start + cfg.batch_size]
             views = [torch.from_numpy(np.array(decode_image(cfg.root / img).resize((prep.crop[1], prep.crop[0]), Image.Resampling.BILINEAR)))
                      for img, _ in batch]

@@ -59,7 +59,7 @@ def cifar_root(shared_dir, tmp_path_factory) -> Path:
 def real_cifar_banks(shared_dir, cifar_root, tmp_path_factory) -> dict[str, Path]:
     """The CIFAR-10-LT IR50 train/val/test banks extracted from scratch by `disalign extract` with the shared
     stage-1 ResNet-32 (about 24,000 images; shared by every slow end-to-end test of the session)."""
-    from calib.cli import main
+    from disalign.cli import main
 
     out = tmp_path_factory.mktemp("real_cifar_banks")
     lists = shared_dir / "data" / "cifar10lt-ir50"

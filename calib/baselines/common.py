@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -23,10 +23,7 @@ from calib.metrics import mean_class_accuracy, negative_log_likelihood
 class Baseline(Calibrator):
     """A :class:`Calibrator` whose hyper-parameters are the attributes named in ``hyperparameter_names``."""
 
-    hyperparameter_names: ClassVar[tuple[str, ...]] = ()
-
-    def get_params(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.hyperparameter_names}
+    hyperparameter_names: ClassVar[tuple[str, ...]] = ()  # the __init__ keywords, which get_params returns
 
 
 def clean_labelled(bank: Bank, role: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 """The `disalign fit` / `disalign eval` contract: outputs, and one-sentence errors with exit code 2."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,8 @@ import pytest
 
 from calib.bank import write_bank
 from calib.cli import main, parse_bytes
+from calib.publish import artifact_dir
+from tests.conftest import REPO
 
 
 def run(capsys, *argv):
@@ -163,3 +166,133 @@ def test_eval_on_an_invalid_artifact_is_one_sentence_exit_2(mutate, message, lt_
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert re.search(message, err), err
     assert not (tmp_path / "plots").exists()
+
+
+# -- settings that do not apply, ignored settings ---------------------------------------------------
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "lws", "--rho", "2", "--cosine"],
+         "error: --rho, --cosine do not apply to --method lws; its settings are --epochs, --seed (and --val).\n"),
+        (["--method", "joint", "--seed", "1"], "error: --seed does not apply to --method joint; its settings are none (and --val).\n"),
+        (["--method", "ncm", "--max-memory", "1G"],
+         "error: --max-memory does not apply to --method ncm; its settings are none (and --val).\n"),
+        (["--no-grw", "--rho", "1"], "error: --rho does not apply with --no-grw: plain cross-entropy has no GRW exponent.\n"),
+    ],
+)
+def test_fit_refuses_flags_that_do_not_apply_to_the_method(extra, message, lt_banks, tmp_path, capsys):
+    code, out, err = run(capsys, "fit", lt_banks["train"], *extra, "--out", tmp_path / "cal")
+    assert (code, out, err) == (2, "", message)
+    assert not (tmp_path / "cal").exists()
+
+
+def test_fit_without_val_says_once_that_rho_auto_used_the_default(lt_banks, tmp_path, capsys):
+    code, out, err = run(capsys, "fit", lt_banks["train"], "--epochs", 1, "--out", tmp_path / "cal")
+    assert code == 0 and '"rho": 1.0' in out
+    assert err == "warning: --rho auto chooses rho on a validation bank and no --val was given: used rho = 1.0.\n"
+    code, _, err = run(capsys, "fit", lt_banks["train"], "--rho", "1.5", "--epochs", 1, "--seed", 3, "--out", tmp_path / "cal2")
+    assert code == 0 and err == ""  # an explicit rho is not a fallback
+    hyperparameters = json.loads((artifact_dir(tmp_path / "cal2") / "calibration.json").read_text())["hyperparameters"]
+    assert (hyperparameters["rho"], hyperparameters["epochs"], hyperparameters["seed"]) == (1.5, 1, 3)
+
+
+# -- eval outputs -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def calibration(lt_banks, tmp_path_factory):
+    out = tmp_path_factory.mktemp("calibration") / "cal"
+    assert main(["fit", str(lt_banks["train"]), "--val", str(lt_banks["val"]), "--rho", "1", "--epochs", "1", "--out", str(out)]) == 0
+    return out
+
+
+def disalign_cli(*argv, cwd=None, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m disalign ARGV`` with this checkout first on the path."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "disalign", *map(str, argv)], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300, **kwargs)
+
+
+def test_eval_json_dash_writes_the_report_to_stdout_and_the_table_to_stderr(lt_banks, calibration, tmp_path):
+    result = disalign_cli("eval", lt_banks["test"], "--calibration", calibration, "--json", "-", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert list(report["methods"]) == ["joint", "disalign"]
+    assert "mean-cls" in result.stderr and "disalign" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no file named '-'
+
+
+def test_eval_report_says_how_to_reproduce_it(lt_banks, calibration, tmp_path, capsys):
+    import hashlib
+
+    from calib import __version__
+
+    argv = ["eval", str(lt_banks["test"]), "--calibration", str(calibration), "--methods", "joint,disalign", "--json", str(tmp_path / "r.json")]
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["class_names"] == [f"class_{i}" for i in range(10)]
+    provenance = report["provenance"]
+    assert provenance["tool_version"] == __version__ and provenance["command"] == "disalign " + " ".join(argv)
+    meta = json.loads((artifact_dir(calibration) / "calibration.json").read_text())
+    assert provenance["calibration"] == {"path": str(calibration), "method": "disalign", "artifact_version": meta["artifact_version"],
+                                         "created": meta["created"], "model_fingerprint": meta["model_fingerprint"],
+                                         "hyperparameters": meta["hyperparameters"]}
+    test = lt_banks["test"]
+    assert provenance["inputs"] == {"test": {"path": str(test), "sha256": "sha256:" + hashlib.sha256(test.read_bytes()).hexdigest(),
+                                             "bytes": test.stat().st_size, "rows": 2000, "model_fingerprint": "sha256:synthetic-1234-10-32",
+                                             "created": provenance["inputs"]["test"]["created"]}}
+
+
+@pytest.mark.parametrize("bad", ["plots_is_a_file", "json_is_a_dir", "json_parent_is_a_file"])
+def test_eval_checks_every_output_before_any_work_and_writes_nothing(bad, lt_banks, calibration, tmp_path, capsys):
+    """Issue 9 item 13: an unusable --plots must not leave the JSON written (it did: exit 2 after the JSON)."""
+    (tmp_path / "file.png").write_text("not a directory")
+    (tmp_path / "dir").mkdir()
+    json_path, plots = {"plots_is_a_file": (tmp_path / "r.json", tmp_path / "file.png"),
+                        "json_is_a_dir": (tmp_path / "dir", tmp_path / "plots"),
+                        "json_parent_is_a_file": (tmp_path / "file.png" / "r.json", tmp_path / "plots")}[bad]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, out, err = run(capsys, "eval", lt_banks["test"], "--calibration", calibration, "--train", lt_banks["train"],
+                         "--json", json_path, "--plots", plots)
+    assert code == 2 and out == ""
+    assert err == {"plots_is_a_file": f"error: --plots {plots} exists and is not a directory; expected a directory for the files.\n",
+                   "json_is_a_dir": f"error: --json {json_path} is a directory; expected a file name.\n",
+                   "json_parent_is_a_file": f"error: --json {json_path}: {tmp_path / 'file.png'} is not a directory.\n"}[bad]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+# -- progress bars: on a terminal's stderr only, never with --quiet -----------------------------------
+def run_with_terminal_stderr(*argv) -> tuple[int, str]:
+    """``python -m disalign ARGV`` with stderr on a pseudo-terminal (80 columns); returns (exit code, stderr)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([sys.executable, "-m", "disalign", *map(str, argv)], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=terminal, env=env)
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            data = os.read(controller, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(controller)
+    return process.wait(timeout=300), b"".join(chunks).decode(errors="replace")
+
+
+def test_eval_shows_a_bar_per_method_fit_on_a_terminal_only(lt_banks, calibration):
+    argv = ["eval", lt_banks["test"], "--calibration", calibration, "--train", lt_banks["train"], "--methods", "joint,disalign,lws"]
+    code, terminal = run_with_terminal_stderr(*argv)
+    assert code == 0, terminal
+    assert "fitting lws" in terminal and "\r" in terminal and "2/2" in terminal  # joint and lws, each fitted under the bar
+    code, terminal = run_with_terminal_stderr(*argv, "--quiet")
+    assert code == 0 and terminal == ""
+    piped = disalign_cli(*argv)
+    assert piped.returncode == 0 and piped.stderr == ""  # stderr is a pipe here: no bar

@@ -93,10 +93,12 @@ def test_eval_segmentation_command(banks, tmp_path, capsys):
                               "--root", str(banks["test_root"]), "--list", str(banks["test_list"]),
                               "--json", str(tmp_path / "r.json"), "--plots", str(tmp_path / "plots")])
     assert args.func(args) == 0
-    out = capsys.readouterr().out
-    assert "mIoU" in out and "IoU-tail" in out and "wrote 2 plots" in out  # per-class and reliability (no ρ curve without --val)
+    captured = capsys.readouterr()
+    assert "mIoU" in captured.out and "IoU-tail" in captured.out
+    assert "wrote 2 plots" in captured.err  # per-class and reliability (no ρ curve without --val)
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["methods"]) == {"joint", "disalign"} and len(report["per_class_iou"]["disalign"]) == 3
+    assert report["provenance"]["inputs"]["list"]["path"] == str(banks["test_list"])
     short = tmp_path / "short.txt"
     short.write_text("\n".join(banks["test_list"].read_text().splitlines()[:2]) + "\n")
     args = parser.parse_args(["eval-segmentation", str(banks["test"]), "--calibration", str(tmp_path / "calib"),

@@ -58,7 +58,7 @@ def test_module_entry_point_prints_one_error_line(tmp_path, cifar_root):
 
 
 def test_top_level_disalign_extract(tmp_path, capsys):
-    from calib.cli import main
+    from disalign.cli import main
 
     code = main(["extract", "--model", str(tmp_path / "absent.ts"), "--folder", str(tmp_path), "--out", str(tmp_path / "b.h5"), "--quiet"])
     assert code == 2

@@ -183,7 +183,7 @@ class ServerProcess:
 
 
 def server_command(calibration: Path, *extra: str, entry: str = "service", card: Path | None = CARD) -> list[str]:
-    prefix = [sys.executable, "-m", "service"] if entry == "service" else [sys.executable, "-m", "calib.cli", "serve"]
+    prefix = [sys.executable, "-m", "service"] if entry == "service" else [sys.executable, "-m", "disalign", "serve"]
     return [*prefix, "--model", str(MODEL), *(["--card", str(card)] if card else []), "--calibration", str(calibration),
             "--host", "127.0.0.1", *extra]
 

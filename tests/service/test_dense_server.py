@@ -32,10 +32,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit")  # torch >= 2.14 de
 
 
 def start(model: str | Path, card: Path, calibration: Path, log: Path, *extra: str, deadline_s: float = 90.0) -> ServerProcess:
-    """``disalign serve`` (through calib.cli) on a free loopback port, ready within ``deadline_s``."""
+    """``disalign serve`` (``python -m disalign``) on a free loopback port, ready within ``deadline_s``."""
     env = {**os.environ, "DISALIGN_TORCH_THREADS": "1"}
     port = free_port()
-    command = [sys.executable, "-m", "calib.cli", "serve", "--model", str(model), "--card", str(card), "--calibration",
+    command = [sys.executable, "-m", "disalign", "serve", "--model", str(model), "--card", str(card), "--calibration",
                str(calibration), "--host", "127.0.0.1", "--port", str(port), *extra]
     with open(log, "wb") as fh:
         process = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)

@@ -1,0 +1,130 @@
+"""What every ``disalign`` subcommand shares, at the lowest layer so each package's CLI can use it:
+the error wrapper (:func:`run_command`), the help formatter, ``--quiet``, argument types, and the checks
+and atomic writes of output paths.
+
+``calib``, ``feature_extract`` and ``service`` register their subcommands on one parser built by
+:mod:`disalign.cli`; none of them imports another package's CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import uuid
+from pathlib import Path
+
+from calib.errors import DisalignError, InputError
+
+STDOUT = "-"  # an output path that means standard output
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: …)`` only where it says something: not for unset (None) or off (False) flags, not
+    for required ones, and not when the help text already explains its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.required or action.default in (None, False, argparse.SUPPRESS) or "default" in text
+                or not action.option_strings):
+            return text
+        return super()._get_help_string(action)
+
+
+def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars or notes on stderr (bars are also off when stderr is not a terminal)")
+
+
+def run_command(func, args: argparse.Namespace) -> int:
+    """Run a subcommand; a user-facing error becomes one ``error: …`` line and exit status 2."""
+    try:
+        return int(func(args) or 0)
+    except DisalignError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unwritable output, disk full …: still one sentence, no traceback
+        print(f"error: {exc.strerror or exc} ({exc.filename or 'file'}).", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted.", file=sys.stderr)
+        return 130
+
+
+def note(message: str, *, quiet: bool = False) -> None:
+    """An informational line on stderr (a setting that is ignored, a file written); silent with --quiet."""
+    if not quiet:
+        print(f"note: {message}", file=sys.stderr)
+
+
+# -- argument types -----------------------------------------------------------------------------------
+def parse_bytes(text: str) -> int:
+    """'512M', '2G', '1.5GiB' or a plain byte count → bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size like 512M or 2G, found {text!r}")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2).lower()]
+    return int(float(match.group(1)) * scale)
+
+
+def output_path(text: str) -> Path | str:
+    """A file to write, or ``-`` for standard output."""
+    return STDOUT if text == STDOUT else Path(text)
+
+
+# -- outputs: checked before any work, written atomically at the end ----------------------------------
+def check_writable_file(path: Path | str | None, flag: str, *, overwrite: bool = True) -> None:
+    """Raise if ``path`` cannot become a file: it is a directory, exists without ``overwrite``, or its
+    nearest existing parent is not a writable directory. ``-`` (standard output) and None pass."""
+    if path is None or path == STDOUT:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a directory; expected a file name.")
+    if path.exists() and not overwrite:
+        raise InputError(f"{flag} {path} already exists; pass --overwrite to replace it.")
+    _check_parent(path, flag)
+
+
+def check_writable_dir(path: Path | None, flag: str) -> None:
+    """Raise if ``path`` cannot become a directory of outputs (it is a file, or its parent is not writable)."""
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path} exists and is not a directory; expected a directory for the files.")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise InputError(f"{flag} {path} is not writable.")
+        return
+    _check_parent(path, flag)
+
+
+def _check_parent(path: Path, flag: str) -> None:
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{flag} {path}: {parent} is not a directory.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: directory {parent} is not writable.")
+
+
+def write_text_atomic(path: Path | str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`write_bytes_atomic`); ``-`` writes to stdout."""
+    if path == STDOUT:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    write_bytes_atomic(Path(path), text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary sibling of ``path``, then rename it into place (parents created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,7 @@
+"""``python -m disalign …``: the same as the ``disalign`` command."""
+
+import sys
+
+from disalign.cli import main
+
+sys.exit(main())

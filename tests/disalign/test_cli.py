@@ -1,0 +1,103 @@
+"""The composed ``disalign`` command line: every subcommand registered once, ``--version``, help texts that
+say something for every flag, the module entry points, and packages that only import downward."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from calib import __version__
+from disalign.cli import COMMANDS, build_parser
+from tests.conftest import REPO
+
+
+def run(*argv: str, module: str = "disalign") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, env=env, timeout=120)
+
+
+def subcommands() -> dict:
+    parser = build_parser()
+    return parser._subparsers._group_actions[0].choices
+
+
+def test_version():
+    result = run("--version")
+    assert (result.returncode, result.stdout) == (0, f"disalign {__version__}\n")
+
+
+def test_every_package_registers_its_subcommands():
+    assert list(subcommands()) == list(COMMANDS)
+    help_text = build_parser().format_help()
+    for command in COMMANDS:
+        assert re.search(rf"^\s+{command}\s+\w", help_text, re.MULTILINE), command  # listed with its one-line help
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_says_something_for_every_flag_and_no_empty_defaults(command):
+    parser = subcommands()[command]
+    for action in parser._actions:
+        assert action.help, f"{command} {action.option_strings or action.dest} has no help"
+        if action.required:
+            assert "default" not in parser._get_formatter()._get_help_string(action)
+    text = parser.format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text
+    for flag_help in re.split(r"\n  (?=-)", text):  # one chunk per option
+        assert flag_help.count("default") <= 1, flag_help
+    assert "--quiet" in text
+
+
+def test_help_of_flags_named_in_the_issue():
+    fit = subcommands()["fit"].format_help()
+    assert re.search(r"--seed SEED\s+seed of the SGD methods", fit)
+    flat = " ".join(fit.split())  # argparse wraps the help at the terminal width
+    assert "--out OUT calibration directory: new, empty or holding a calibration (a new version is published in it) --quiet" in flat  # required: no default shown
+    assert re.search(r"--batch-size BATCH_SIZE\s+test images per detector forward pass \(default: 8\)",
+                     subcommands()["eval-detection"].format_help())
+    assert "(default: all with --train, else joint + the calibration)" in " ".join(subcommands()["eval"].format_help().split())
+
+
+@pytest.mark.parametrize(("module", "argv", "expected"), [
+    ("disalign", ["fit", "--help"], "usage: disalign fit"),
+    ("calib.cli", ["eval", "--help"], "usage: python -m calib.cli eval"),
+    ("feature_extract", ["--help"], "usage: python -m feature_extract"),
+    ("service", ["--help"], "usage: python -m service"),
+])
+def test_module_entry_points(module, argv, expected):
+    result = run(*argv, module=module)
+    assert result.returncode == 0 and result.stdout.startswith(expected), result.stderr
+
+
+def test_errors_are_one_line_with_exit_2(tmp_path):
+    result = run("predict", str(tmp_path / "none.h5"), "--calibration", str(tmp_path), "--out", str(tmp_path / "p.csv"))
+    assert (result.returncode, result.stderr) == (2, f"error: {tmp_path} is not a calibration directory: expected current -> versions/<id> (or calibration.json and parameters.safetensors).\n")
+
+
+def imported_modules(path) -> set[str]:
+    """Every module a file imports, at module level or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_the_command_line_layers_only_import_downward():
+    """calib's CLI sees neither feature_extract nor service; feature_extract does not import calib's CLI; only
+    disalign/ sees every package (it imported feature_extract.cli and calib.cli in a cycle before)."""
+    above_calib = ("feature_extract", "service", "disalign")
+    for name in ("cli.py", "cli_common.py", "predict_cli.py", "predictions.py", "progress.py", "plots.py"):
+        imports = imported_modules(REPO / "calib" / name)
+        assert not [m for m in imports if m.split(".")[0] in above_calib], name
+    for path in sorted((REPO / "feature_extract").glob("*.py")):
+        imports = imported_modules(path)
+        assert not [m for m in imports if m.split(".")[0] in ("service", "disalign") or m == "calib.cli"], path.name
+    for path in sorted((REPO / "service").rglob("*.py")):
+        assert not [m for m in imported_modules(path) if m.split(".")[0] == "disalign" or m == "calib.cli"], path.name
