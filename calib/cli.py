@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
+from calib import sizes
 from calib.defaults import FEW_BELOW, MANY_ABOVE
 from calib.errors import DisalignError, InputError
 
@@ -25,12 +25,11 @@ ALL_METHODS = ("joint", "disalign", "logit-adjust", "tau-norm", "lws", "crt", "n
 
 
 def parse_bytes(text: str) -> int:
-    """'512M', '2G', '1.5GiB' or a plain byte count → bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected a size like 512M or 2G, found {text!r}")
-    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2).lower()]
-    return int(float(match.group(1)) * scale)
+    """'512M', '2G', '1.5GiB' or a plain byte count → bytes (:func:`calib.sizes.parse_bytes`, for argparse)."""
+    try:
+        return sizes.parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_rho(text: str) -> float | str:
