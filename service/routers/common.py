@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import functools
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
@@ -87,14 +91,23 @@ def check_count(what: str, count: int, limit: int, setting: str) -> None:
         raise InputError(f"{what}: at most {limit} per request (DISALIGN_{setting.upper()}), found {count}.")
 
 
+@functools.cache
+def decode_pool() -> ThreadPoolExecutor:
+    """The threads that decode large images: as many as cores (at most 4), not the 40 of the default pool, so
+    a burst of 25 Mpx images costs at most that many decoded images in memory (75 MB each); the rest wait."""
+    return ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="disalign-decode")
+
+
 async def decode_images(image_tensor: Callable[[list[bytes]], Any], blobs: list[bytes]) -> Any:
     """A request's image files → ``image_tensor(blobs)``, on the loop when their headers declare few pixels,
-    on a worker thread when not (or when a header cannot be read: decoding will say why)."""
+    on a decoding thread when not (or when a header cannot be read: decoding will say why)."""
     pixels = 0
     for blob in blobs:
         declared = declared_pixels(blob)
         pixels += INLINE_IMAGE_PIXELS + 1 if declared is None else declared
-    return await off_loop_if_large(pixels, image_tensor, blobs, limit=INLINE_IMAGE_PIXELS)
+    if pixels <= INLINE_IMAGE_PIXELS:
+        return image_tensor(blobs)
+    return await asyncio.get_running_loop().run_in_executor(decode_pool(), image_tensor, blobs)
 
 
 def decode_base64(items: list[str], where: str) -> list[bytes]:
