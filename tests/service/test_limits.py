@@ -245,3 +245,9 @@ def test_the_16_bit_png_of_a_picture_is_classified_as_its_8_bit_png(server: Serv
         assert response.status_code == 200, response.text
         answers.append(response.json()["predictions"][0]["top_k"])
     assert answers[0] == answers[1]  # same classes, same probabilities (16-bit v * 257 is 8-bit v exactly)
+
+
+def test_decode_errors_over_http_name_no_python_objects(server: ServerProcess):
+    response = httpx.post(f"{server.url}/predict", files=[("file", ("x.png", b"not an image at all", "image/png"))], timeout=30)
+    assert response.status_code == 400
+    assert response.json() == {"error": "image <bytes> could not be decoded (not an image format Pillow reads: JPEG, PNG, BMP, GIF, TIFF, WebP …)."}
