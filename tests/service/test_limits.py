@@ -27,6 +27,7 @@ TIMEOUT_HEADER_S = 1.0
 TIMEOUT_BODY_S = 2.0
 MAX_BODY = 8 * 2**20
 BUDGET_BODIES = 3
+HEALTHCHECK_TIMEOUT_S = 4.0  # the Docker healthcheck's: a slower probe marks the container unhealthy
 SETTINGS = {"DISALIGN_TIMEOUT_HEADER": str(TIMEOUT_HEADER_S), "DISALIGN_TIMEOUT_BODY": str(TIMEOUT_BODY_S),
             "DISALIGN_TIMEOUT_KEEP_ALIVE": "1", "DISALIGN_MAX_BODY_BYTES": str(MAX_BODY),
             "DISALIGN_MAX_INFLIGHT_BODY_BYTES": f"{BUDGET_BODIES * 8}MiB", "DISALIGN_LIMIT_CONCURRENCY": "100"}
@@ -109,23 +110,37 @@ def test_a_small_file_declaring_many_pixels_is_decoded_off_the_event_loop(server
     files = [("file", (f"b{i}.png", bomb, "image/png")) for i in range(8)]  # 24 KB: "small" by bytes
     with HealthProbe(server.url) as probe:
         time.sleep(0.3)
+        start = time.perf_counter()
         response = httpx.post(f"{server.url}/predict", files=files, timeout=120)
+        decoding = time.perf_counter() - start
         time.sleep(0.3)
     assert response.status_code == 200, response.text
-    # Decoded on the event loop, the eight images block it for seconds (0.44 s each on a quiet core).
-    assert max(probe.latencies) < 1.0, sorted(probe.latencies)[-5:]
+    # Decoded on the event loop, the eight images block it for as long as the request takes (0.44 s each on
+    # a quiet core, 10 s in all on the loaded test machine): no probe is answered in the meantime. Off the
+    # loop, probes are answered throughout (relative bound: the machine's load scales both sides).
+    assert max(probe.latencies) < min(HEALTHCHECK_TIMEOUT_S, 0.5 * decoding), (decoding, sorted(probe.latencies)[-5:])
 
 
-# -- request heads (item 9) -------------------------------------------------------------------------
-@pytest.mark.parametrize("sent", [b"", b"GET /v2/hea", b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"],
-                         ids=["nothing", "partial request line", "partial headers"])
-def test_a_request_head_that_does_not_arrive_in_time_is_answered_408_and_closed(server: ServerProcess, sent: bytes):
+# -- request heads and bodies (item 9) -------------------------------------------------------------------------
+HEAD_LATE = "the request line and headers did not arrive within 1 s (DISALIGN_TIMEOUT_HEADER)."
+BODY_LATE = "the request body did not arrive within 2 s (DISALIGN_TIMEOUT_BODY)."
+
+
+@pytest.mark.parametrize(("sent", "deadline_s", "sentence"), [
+    (b"", TIMEOUT_HEADER_S, HEAD_LATE),
+    (b"GET /v2/hea", TIMEOUT_HEADER_S, HEAD_LATE),
+    (b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n", TIMEOUT_HEADER_S, HEAD_LATE),
+    (b"POST /calibrate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"rows\": [",
+     TIMEOUT_BODY_S, BODY_LATE),
+], ids=["nothing", "partial request line", "partial headers", "partial body"])
+def test_a_request_that_does_not_arrive_in_time_is_answered_408_and_closed(server: ServerProcess, sent: bytes,
+                                                                           deadline_s: float, sentence: str):
     with connect(server) as sock:
         sock.sendall(sent)
-        data, elapsed, closed = read_until_closed(sock, TIMEOUT_HEADER_S + 3)
+        data, elapsed, closed = read_until_closed(sock, deadline_s + 3)
     assert closed and status_of(data) == 408, data
-    assert TIMEOUT_HEADER_S * 0.9 <= elapsed <= TIMEOUT_HEADER_S + 2
-    assert error_of(data) == "the request line and headers did not arrive within 1 s (DISALIGN_TIMEOUT_HEADER)."
+    assert deadline_s * 0.9 <= elapsed <= deadline_s + 2
+    assert error_of(data) == sentence
 
 
 def test_a_request_head_larger_than_64_kib_is_answered_431(server: ServerProcess):
@@ -154,16 +169,6 @@ def test_head_on_the_health_routes(server: ServerProcess):
 
 
 # -- request bodies (item 9) ------------------------------------------------------------------------
-def test_a_body_that_does_not_arrive_in_time_is_answered_408_and_closed(server: ServerProcess):
-    with connect(server) as sock:
-        sock.sendall(b"POST /calibrate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000\r\n\r\n{\"rows\": [")
-        data, elapsed, closed = read_until_closed(sock, TIMEOUT_BODY_S + 3)
-    assert closed and status_of(data) == 408, data
-    assert TIMEOUT_BODY_S * 0.9 <= elapsed <= TIMEOUT_BODY_S + 2
-    assert error_of(data) == "the request body did not arrive within 2 s (DISALIGN_TIMEOUT_BODY)."
-
-
 def test_a_body_left_unread_by_an_early_answer_cannot_hold_the_connection(server: ServerProcess):
     with connect(server) as sock:
         sock.sendall(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nab")
@@ -227,7 +232,7 @@ def test_slow_uploads_get_408_or_503_in_bounded_memory_while_health_stays_fast(s
     assert all(elapsed <= TIMEOUT_BODY_S + 3 for status, _, elapsed, _ in results if status == 408)
     # Three bodies of 8 MiB may be held (twice over while joined); sixty would be 500 MB and more.
     assert (peak - baseline) / 2**20 < 150, f"RSS grew by {(peak - baseline) / 2**20:.0f} MiB"
-    assert max(probe.latencies) < 1.0, sorted(probe.latencies)[-5:]
+    assert max(probe.latencies) < HEALTHCHECK_TIMEOUT_S, sorted(probe.latencies)[-5:]
     assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
 
 
