@@ -27,8 +27,9 @@ from calib.cli import parse_bytes
 from calib.defaults import DEFAULT_MAX_PIXELS
 
 SETTING_FLAGS = ("model", "weights", "classifier_layer", "card", "calibration", "model_name", "max_body_bytes",
-                 "max_pixels", "max_images", "max_rows", "torch_threads", "max_batch", "max_wait_ms", "device",
-                 "max_inflight_body_bytes", "timeout_header", "timeout_body", "timeout_keep_alive", "limit_concurrency")
+                 "max_pixels", "max_images", "max_rows", "torch_threads", "max_batch", "max_wait_ms", "device")
+# What a client may hold (service.limits): the request head and body deadlines, the body budget, uvicorn's limits.
+LIMIT_FLAGS = ("max_inflight_body_bytes", "timeout_header", "timeout_body", "timeout_keep_alive", "limit_concurrency")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,7 +69,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from service.settings import Settings
 
-    overrides = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name, None) is not None}
+    overrides = {name: getattr(args, name) for name in (*SETTING_FLAGS, *LIMIT_FLAGS) if getattr(args, name, None) is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 def setting_names(field: str) -> str:
     """How a user sets a field: ``--calibration / DISALIGN_CALIBRATION`` (the environment only, without a flag)."""
     env = f"DISALIGN_{field.upper()}"
-    return f"--{field.replace('_', '-')} / {env}" if field in SETTING_FLAGS else env
+    return f"--{field.replace('_', '-')} / {env}" if field in SETTING_FLAGS or field in LIMIT_FLAGS else env
 
 
 def settings_sentence(errors: Sequence[dict[str, Any]]) -> str:
