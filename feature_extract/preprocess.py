@@ -242,11 +242,12 @@ def to_rgb(img: Image.Image, name: str = "<bytes>") -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I;16") or img.mode == "I":
-        values = np.asarray(img).astype(np.int64)  # (H, W); I;16B and friends come out in native order
-        if values.size and (values.min() < 0 or values.max() > SIXTEEN_BIT_MAX):
+        values = np.asarray(img)  # (H, W) uint16 (I;16, any byte order) or int32 (I)
+        if values.size and (int(values.min()) < 0 or int(values.max()) > SIXTEEN_BIT_MAX):
             raise ImageDecodeError(f"image {name} has 32-bit integer samples outside 0..{SIXTEEN_BIT_MAX}; "
                                    "only 8- and 16-bit integer images have a known scale.")
-        gray = ((values * 255 + SIXTEEN_BIT_MAX // 2) // SIXTEEN_BIT_MAX).astype(np.uint8)  # round(v / 257)
+        wide = values.astype(np.uint32)  # v * 255 < 2**24: no overflow
+        gray = ((wide * 255 + SIXTEEN_BIT_MAX // 2) // SIXTEEN_BIT_MAX).astype(np.uint8)  # round(v / 257)
         return Image.fromarray(gray, "L").convert("RGB")
     if img.mode == "F":
         values = np.asarray(img, dtype=np.float32)
