@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -95,29 +96,132 @@ class Bank:
         return np.bincount(self.labels[clean].numpy(), minlength=self.num_classes).astype(np.int64)
 
 
-def _decode_json_attr(attrs, name: str, default, path: str):
+def _json_attr(attrs, name: str, default, kind: type, what: str, path: str):
+    """A JSON-text attribute decoded and checked to be a ``kind`` (list or dict)."""
     if name not in attrs:
         return default
     raw = attrs[name]
-    if isinstance(raw, bytes):
-        raw = raw.decode()
+    if isinstance(raw, bytes | np.bytes_):
+        raw = raw.decode(errors="replace")
+    if not isinstance(raw, str):
+        raise BankError(f"{path}: attribute '{name}' should be JSON text ({what}), found {_kind_of(raw)}.")
     try:
-        return json.loads(raw)
-    except (TypeError, json.JSONDecodeError) as exc:
-        raise BankError(f"{path}: attribute '{name}' should be JSON text, found {raw!r:.80}.") from exc
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise BankError(f"{path}: attribute '{name}' should be JSON text ({what}), found {raw!r:.80}.") from exc
+    if not isinstance(value, kind):
+        raise BankError(f"{path}: attribute '{name}' should be JSON text ({what}), found {type(value).__name__} {raw!r:.80}.")
+    return value
+
+
+def _int_attr(attrs, name: str, default: int, path: str) -> int:
+    """An integer attribute: a numpy or Python integer (not a string, float or bool)."""
+    if name not in attrs:
+        return default
+    raw = attrs[name]
+    if isinstance(raw, np.ndarray) and raw.shape == ():
+        raw = raw[()]
+    if isinstance(raw, bool | np.bool_) or not isinstance(raw, int | np.integer):
+        raise BankError(f"{path}: attribute '{name}' should be an integer, found {_kind_of(raw)}.")
+    return int(raw)
+
+
+def _str_attr(attrs, name: str, default: str, path: str) -> str:
+    if name not in attrs:
+        return default
+    raw = attrs[name]
+    if isinstance(raw, bytes | np.bytes_):
+        return raw.decode(errors="replace")
+    if not isinstance(raw, str):
+        raise BankError(f"{path}: attribute '{name}' should be a string, found {_kind_of(raw)}.")
+    return raw
+
+
+def _kind_of(value) -> str:
+    """What a value is, for a message: ``string '3'``, ``float64 array of shape (3,)``, ``int64 1``."""
+    if isinstance(value, str | bytes | np.bytes_ | np.str_):
+        return f"string {value!r:.40}"
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} array of shape {value.shape}"
+    if isinstance(value, np.generic):
+        return f"{value.dtype} {value.item()!r:.40}"
+    return f"{type(value).__name__} {value!r:.40}"
+
+
+def _dataset(f: h5py.File, name: str, path: str) -> h5py.Dataset:
+    node = f.get(name)
+    if node is None:
+        raise BankError(f"{path}: required dataset '{name}' is missing.")
+    if not isinstance(node, h5py.Dataset):
+        raise BankError(f"{path}: '{name}' should be a dataset, found a {type(node).__name__.lower()}.")
+    return node
+
+
+def _is_numeric(dtype: np.dtype) -> bool:
+    return dtype.kind in "biuf"
+
+
+def _unwritten(ds: h5py.Dataset) -> bool:
+    """True when a (non-virtual) dataset declares more data than it stores: chunks never written, or a
+    contiguous dataset never allocated. Reading those parts gives fill values, not rows."""
+    if ds.is_virtual or ds.size == 0:
+        return False  # a virtual dataset's data lives in its source files (extract --assemble virtual)
+    if ds.chunks is None:
+        return ds.id.get_storage_size() < ds.size * ds.dtype.itemsize
+    expected = 1
+    for extent, chunk in zip(ds.shape, ds.chunks, strict=True):
+        expected *= -(-extent // chunk)
+    return ds.id.get_num_chunks() < expected
+
+
+def file_kind(path: str) -> str | None:
+    """None for a regular file (or a link to one), else what it is: a FIFO, a directory, a device, a socket."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        return None
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: MemAvailable, capped by a cgroup v2 limit (containers); None if unknown."""
+    available = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max" and available is not None:
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return available
 
 
 class BankReader:
     """Read-only access to one bank file; use as a context manager.
 
-    Opening validates the header (datasets, dtypes, shapes, attributes); :meth:`iter_blocks` and
-    :meth:`load` validate values block by block.
+    Opening validates the header (a regular file; datasets, dtypes, shapes, attributes with their types;
+    every declared row stored) before any row is read; :meth:`iter_blocks` and :meth:`load` validate values
+    block by block, and :meth:`load` first checks that the rows fit in the available memory.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
         if not Path(self.path).exists():
             raise BankError(f"bank file {self.path} does not exist.")
+        kind = file_kind(self.path)
+        if kind is not None:  # h5py would block on a FIFO until a writer comes
+            raise BankError(f"bank file {self.path} is {kind}, not a regular file.")
         try:
             self._file = h5py.File(self.path, "r")
         except OSError as exc:
@@ -131,15 +235,14 @@ class BankReader:
     # -- header -----------------------------------------------------------------------------------
     def _read_header(self) -> BankInfo:
         f, path = self._file, self.path
-        if f.attrs.get("complete") is not True and not bool(f.attrs.get("complete", False)):
+        complete = f.attrs.get("complete", False)
+        if not isinstance(complete, bool | np.bool_) or not complete:
             raise BankError(f"{path} is not a complete bank (its writer did not finish); re-run the extraction.")
-        version = int(f.attrs.get("schema_version", -1))
+        version = _int_attr(f.attrs, "schema_version", -1, path)
         if version != SCHEMA_VERSION:
             raise BankError(f"{path}: schema_version should be {SCHEMA_VERSION}, found {version}.")
         for name, (ndim, dtypes) in REQUIRED_DATASETS.items():
-            if name not in f:
-                raise BankError(f"{path}: required dataset '{name}' is missing.")
-            ds = f[name]
+            ds = _dataset(f, name, path)
             if ds.ndim != ndim:
                 raise BankError(f"{path}: dataset '{name}' should have {ndim} dimension(s), found shape {ds.shape}.")
             if ds.dtype.name not in dtypes:
@@ -154,21 +257,36 @@ class BankReader:
         d = f["features"].shape[1]
         if k < 1 or d < 1:
             raise BankError(f"{path}: features/logits need at least one column, found d={d}, K={k}.")
-        class_names = _decode_json_attr(f.attrs, "class_names", [str(i) for i in range(k)], path)
+        class_names = _json_attr(f.attrs, "class_names", [str(i) for i in range(k)], list, f"a list of {k} class names", path)
         if len(class_names) != k:
             raise BankError(f"{path}: attribute 'class_names' has {len(class_names)} names but the logits have K={k} columns.")
+        if not all(isinstance(name, str) for name in class_names):
+            raise BankError(f"{path}: attribute 'class_names' should hold strings, found {class_names!r:.80}.")
         class_counts = None
         if "class_counts" in f.attrs:
-            class_counts = np.asarray(f.attrs["class_counts"], dtype=np.int64).reshape(-1)
+            raw = np.asarray(f.attrs["class_counts"])
+            if raw.dtype.kind not in "iu" or raw.ndim != 1:
+                raise BankError(f"{path}: attribute 'class_counts' should be an integer array of K={k} counts, found {_kind_of(f.attrs['class_counts'])}.")
+            class_counts = raw.astype(np.int64)
             if class_counts.shape[0] != k:
                 raise BankError(f"{path}: attribute 'class_counts' has {class_counts.shape[0]} entries, expected K={k}.")
-        task = str(f.attrs.get("task", "classification"))
+            if (class_counts < 0).any():
+                raise BankError(f"{path}: attribute 'class_counts' should be counts >= 0, found {int(class_counts.min())}.")
+        task = _str_attr(f.attrs, "task", "classification", path)
         if task not in TASKS:
             raise BankError(f"{path}: attribute 'task' should be one of {', '.join(TASKS)}, found {task!r}.")
-        bg = int(f.attrs.get("background_index", -1))
-        has_classifier = "classifier" in f and "weight" in f["classifier"]
-        if has_classifier and f["classifier/weight"].shape != (k, d):
-            raise BankError(f"{path}: dataset 'classifier/weight' should have shape ({k}, {d}), found {f['classifier/weight'].shape}.")
+        bg = _int_attr(f.attrs, "background_index", -1, path)
+        if not -1 <= bg < k:
+            raise BankError(f"{path}: attribute 'background_index' should be -1 (none) or a column in 0..{k - 1}, found {bg}.")
+        num_views = _int_attr(f.attrs, "num_views", 1, path)
+        if num_views < 1:
+            raise BankError(f"{path}: attribute 'num_views' should be >= 1, found {num_views}.")
+        has_classifier = self._check_classifier(k, d)
+        self._check_optional_datasets(n)
+        for name in REQUIRED_DATASETS:
+            if _unwritten(f[name]):
+                raise BankError(f"{path}: dataset '{name}' declares {n} rows but stores fewer; the file is truncated or "
+                                "was not written by a bank writer.")
         chunks = f["logits"].chunks
         # Optional per-row columns (image_id, yx, boxes …); `skipped` and other non-row datasets are not rows.
         extra = tuple(
@@ -181,19 +299,47 @@ class BankReader:
             feature_dim=d,
             num_classes=k,
             feature_dtype=f["features"].dtype.name,
-            class_names=[str(c) for c in class_names],
+            class_names=class_names,
             class_counts=class_counts,
-            model_fingerprint=str(f.attrs.get("model_fingerprint", "")),
-            preprocessing=_decode_json_attr(f.attrs, "preprocessing", {}, path),
-            producer=str(f.attrs.get("producer", "")),
-            created=str(f.attrs.get("created", "")),
-            num_views=int(f.attrs.get("num_views", 1)),
+            model_fingerprint=_str_attr(f.attrs, "model_fingerprint", "", path),
+            preprocessing=_json_attr(f.attrs, "preprocessing", {}, dict, "an object", path),
+            producer=_str_attr(f.attrs, "producer", "", path),
+            created=_str_attr(f.attrs, "created", "", path),
+            num_views=num_views,
             task=task,
             background_index=None if bg < 0 else bg,
             has_classifier=has_classifier,
             chunk_rows=int(chunks[0]) if chunks else DEFAULT_CHUNK_ROWS,
             extra_datasets=extra,
         )
+
+    def _check_classifier(self, k: int, d: int) -> bool:
+        f, path = self._file, self.path
+        if "classifier" not in f:
+            return False
+        if not isinstance(f["classifier"], h5py.Group) or "weight" not in f["classifier"]:
+            return False
+        for name, shape in (("classifier/weight", (k, d)), ("classifier/bias", (k,))):
+            if name == "classifier/bias" and name not in f:
+                continue
+            ds = _dataset(f, name, path)
+            if ds.shape != shape or not _is_numeric(ds.dtype):
+                raise BankError(f"{path}: dataset '{name}' should be numbers of shape {shape}, found {ds.dtype} of shape {ds.shape}.")
+        return True
+
+    def _check_optional_datasets(self, n: int) -> None:
+        """``skipped`` is a 1-D integer dataset; per-row columns (N rows) hold numbers (they become tensors)."""
+        f, path = self._file, self.path
+        if "skipped" in f:
+            ds = _dataset(f, "skipped", path)
+            if ds.ndim != 1 or ds.dtype.kind not in "iu":
+                raise BankError(f"{path}: dataset 'skipped' should be a 1-D integer array of list rows, found {ds.dtype} of shape {ds.shape}.")
+        for name in f:
+            node = f[name]
+            if name in REQUIRED_DATASETS or name == "skipped" or not isinstance(node, h5py.Dataset):
+                continue
+            if node.ndim >= 1 and node.shape[0] == n and not _is_numeric(node.dtype):
+                raise BankError(f"{path}: per-row dataset '{name}' should hold numbers or booleans, found dtype {node.dtype}.")
 
     # -- rows -------------------------------------------------------------------------------------
     def column(self, name: str) -> np.ndarray:
@@ -230,8 +376,26 @@ class BankReader:
             bias = torch.from_numpy(self._file["classifier/bias"][...].astype(np.float32))
         return weight, bias
 
+    def row_bytes(self) -> int:
+        """Bytes of one row in memory: the required datasets and the per-row columns."""
+        f = self._file
+        size = 0
+        for name in (*REQUIRED_DATASETS, *self.info.extra_datasets):
+            ds = f[name]
+            size += ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64))
+        return size
+
+    def check_fits_in_memory(self) -> None:
+        """Refuse to load a bank whose rows need more memory than is available (one sentence, not a MemoryError)."""
+        needed = self.info.num_rows * self.row_bytes()
+        available = available_memory()
+        if available is not None and needed > available:
+            raise BankError(f"{self.path} declares {self.info.num_rows} rows, {needed / 2**30:.1f} GiB in memory, more than the "
+                            f"{available / 2**30:.1f} GiB available; fit it streamed with --max-memory, or use a larger machine.")
+
     def load(self, *, validate: bool = True) -> Bank:
         """Read the whole bank into memory (features keep their stored dtype)."""
+        self.check_fits_in_memory()
         n, d, k = self.info.num_rows, self.info.feature_dim, self.info.num_classes
         features = np.empty((n, d), dtype=self.info.feature_dtype)
         logits = np.empty((n, k), dtype=np.float32)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import uuid
 from pathlib import Path
 
+from calib import sizes
 from calib.errors import DisalignError, InputError
 
 STDOUT = "-"  # an output path that means standard output
@@ -60,12 +60,11 @@ def note(message: str, *, quiet: bool = False) -> None:
 
 # -- argument types -----------------------------------------------------------------------------------
 def parse_bytes(text: str) -> int:
-    """'512M', '2G', '1.5GiB' or a plain byte count → bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected a size like 512M or 2G, found {text!r}")
-    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2).lower()]
-    return int(float(match.group(1)) * scale)
+    """'512M', '2G', '1.5GiB', '8MiB' or a plain byte count → bytes (:func:`calib.sizes.parse_bytes`, for argparse)."""
+    try:
+        return sizes.parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def output_path(text: str) -> Path | str:

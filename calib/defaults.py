@@ -2,12 +2,15 @@
 
 - many / medium / few (classification, Liu et al. 2019): training count > 100, 20..100, < 20.
 - head / body / tail (segmentation, the paper's Table 6): training pixel ratio > 1 %, 0.1..1 %, < 0.1 %.
+- the largest image decoded (``--max-pixels`` of ``extract`` and ``serve``): 25 Mpx, a 5000 x 5000 picture
+  (75 MB as RGB); one default for both, so an image a bank was extracted from is one the server accepts.
 """
 
 MANY_ABOVE = 100
 FEW_BELOW = 20
 HEAD_ABOVE = 0.01
 TAIL_BELOW = 0.001
+DEFAULT_MAX_PIXELS = 25_000_000
 
 # class-prior estimation (calib.label_shift, disalign adapt)
 PRIOR_CONCENTRATION = 10.0  # Dirichlet pseudo-counts in total, spread as the reference prior

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from calib.cli_common import HelpFormatter, add_quiet_argument
+from calib.defaults import DEFAULT_MAX_PIXELS
 
 HELP = "extract a feature bank (HDF5) from images and a frozen stage-1 model"
 
@@ -63,7 +64,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size (no DCT downscale)")
     g.add_argument("--decode", choices=("pil", "torchvision"), default="pil",
                    help="pil: Pillow in the workers; torchvision: JPEGs decoded on the device (nvJPEG on CUDA), --views 1 only")
-    g.add_argument("--max-pixels", type=int, default=89_478_485, help="skip images with more pixels than this")
+    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip images with more pixels than this (the default of serve too)")
     g = parser.add_argument_group("output")
     g.add_argument("--out", type=Path, required=True, help="bank to write (HDF5)")
     g.add_argument("--feature-dtype", choices=("float16", "float32"), default="float16", help="dtype of the stored features")

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from calib.bank import FEATURE_DTYPES, BankReader
+from calib.defaults import DEFAULT_MAX_PIXELS
 from feature_extract import device_decode
 from feature_extract.data import ImageList, ViewDataset, collate_views, read_list, scan_folder
 from feature_extract.device_decode import DECODERS, decode_batch_on_device
@@ -65,7 +66,7 @@ class ExtractConfig:
     class_counts_from: Path | None = None
     overwrite: bool = False
     strict: bool = False
-    max_pixels: int | None = 89_478_485  # Pillow's own decompression-bomb limit
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # the server's default too
     draft: bool = True
     assemble: str = "concat"
     decode: str = "pil"  # "torchvision": JPEGs decoded on the device (nvJPEG on CUDA), see device_decode

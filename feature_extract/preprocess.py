@@ -11,6 +11,11 @@ Views 1..N-1 are augmentations seeded by ``(seed, list row, view)``: random resi
 flip, or for small inputs (crop ≤ 64 px, CIFAR-style) pad 4 + random crop + flip of the clean view.
 JPEGs are decoded with ``Image.draft`` (DCT-domain downscale by 2, 4 or 8) when the target is at least
 twice smaller than the file, which is much faster and keeps at least the target resolution.
+
+Images of more than 8 bits per sample are scaled to 8 bits, never clipped: 16-bit grayscale (Pillow
+modes ``I;16*``, and ``I`` holding 16-bit samples) by ``round(v / 257)``, floating point (``F``) from
+[0, 1] by ``round(v * 255)``; values outside those ranges are refused (their scale is unknown).
+Pillow's own ``convert("RGB")`` clips them at 255, so a 16-bit photo would come out all white.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from feature_extract.errors import ExtractError, ImageDecodeError, ImageTooLargeError
 
@@ -42,6 +48,7 @@ __all__ = [
     "Preprocessing",
     "augmented_view",
     "clean_view",
+    "declared_pixels",
     "decode_image",
     "make_view",
     "normalize",
@@ -163,15 +170,92 @@ def decode_image(
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB", draft_size)
             img.load()
-        return img if img.mode == "RGB" else img.convert("RGB")
+        return to_rgb(img, name)
     except ImageDecodeError:
         raise
     except FileNotFoundError as exc:
         raise ImageDecodeError(f"image {name} does not exist.") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image {name} is too large to decode safely ({exc}).") from exc
+        raise ImageTooLargeError(f"image {name} is too large to decode safely ({_plain(exc)}).") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(f"image {name} could not be decoded (not an image format Pillow reads: JPEG, PNG, BMP, GIF, TIFF, WebP …).") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageDecodeError(f"image {name} could not be decoded ({exc}).") from exc
+        raise ImageDecodeError(f"image {name} could not be decoded ({_plain(exc)}).") from exc
+
+
+def declared_pixels(data: bytes) -> int | None:
+    """Width x height that an image file's header declares (no pixel is decoded), or None when unreadable.
+
+    PNG and JPEG headers are read here in a few microseconds (the size is what Pillow will decode: the
+    IHDR chunk; the largest frame header before the first scan); other formats through ``Image.open``.
+    """
+    if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_pixels(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            width, height = Image.open(io.BytesIO(data)).size
+        return width * height
+    except Exception:  # noqa: BLE001 — any unreadable header: the caller treats it as large, decode_image reports it
+        return None
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0..SOF15 (C4, C8, CC are not frames)
+
+
+def _jpeg_pixels(data: bytes) -> int | None:
+    """The largest frame (SOFn) size among the markers before the first scan; None if the markers are malformed."""
+    pixels, at = None, 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0xDA:  # start of scan: the frame headers are all behind us
+            break
+        length = int.from_bytes(data[at + 2:at + 4], "big")
+        if marker in JPEG_FRAME_MARKERS and at + 9 <= len(data):
+            height, width = int.from_bytes(data[at + 5:at + 7], "big"), int.from_bytes(data[at + 7:at + 9], "big")
+            pixels = max(pixels or 0, width * height)
+        at += 2 + length
+    return pixels
+
+
+_OBJECT_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
+
+
+def _plain(exc: BaseException) -> str:
+    """Pillow's message without object reprs (``<_io.BytesIO object at 0x7f…>``): they mean nothing to a user."""
+    return _OBJECT_REPR.sub("the data", str(exc)) or type(exc).__name__
+
+
+SIXTEEN_BIT_MAX = 65535
+
+
+def to_rgb(img: Image.Image, name: str = "<bytes>") -> Image.Image:
+    """An RGB image; samples of more than 8 bits are scaled to 8 bits (module docstring), never clipped."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img)  # (H, W) uint16 (I;16, any byte order) or int32 (I)
+        if values.size and (int(values.min()) < 0 or int(values.max()) > SIXTEEN_BIT_MAX):
+            raise ImageDecodeError(f"image {name} has 32-bit integer samples outside 0..{SIXTEEN_BIT_MAX}; "
+                                   "only 8- and 16-bit integer images have a known scale.")
+        wide = values.astype(np.uint32)  # v * 255 < 2**24: no overflow
+        gray = ((wide * 255 + SIXTEEN_BIT_MAX // 2) // SIXTEEN_BIT_MAX).astype(np.uint8)  # round(v / 257)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if img.mode == "F":
+        values = np.asarray(img, dtype=np.float32)
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
+            raise ImageDecodeError(f"image {name} has floating-point samples outside [0, 1] (or NaN); "
+                                   "float images are read as 0 = black, 1 = white.")
+        return Image.fromarray(np.rint(values * 255.0).astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")
 
 
 def check_pixels(size: tuple[int, int], max_pixels: int | None, name: str) -> None:

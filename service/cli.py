@@ -4,26 +4,33 @@
     python -m service --model model.ts --card model.json --calibration calib_dir
 
 Flags override the ``DISALIGN_*`` environment (see :mod:`service.settings`); the admin token is only
-read from ``DISALIGN_ADMIN_TOKEN``, never from a flag (it would show in the process list). Exits 0 after
-a normal shutdown and 2 when the server refuses to start (the log says why, in one sentence).
+read from ``DISALIGN_ADMIN_TOKEN`` or the file named by ``DISALIGN_ADMIN_TOKEN_FILE``, never from a flag
+(it would show in the process list). Exits 0 after a normal shutdown and 2 when the server refuses to
+start (the log says why, in one sentence); a bad setting is one ``error: …`` line naming the flag and the
+variable (``--calibration / DISALIGN_CALIBRATION is required.``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import sys
 import threading
+from collections.abc import Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
-from calib.cli_common import HelpFormatter
-from service.messages import validation_sentence
+from calib.cli_common import HelpFormatter, parse_bytes
+from calib.defaults import DEFAULT_MAX_PIXELS
 
 SETTING_FLAGS = ("model", "weights", "classifier_layer", "card", "calibration", "model_name", "max_body_bytes",
                  "max_pixels", "max_images", "max_rows", "torch_threads", "max_batch", "max_wait_ms", "device",
                  "preprocessing", "watch_interval_s", "prior", "prior_window", "prior_update_every", "prior_min_rows")
+# What a client may hold (service.limits): the request head and body deadlines, the body budget, uvicorn's limits.
+LIMIT_FLAGS = ("max_inflight_body_bytes", "timeout_header", "timeout_body", "timeout_keep_alive", "limit_concurrency")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,8 +44,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=argparse.SUPPRESS, help="model name in the /v2 routes (default disalign); env DISALIGN_MODEL_NAME")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
-    p.add_argument("--max-body-bytes", default=argparse.SUPPRESS, type=int, help="largest request body (default 8 MiB)")
-    p.add_argument("--max-pixels", default=argparse.SUPPRESS, type=int, help="largest decoded image in pixels (default 25,000,000)")
+    p.add_argument("--max-body-bytes", default=argparse.SUPPRESS, type=parse_bytes, help="largest request body, e.g. 16M (default 8MiB)")
+    p.add_argument("--max-inflight-body-bytes", default=argparse.SUPPRESS, type=parse_bytes,
+                   help="request bodies held at once, in bytes; 503 + Retry-After beyond (default 64MiB)")
+    p.add_argument("--timeout-header", default=argparse.SUPPRESS, type=float, help="seconds for a request line and headers to arrive; 408 beyond (default 10)")
+    p.add_argument("--timeout-body", default=argparse.SUPPRESS, type=float, help="seconds for a whole request body to arrive; 408 beyond (default 30)")
+    p.add_argument("--timeout-keep-alive", default=argparse.SUPPRESS, type=float, help="seconds an idle kept-alive connection stays open (default 5)")
+    p.add_argument("--limit-concurrency", default=argparse.SUPPRESS, type=int, help="most connections and requests at once; 503 beyond (default: no limit)")
+    p.add_argument("--max-pixels", default=argparse.SUPPRESS, type=int, help=f"largest decoded image in pixels (default {DEFAULT_MAX_PIXELS:,}, as extract)")
     p.add_argument("--max-images", default=argparse.SUPPRESS, type=int, help="most images per request (default 64)")
     p.add_argument("--max-rows", default=argparse.SUPPRESS, type=int, help="most rows per /calibrate or /v2 infer request (default 4096)")
     p.add_argument("--torch-threads", default=argparse.SUPPRESS, type=int, help="torch intra-op threads (default min(4, CPUs))")
@@ -67,14 +80,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from service.settings import Settings
 
-    overrides = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name, None) is not None}
+    overrides = {name: getattr(args, name) for name in (*SETTING_FLAGS, *LIMIT_FLAGS) if getattr(args, name, None) is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        print(f"error: {validation_sentence(exc.errors())}", file=sys.stderr)
+        print(f"error: {settings_sentence(exc.errors())}", file=sys.stderr)
         return 2
     import uvicorn  # heavy imports (torch) only once the settings are valid
 
+    from service.limits import GuardedHttpToolsProtocol
     from service.main import QuietStartupErrors, create_app
 
     log_level = "warning" if args.quiet and args.log_level in ("info", "debug") else args.log_level
@@ -85,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     sys.setswitchinterval(0.001)
     app = create_app(settings)
     config = uvicorn.Config(QuietStartupErrors(app), host=args.host, port=args.port, log_level=log_level,
-                            lifespan="on", timeout_graceful_shutdown=10)
+                            lifespan="on", timeout_graceful_shutdown=10,
+                            http=functools.partial(GuardedHttpToolsProtocol, timeout_header=settings.timeout_header),
+                            timeout_keep_alive=settings.timeout_keep_alive, limit_concurrency=settings.limit_concurrency)
     server = uvicorn.Server(config)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal: end with status 0 instead.
     previous = signal.signal(signal.SIGTERM, _raise_stop) if threading.current_thread() is threading.main_thread() else None
@@ -99,6 +115,29 @@ def run(args: argparse.Namespace) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0 if server.started else 2
+
+
+def setting_names(field: str) -> str:
+    """How a user sets a field: ``--calibration / DISALIGN_CALIBRATION`` (the environment only, without a flag)."""
+    env = f"DISALIGN_{field.upper()}"
+    return f"--{field.replace('_', '-')} / {env}" if field in SETTING_FLAGS or field in LIMIT_FLAGS else env
+
+
+def settings_sentence(errors: Sequence[dict[str, Any]]) -> str:
+    """One sentence for invalid settings, naming what the user typed rather than pydantic's field names."""
+    first = errors[0]
+    loc = first.get("loc") or ()
+    message = str(first.get("msg", "is invalid")).removeprefix("Value error, ").rstrip(".")
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    if not loc:  # a check across several settings: its message names them
+        return f"{message}{more}."
+    where = setting_names(str(loc[0]))
+    if first.get("type") == "missing":
+        return f"{where} is required{more}."
+    found = first.get("input")
+    secret = str(loc[0]) == "admin_token"
+    shown = "" if secret or not isinstance(found, str | int | float) or "found" in message else f", found {found!r}"
+    return f"{where}: {message[:1].lower()}{message[1:]}{shown}{more}."
 
 
 class _Stop(Exception):

@@ -7,12 +7,17 @@ undecodable image, bad base64         400
 missing or wrong admin token          401
 admin routes disabled (no token set)  403
 unknown model name or route           404
+request head or body too slow         408
 unsupported Content-Type              415
 body or image too large               413
+request line and headers over 64 KiB  431
 calibration does not fit the model    409
 wrong shape, K, d, NaN/inf, schema    422
 model not loaded yet / shutting down  503
+too many bodies in flight             503
 ====================================  ======
+
+408, 413, 431 and the in-flight 503 come from :mod:`service.limits`, most of them before the app runs.
 """
 
 from __future__ import annotations

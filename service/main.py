@@ -83,7 +83,8 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (health, calibrate, v2, predict, admin, prior, metrics):  # matched in this order: the busy routes first
         app.include_router(module.router)
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
+                       max_inflight_body_bytes=settings.max_inflight_body_bytes, timeout_body=settings.timeout_body)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: counts 413s too
     return app
 

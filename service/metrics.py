@@ -1,19 +1,34 @@
 """Prometheus metrics of one app, in its own :class:`CollectorRegistry` (several apps in one test process never clash).
 
-- ``disalign_requests_total{route,method,status}`` and ``disalign_request_duration_seconds{route,method}``,
+- ``disalign_requests_total{route,method,code}`` and ``disalign_request_duration_seconds{route,method}``,
   labelled with the route *template* (``/v2/models/{name}/infer``), never the raw path;
 - ``disalign_batch_size``: images per forward pass of the micro-batcher;
 - ``disalign_calibration_reloads_total{outcome}``;
 - ``disalign_model_info`` and ``disalign_calibration_info``: model fingerprint, calibration version;
 - ``disalign_prior_*``: the served class prior and its estimate from the traffic (:class:`service.prior.PriorMetrics`).
+- the standard collectors: ``process_*`` (CPU, resident memory, open files, start time), ``python_info``
+  and ``python_gc_*``.
+
+No ``*_created`` series: they double the series count and no dashboard here uses them (filtered at
+exposition, per registry, rather than with the library's process-wide switch).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.metrics_core import Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.prior import PriorMetrics
@@ -30,8 +45,8 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("disalign_requests", "HTTP requests by route template, method and status.",
-                                ("route", "method", "status"), registry=r)
+        self.requests = Counter("disalign_requests", "HTTP requests by route template, method and status code.",
+                                ("route", "method", "code"), registry=r)
         self.latency = Histogram("disalign_request_duration_seconds", "HTTP request latency by route template.",
                                  ("route", "method"), buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("disalign_batch_size", "Images per forward pass of the micro-batcher.",
@@ -40,6 +55,15 @@ class ServiceMetrics:
         self.model_info = Info("disalign_model", "The served stage-1 model.", registry=r)
         self.calibration_info = Info("disalign_calibration", "The calibration currently served.", registry=r)
         self.prior = PriorMetrics(r)  # disalign_prior_*: service.prior
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+
+    def collect(self) -> Iterator[Metric]:
+        """The registry's metrics without their ``*_created`` samples (give this object to ``generate_latest``)."""
+        for metric in self.registry.collect():
+            metric.samples = [sample for sample in metric.samples if not sample.name.endswith("_created")]
+            yield metric
 
     def set_model(self, name: str, model: LoadedModel) -> None:
         self.model_info.info({"name": name, "kind": model.kind, "fingerprint": model.fingerprint,

@@ -1,4 +1,8 @@
-"""Liveness and readiness (Open Inference Protocol ``/v2/health/*``), wired into the Docker healthcheck."""
+"""Liveness and readiness (Open Inference Protocol ``/v2/health/*``), wired into the Docker healthcheck.
+
+Both also answer ``HEAD`` (load balancers probe with it): the same status, no body. The ``HEAD`` routes stay
+out of the OpenAPI schema, which documents one operation per path.
+"""
 
 from __future__ import annotations
 
@@ -22,3 +26,7 @@ async def ready(request: Request) -> Ready:
     if runtime is None or not runtime.ready or not runtime.batcher.running or not runtime.row_batcher.running:
         raise HTTPException(503, "the model is not loaded yet.")
     return Ready(ready=True)
+
+
+router.add_api_route("/live", live, methods=["HEAD"], include_in_schema=False)
+router.add_api_route("/ready", ready, methods=["HEAD"], include_in_schema=False)

@@ -1,3 +1,9 @@
+import json
+import os
+import stat
+import subprocess
+import sys
+
 import h5py
 import numpy as np
 import pytest
@@ -5,6 +11,7 @@ import torch
 
 from calib.bank import BankWriter, load_bank, open_bank, write_bank
 from calib.errors import BankError
+from tests.conftest import REPO
 
 
 def small_arrays(n=5, d=4, k=3):
@@ -108,3 +115,104 @@ def test_missing_and_unreadable_files(tmp_path):
     (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
     with pytest.raises(BankError, match="is not a readable HDF5 file"):
         load_bank(tmp_path / "junk.h5")
+
+
+# -- headers of the wrong type, huge declared shapes, files that are not files ------------------------------
+def replace_dataset(f, name, **kwargs):
+    del f[name]
+    f.create_dataset(name, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda f: f.attrs.__setitem__("schema_version", "1"), "attribute 'schema_version' should be an integer, found string '1'"),
+        (lambda f: f.attrs.__setitem__("num_views", "2"), "attribute 'num_views' should be an integer, found string '2'"),
+        (lambda f: f.attrs.__setitem__("num_views", 0), "attribute 'num_views' should be >= 1, found 0"),
+        (lambda f: f.attrs.__setitem__("background_index", "3"), "attribute 'background_index' should be an integer, found string '3'"),
+        (lambda f: f.attrs.__setitem__("background_index", 3), r"'background_index' should be -1 \(none\) or a column in 0..2, found 3"),
+        (lambda f: f.attrs.__setitem__("class_counts", "5,3,1"), "attribute 'class_counts' should be an integer array of K=3 counts, found string"),
+        (lambda f: f.attrs.__setitem__("class_counts", np.array([5.0, 3.0, 1.0])), "should be an integer array of K=3 counts, found float64 array"),
+        (lambda f: f.attrs.__setitem__("class_names", '"abc"'), r"'class_names' should be JSON text \(a list of 3 class names\), found str"),
+        (lambda f: f.attrs.__setitem__("class_names", '[1, 2, 3]'), "attribute 'class_names' should hold strings, found"),
+        (lambda f: f.attrs.__setitem__("class_names", np.array([1, 2, 3])), r"should be JSON text \(a list of 3 class names\), found int64 array"),
+        (lambda f: f.attrs.__setitem__("preprocessing", "[]"), r"attribute 'preprocessing' should be JSON text \(an object\), found list"),
+        (lambda f: f.attrs.__setitem__("task", 3), "attribute 'task' should be a string, found int64 3"),
+        (lambda f: f.attrs.__setitem__("complete", "yes"), "is not a complete bank"),
+        (lambda f: (f.__delitem__("features"), f.create_group("features")), "'features' should be a dataset, found a group"),
+        (lambda f: f.create_dataset("skipped", data=np.array([b"row 3"])), "dataset 'skipped' should be a 1-D integer array"),
+        (lambda f: f.create_dataset("file_name", data=np.array([b"a.jpg"] * 5)), "per-row dataset 'file_name' should hold numbers"),
+        (lambda f: replace_dataset(f, "classifier/weight", data=np.zeros((2, 4), np.float32)),
+         r"dataset 'classifier/weight' should be numbers of shape \(3, 4\), found float32 of shape \(2, 4\)"),
+    ],
+)
+def test_each_header_of_the_wrong_type_fails_with_one_clear_sentence(tmp_path, edit, message):
+    x, z, y = small_arrays()
+    path = write_bank(tmp_path / "b.h5", x, z, y, class_names=["a", "b", "c"], class_counts=[5, 3, 1],
+                      classifier_weight=np.zeros((3, 4)), classifier_bias=np.zeros(3))
+    corrupt(path, edit)
+    with pytest.raises(BankError, match=message):
+        load_bank(path)
+
+
+def crafted_bank(path, rows: int, *, virtual_source=None):
+    """A gzip-compressed bank whose header declares ``rows`` rows and whose datasets store none of them
+    (or, with ``virtual_source``, map them onto a file that does not exist)."""
+    columns = {"features": ((64,), "float16", 0.0), "logits": ((10,), "float32", 0.0), "labels": ((), "int64", 0),
+               "sample_index": ((), "int64", 0), "view": ((), "int16", 0)}
+    with h5py.File(path, "w") as f:
+        for name, (tail, dtype, fill) in columns.items():
+            if virtual_source is None:
+                f.create_dataset(name, shape=(rows, *tail), dtype=dtype, chunks=(1024, *tail), compression="gzip")
+            else:
+                layout = h5py.VirtualLayout(shape=(rows, *tail), dtype=dtype)
+                layout[:] = h5py.VirtualSource(str(virtual_source), name, shape=(rows, *tail))
+                f.create_virtual_dataset(name, layout, fillvalue=fill)
+        f.attrs.update({"complete": True, "schema_version": 1, "class_names": json.dumps([f"c{i}" for i in range(10)]),
+                        "num_views": 1, "task": "classification", "background_index": -1})
+    return path
+
+
+def test_a_small_file_declaring_1e11_rows_is_refused_before_any_allocation(tmp_path, capsys):
+    from calib.cli import main
+
+    path = crafted_bank(tmp_path / "huge.h5", 10**11)
+    assert path.stat().st_size < 64 * 1024  # a few KB that declare 15 TB of rows
+    with pytest.raises(BankError, match=r"dataset 'features' declares 100000000000 rows but stores fewer; the file is truncated"):
+        open_bank(path)
+    assert main(["fit", str(path), "--out", str(tmp_path / "calib")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path}: dataset 'features' declares 100000000000 rows")
+
+
+def test_a_bank_larger_than_the_available_memory_is_refused_with_a_sentence(tmp_path):
+    from calib.bank import available_memory
+
+    path = crafted_bank(tmp_path / "virtual.h5", 10**11, virtual_source=tmp_path / "absent-shard.h5")
+    with open_bank(path) as reader:  # a virtual bank's rows live in other files: the header alone is fine
+        assert reader.info.num_rows == 10**11 and reader.row_bytes() == 64 * 2 + 10 * 4 + 8 + 8 + 2
+    gib = 10**11 * 186 / 2**30
+    with pytest.raises(BankError, match=rf"declares 100000000000 rows, {gib:.1f} GiB in memory, more than the .* GiB available; "
+                                        r"fit it streamed with --max-memory"):
+        load_bank(path)
+    assert available_memory() is not None and available_memory() < 10**11 * 186
+
+
+def test_a_fifo_given_as_a_bank_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "train.h5"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer for ever
+    result = subprocess.run([sys.executable, "-m", "calib.cli", "fit", str(fifo), "--out", str(tmp_path / "calib")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: bank file {fifo} is a FIFO, not a regular file."
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_bank_files_respect_the_umask(tmp_path, umask):
+    x, z, y = small_arrays()
+    previous = os.umask(umask)
+    try:
+        path = write_bank(tmp_path / "b.h5", x, z, y)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

@@ -18,6 +18,7 @@ from feature_extract.preprocess import (
     Preprocessing,
     augmented_view,
     clean_view,
+    declared_pixels,
     decode_image,
     normalize,
 )
@@ -86,7 +87,7 @@ def test_decode_errors(tmp_path, cifar_root):
     truncated = (cifar_root / "train" / "cat" / "0000.jpg").read_bytes()[:300]
     with pytest.raises(ImageDecodeError, match=r"image <bytes> could not be decoded"):
         decode_image(truncated)
-    with pytest.raises(ImageDecodeError, match=r"could not be decoded \(cannot identify image file"):
+    with pytest.raises(ImageDecodeError, match=r"could not be decoded \(not an image format Pillow reads"):
         decode_image(b"this is not an image")
     with pytest.raises(ImageTooLargeError, match=r"has 640x480 = 307200 pixels, more than max_pixels=100000"):
         decode_image(_jpeg_bytes(640, 480), max_pixels=100_000)
@@ -150,3 +151,78 @@ def test_normalize_values_and_memory_format():
     assert normalize(nhwc, prep).is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ExtractError, match=r"normalize expects a uint8 \(N, 3, H, W\) batch, found torch.float32 of shape \(2, 3, 4, 4\)"):
         normalize(out, prep)
+
+
+# -- more than 8 bits per sample, decode errors ---------------------------------------------------------
+def _encoded(array: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def gray_variants(gray: np.ndarray) -> dict[str, bytes]:
+    """One 8-bit grayscale picture (H, W) uint8 as 8-bit PNG, 16-bit PNG (I;16), 32-bit int TIFF (I) and float TIFF (F)."""
+    wide = gray.astype(np.uint16) * 257  # v * 257: the 16-bit sample that means the same grey as v
+    return {"L png": _encoded(gray, "PNG"), "I;16 png": _encoded(wide, "PNG"),
+            "I tiff": _encoded(wide.astype(np.int32), "TIFF"), "F tiff": _encoded(gray.astype(np.float32) / 255, "TIFF")}
+
+
+def test_images_of_more_than_8_bits_are_scaled_not_clipped():
+    gray = np.random.default_rng(0).integers(0, 256, (12, 20), dtype=np.uint8)
+    variants = gray_variants(gray)
+    assert Image.open(io.BytesIO(variants["I;16 png"])).mode == "I;16"  # really a 16-bit file
+    for name, data in variants.items():
+        decoded = np.asarray(decode_image(data))
+        assert decoded.shape == (12, 20, 3) and decoded.dtype == np.uint8, name
+        assert np.array_equal(decoded, np.repeat(gray[:, :, None], 3, axis=2)), name
+    # round(v / 257) by hand: 128 → 0.498 → 0, 129 → 0.502 → 1, 32896 = 128 * 257 → 128, 65535 → 255
+    edge = np.array([[0, 128, 129, 32896, 65535]], dtype=np.uint16)
+    assert np.asarray(decode_image(_encoded(edge, "PNG")))[0, :, 0].tolist() == [0, 0, 1, 128, 255]
+
+
+@pytest.mark.parametrize(("array", "match"), [
+    (np.array([[0, 70000]], dtype=np.int32), r"32-bit integer samples outside 0..65535"),
+    (np.array([[0.0, 2.0]], dtype=np.float32), r"floating-point samples outside \[0, 1\]"),
+    (np.array([[0.0, np.nan]], dtype=np.float32), r"floating-point samples outside \[0, 1\] \(or NaN\)"),
+])
+def test_wide_samples_without_a_known_scale_are_refused(array, match):
+    with pytest.raises(ImageDecodeError, match=match):
+        decode_image(_encoded(array, "TIFF"))
+
+
+@pytest.mark.parametrize("data", [b"not an image", b"\xff\xd8\xff" + b"a" * 20, b"\x89PNG\r\n\x1a\n" + b"x" * 30])
+def test_decode_errors_name_no_python_objects(data):
+    with pytest.raises(ImageDecodeError, match=r"^image <bytes> could not be decoded \(") as info:
+        decode_image(data)
+    assert " at 0x" not in str(info.value) and "<_io" not in str(info.value)
+
+
+def test_declared_pixels_reads_only_the_header():
+    buf = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(buf, format="PNG")  # 25 Mpx in about 3 KB
+    assert len(buf.getvalue()) < 4096
+    assert declared_pixels(buf.getvalue()) == 25_000_000
+    assert declared_pixels(_jpeg_bytes(40, 30)) == 1200 and declared_pixels(b"not an image") is None
+
+
+def test_the_extractor_reads_16_bit_and_float_images_as_their_8_bit_picture(tmp_path, cifar_root):
+    from calib.bank import load_bank
+    from feature_extract.extract import ExtractConfig, extract_bank
+
+    from .conftest import MODEL
+
+    gray = np.asarray(Image.open(cifar_root / "train" / "cat" / "0000.jpg").convert("L"))  # a real 32x32 picture
+    lines = []
+    for name, data in gray_variants(gray).items():
+        path = tmp_path / (name.replace(" ", ".").replace(";", ""))
+        path.write_bytes(data)
+        lines.append(f"{path.name} 3")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    cfg = ExtractConfig(model=str(MODEL), card=CARD, root=tmp_path, list_file=tmp_path / "list.txt", out=tmp_path / "bank.h5",
+                        workers=0, batch_size=4, feature_dtype="float32", quiet=True)
+    assert extract_bank(cfg).skipped == []
+    bank = load_bank(cfg.out)
+    assert bank.num_rows == 4
+    for row in range(1, 4):  # every variant gives exactly the features of the 8-bit PNG
+        assert torch.equal(bank.features[row], bank.features[0]), lines[row]
+        assert torch.equal(bank.logits[row], bank.logits[0]), lines[row]

@@ -18,7 +18,7 @@ from calib.publish import artifact_dir
 from feature_extract.models import load_model
 from feature_extract.preprocess import Preprocessing, clean_view, decode_image, normalize
 from service.main import create_app
-from tests.service.conftest import ADMIN_TOKEN, CARD, MODEL, Artifacts, install, make_settings, png_bomb
+from tests.service.conftest import ADMIN_TOKEN, CARD, MODEL, REPO, Artifacts, install, make_settings, png_bomb
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -293,12 +293,24 @@ def test_metrics(fresh_client: TestClient, cifar_jpegs: list[Path]):
     fresh_client.get("/v2/models/nope")
     text = fresh_client.get("/metrics").text
     version = fresh_client.app.state.runtime.calibration.version
-    assert 'disalign_requests_total{method="POST",route="/calibrate",status="200"} 1.0' in text
-    assert 'disalign_requests_total{method="POST",route="/calibrate",status="422"} 1.0' in text
-    assert 'disalign_requests_total{method="GET",route="/v2/models/{name}",status="404"} 1.0' in text
+    assert 'disalign_requests_total{code="200",method="POST",route="/calibrate"} 1.0' in text
+    assert 'disalign_requests_total{code="422",method="POST",route="/calibrate"} 1.0' in text
+    assert 'disalign_requests_total{code="404",method="GET",route="/v2/models/{name}"} 1.0' in text
     assert 'disalign_request_duration_seconds_count{method="POST",route="/predict"} 1.0' in text
     assert "disalign_batch_size_count 1.0" in text  # one /predict (the warm-up bypasses the batcher)
     assert f'version="{version}"' in text and 'kind="torchscript"' in text
+    assert "_created" not in text and "status=" not in text
+    for standard in ("process_resident_memory_bytes ", "process_cpu_seconds_total ", "process_open_fds ", "python_info{",
+                     'python_gc_collections_total{generation="0"}'):
+        assert standard in text, standard
+
+
+def test_every_metric_is_documented(client: TestClient):
+    families = {line.split()[2] for line in client.get("/metrics").text.splitlines() if line.startswith("# TYPE ")}
+    documented = (REPO / "docs" / "service.md").read_text()
+    assert families >= {"disalign_requests_total", "process_resident_memory_bytes", "python_gc_objects_collected_total"}
+    missing = sorted(name for name in families if f"`{name}" not in documented)
+    assert not missing, f"metrics not in docs/service.md: {missing}"
 
 
 def test_openapi_schema(client: TestClient):

@@ -71,7 +71,7 @@ def test_every_route_over_http(server: ServerProcess, cifar_jpegs: list[Path]):
     assert r.status_code == 200 and r.json()["model_version"] == version
     assert calibrate(url)["calibration_version"] == version
     metrics = httpx.get(f"{url}/metrics").text
-    assert 'disalign_requests_total{method="POST",route="/predict",status="200"}' in metrics
+    assert 'disalign_requests_total{code="200",method="POST",route="/predict"}' in metrics
     assert r.headers["content-type"] == "application/json"
 
 
@@ -154,4 +154,4 @@ def test_refuses_to_start_when_the_calibration_does_not_fit(artifacts: Artifacts
 def test_settings_errors_are_one_sentence():
     result = subprocess.run([sys.executable, "-m", "service", "--calibration", "x"], cwd=REPO, capture_output=True,
                             text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
-    assert result.returncode == 2 and result.stderr.strip() == "error: model: field required."
+    assert result.returncode == 2 and result.stderr.strip() == "error: --model / DISALIGN_MODEL is required."
