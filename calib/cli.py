@@ -67,15 +67,18 @@ def add_fit_parser(subparsers) -> None:
     p.add_argument("--no-margin", action="store_true", help="ablation: no margin term beta")
     p.add_argument("--no-grw", action="store_true", help="ablation: plain cross-entropy instead of GRW")
     p.add_argument("--max-memory", type=parse_bytes, help="stream the training bank when its rows exceed this (e.g. 512M)")
-    p.add_argument("--out", type=Path, required=True, help="calibration directory to write")
+    p.add_argument("--out", type=Path, required=True,
+                   help="calibration directory: new, empty or holding a calibration (a new version is published in it)")
     p.set_defaults(func=run_fit)
 
 
 def run_fit(args: argparse.Namespace) -> int:
     from calib.disalign import DisAlign
     from calib.methods import method_class
+    from calib.publish import check_publish_target
 
     cls = method_class(args.method)
+    check_publish_target(args.out, role="--out")  # before the fit, and nothing but a calibration is ever replaced
     if cls is DisAlign:
         estimator = DisAlign(rho=args.rho, epochs=args.epochs or 10, seed=args.seed, cosine=args.cosine,
                              use_magnitude=not args.no_magnitude, use_margin=not args.no_margin, use_grw=not args.no_grw)

@@ -4,30 +4,35 @@ An estimator stores keyword hyper-parameters in ``__init__``; ``fit(train, val=N
 the math and stores fitted tensors in ``params_`` and metadata in ``meta_``; ``predict_logits`` maps
 stage-1 ``(features (N, d), logits (N, K))`` to calibrated logits (N, K).
 
-Artifact (spec: ``docs/calibration-format.md``): a directory with ``parameters.safetensors`` (the
-tensors of ``params_``) and ``calibration.json`` (method, hyper-parameters, K, d, class names, model
-fingerprint, fit report). Written to a temporary sibling directory and renamed into place.
+Artifact (spec: ``docs/calibration-format.md``): ``parameters.safetensors`` (the tensors of ``params_``)
+and ``calibration.json`` (method, hyper-parameters, K, d, class names, model fingerprint, the banks'
+preprocessing, fit report). :meth:`Calibrator.save` publishes them as a new version of a calibration
+directory (:mod:`calib.publish`); :meth:`Calibrator.load` reads the current version and checks
+everything in it (:mod:`calib.artifact`).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from calib.artifact import (
+    ARTIFACT_VERSION,
+    artifact_bytes,
+    canary,
+    check_hyperparameters,
+    check_tensors,
+    read_files,
+    validate_metadata,
+)
 from calib.bank import Bank, BankInfo, load_bank
 from calib.errors import ArtifactError, InputError, NotFittedError
-
-ARTIFACT_VERSION = 1
-PARAMETERS_FILE = "parameters.safetensors"
-METADATA_FILE = "calibration.json"
+from calib.publish import METADATA_FILE, PARAMETERS_FILE, publish
 
 
 @dataclass
@@ -45,6 +50,7 @@ class CalibrationMeta:
     report: dict[str, Any] = field(default_factory=dict)  # ρ curve, validation metrics, timings …
     artifact_version: int = ARTIFACT_VERSION
     created: str = ""
+    preprocessing: dict[str, Any] | None = None  # the training bank's, so the server can use the same
 
 
 def as_bank(data: Bank | str | os.PathLike, role: str) -> Bank:
@@ -129,6 +135,7 @@ class Calibrator:
             class_counts=[int(c) for c in class_counts],
             report=_jsonable(report),
             created=datetime.now(UTC).isoformat(timespec="seconds"),
+            preprocessing=_jsonable(dict(info.preprocessing)) or None,
         )
         return self
 
@@ -165,68 +172,54 @@ class Calibrator:
             )
 
     def save(self, directory: str | os.PathLike, *, overwrite: bool = True) -> Path:
-        """Write the artifact directory atomically (temporary sibling, then rename)."""
+        """Publish the artifact as the new version of the calibration directory (atomic; see :mod:`calib.publish`).
+
+        The directory must be new, empty or hold a calibration; nothing else in it is ever deleted.
+        Returns the calibration directory (what :meth:`load` and the server take).
+        """
         self._check_fitted()
-        target = Path(directory)
-        if target.exists() and not overwrite:
-            raise ArtifactError(f"calibration directory {target} already exists.")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            save_file(self.params_, str(tmp / PARAMETERS_FILE), metadata={"method": self.method})
-            (tmp / METADATA_FILE).write_text(json.dumps(asdict(self.meta_), indent=2) + "\n")
-            old = None
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.replace(target, old)
-            os.replace(tmp, target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return target
+        metadata = asdict(self.meta_)
+        if not self.meta_.model_fingerprint:
+            raise ArtifactError("the calibration records no model fingerprint (its training bank has none), so no server "
+                                "could check it against a model; extract the banks with disalign extract, or pass "
+                                "model_fingerprint to write_bank.")
+        validate_metadata(metadata, META_FIELDS, "the calibration metadata")  # never publish what load() refuses
+        publish(directory, artifact_bytes(self.params_, metadata, self.method), overwrite=overwrite)
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Calibrator:
-        """Load an artifact written by :meth:`save` (strict: method, version and shapes are checked)."""
+        """Load the current version of a calibration directory; everything in it is checked (:mod:`calib.artifact`)."""
         params, meta = read_artifact(directory)
         if cls.method and meta.method != cls.method:
             raise ArtifactError(f"{directory} holds a '{meta.method}' calibration, not '{cls.method}'.")
-        est = cls(**meta.hyperparameters)
+        return cls.from_artifact(params, meta, str(directory))
+
+    @classmethod
+    def from_artifact(cls, params: dict[str, torch.Tensor], meta: CalibrationMeta, where: str) -> Calibrator:
+        """The fitted estimator of read, checked artifact contents: hyper-parameters, shapes, then the canary."""
+        check_hyperparameters(cls, meta.hyperparameters, where)
+        try:
+            est = cls(**meta.hyperparameters)
+        except Exception as exc:  # the constructor's own checks: still one sentence
+            raise ArtifactError(f"{where}: the hyperparameters are refused by {cls.__name__} ({exc}).") from None
         est.params_, est.meta_ = params, meta
         est._check_loaded_params()
+        canary(est, where)
         return est
 
     def _check_loaded_params(self) -> None:
         """Subclasses check the shapes of ``params_`` against ``meta_``."""
 
 
+META_FIELDS = {f.name for f in fields(CalibrationMeta)}
+
+
 def read_artifact(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], CalibrationMeta]:
-    """Read and validate the two files of a calibration directory."""
-    directory = Path(directory)
-    meta_path, params_path = directory / METADATA_FILE, directory / PARAMETERS_FILE
-    if not meta_path.is_file() or not params_path.is_file():
-        raise ArtifactError(f"{directory} is not a calibration directory: expected {METADATA_FILE} and {PARAMETERS_FILE}.")
-    try:
-        raw = json.loads(meta_path.read_text())
-        meta = CalibrationMeta(**raw)
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise ArtifactError(f"{meta_path} is not valid calibration metadata ({exc}).") from exc
-    if meta.artifact_version != ARTIFACT_VERSION:
-        raise ArtifactError(f"{meta_path}: artifact_version should be {ARTIFACT_VERSION}, found {meta.artifact_version}.")
-    if len(meta.class_names) != meta.num_classes:
-        raise ArtifactError(f"{meta_path}: {len(meta.class_names)} class names for K={meta.num_classes}.")
-    try:
-        params = load_file(str(params_path))
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise ArtifactError(f"{params_path} is not a readable safetensors file ({exc}).") from exc
-    for name, tensor in params.items():
-        if not torch.isfinite(tensor).all():
-            raise ArtifactError(f"{params_path}: parameter '{name}' has NaN or inf values.")
-    return params, meta
+    """Read and check the files of the current version of a calibration directory (both from one version)."""
+    source, raw, params = read_files(directory)
+    meta = CalibrationMeta(**validate_metadata(raw, META_FIELDS, str(source / METADATA_FILE)))
+    return check_tensors(params, str(source / PARAMETERS_FILE)), meta
 
 
 def require_shape(params: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], where: str) -> None:

@@ -24,8 +24,9 @@ def method_class(name: str) -> type[Calibrator]:
 
 
 def load_calibration(directory: str | os.PathLike) -> Calibrator:
-    """Load any calibration artifact, dispatching on the method recorded in its metadata."""
-    _, meta = read_artifact(directory)
+    """Load any calibration artifact, dispatching on the method recorded in its metadata (the files are read
+    once, so the method and the parameters always come from the same version)."""
+    params, meta = read_artifact(directory)
     if meta.method not in METHODS:
         raise ArtifactError(f"{directory} holds an unknown method {meta.method!r}; known: {', '.join(METHODS)}.")
-    return METHODS[meta.method].load(directory)
+    return METHODS[meta.method].from_artifact(params, meta, str(directory))

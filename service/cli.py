@@ -21,14 +21,17 @@ from pydantic import ValidationError
 from service.messages import validation_sentence
 
 SETTING_FLAGS = ("model", "weights", "classifier_layer", "card", "calibration", "model_name", "max_body_bytes",
-                 "max_pixels", "max_images", "max_rows", "torch_threads", "max_batch", "max_wait_ms", "device")
+                 "max_pixels", "max_images", "max_rows", "torch_threads", "max_batch", "max_wait_ms", "device",
+                 "preprocessing", "watch_interval_s")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=argparse.SUPPRESS, help="stage-1 model (TorchScript file or model spec); env DISALIGN_MODEL")
     p.add_argument("--weights", default=argparse.SUPPRESS, help="weights file for model specs that need one; env DISALIGN_WEIGHTS")
     p.add_argument("--classifier-layer", default=argparse.SUPPRESS, help="name of the final linear layer; env DISALIGN_CLASSIFIER_LAYER")
-    p.add_argument("--card", default=argparse.SUPPRESS, help="model card JSON with the preprocessing; env DISALIGN_CARD")
+    p.add_argument("--card", default=argparse.SUPPRESS, help="model card JSON with the preprocessing (default: the calibration's); env DISALIGN_CARD")
+    p.add_argument("--preprocessing", default=argparse.SUPPRESS, choices=("imagenet",),
+                   help="named preprocessing instead of a card; must agree with the calibration's; env DISALIGN_PREPROCESSING")
     p.add_argument("--calibration", default=argparse.SUPPRESS, help="calibration directory (re-read by /admin/reload); env DISALIGN_CALIBRATION")
     p.add_argument("--model-name", default=argparse.SUPPRESS, help="model name in the /v2 routes (default disalign); env DISALIGN_MODEL_NAME")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -41,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", default=argparse.SUPPRESS, type=int, help="most images per forward pass (default 32)")
     p.add_argument("--max-wait-ms", default=argparse.SUPPRESS, type=float, help="how long the first image of a batch may wait for others (default 0: batch what queued during the previous pass)")
     p.add_argument("--device", default=argparse.SUPPRESS, help="torch device of the model (default cpu)")
+    p.add_argument("--watch-interval-s", default=argparse.SUPPRESS, type=float,
+                   help="seconds between checks of the calibration directory for a new version (default 1; 0: never)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 

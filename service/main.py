@@ -3,8 +3,9 @@
     app = create_app(Settings(model="model.ts", card="model.json", calibration="calib_dir"))
 
 The lifespan loads the model and the calibration on the inference thread, refuses to start with one
-sentence when they do not fit (K, d, model fingerprint), runs one warm-up forward pass, starts the
-micro-batcher, and only then marks the app ready.
+sentence when they do not fit (K, d, model fingerprint, preprocessing) or the artifact is invalid, runs
+one warm-up forward pass, starts the micro-batchers and the calibration directory watcher, and only
+then marks the app ready.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from starlette.types import Message, Receive, Scope, Send
 
 from calib import __version__
 from calib.errors import DisalignError
+from calib.publish import current_version
 from service.dense import make_runtime
 from service.errors import install_error_handlers
 from service.limits import BodyLimitMiddleware
 from service.metrics import MetricsMiddleware, ServiceMetrics
+from service.reloader import CalibrationReloader
 from service.routers import admin, calibrate, health, metrics, predict, v2
 from service.settings import Settings
 
@@ -36,12 +39,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     torch.set_num_threads(settings.torch_threads)  # here and again on the inference thread (Runtime.load)
     runtime = make_runtime(settings, app.state.metrics)  # the card's task: classification, segmentation or detection
-    app.state.reload_lock = asyncio.Lock()
+    reloader = app.state.reloader = CalibrationReloader(runtime)
+    reloader.seen = current_version(settings.calibration)  # before reading it: a version published meanwhile is a change
     try:
         await runtime.batcher.run_in_thread(runtime.load)
         await runtime.batcher.run_in_thread(runtime.warm_up)
-    except DisalignError as exc:
-        app.state.startup_error = str(exc)
+    except Exception as exc:
+        # A DisalignError is the one-sentence refusal; anything else (a bug) is still reported in one line.
+        app.state.startup_error = str(exc) if isinstance(exc, DisalignError) else f"{type(exc).__name__}: {exc}"
         runtime.batcher.executor.shutdown(wait=False)
         runtime.row_batcher.executor.shutdown(wait=False)
         raise
@@ -53,10 +58,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     gc.freeze()
     runtime.ready = True
     app.state.runtime = runtime
+    watcher = asyncio.create_task(reloader.watch(settings.watch_interval_s)) if settings.watch_interval_s > 0 else None
     try:
         yield
     finally:
         runtime.ready = False
+        if watcher is not None:
+            watcher.cancel()
         await runtime.batcher.stop()
         await runtime.row_batcher.stop()
 
@@ -99,5 +107,7 @@ class QuietStartupErrors:
 
         try:
             await self.app(scope, receive, quiet_send)
-        except DisalignError:
-            pass  # already reported through lifespan.startup.failed
+        except Exception:
+            if not self.app.state.startup_error:
+                raise
+            # already reported in one line through lifespan.startup.failed

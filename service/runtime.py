@@ -32,6 +32,7 @@ from feature_extract.models import LoadedModel, load_model
 from feature_extract.preprocess import Preprocessing, clean_view, decode_image, normalize
 from service.batcher import MicroBatcher
 from service.metrics import ServiceMetrics
+from service.preprocessing import check_same_preprocessing, recorded_preprocessing, serving_preprocessing
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -113,11 +114,16 @@ def read_calibration(directory: Path) -> Calibrator:
         raise ArtifactError(f"{directory} could not be read as a calibration ({type(exc).__name__}: {exc}).") from exc
 
 
-def check_calibration(calibrator: Calibrator, model: LoadedModel, model_name: str) -> CalibrationState:
-    """Refuse a calibration that does not fit the model; raises :class:`IncompatibleCalibration`."""
+def check_calibration(calibrator: Calibrator, model: LoadedModel, model_name: str,
+                      preprocessing: Preprocessing | None = None) -> CalibrationState:
+    """Refuse a calibration that does not fit the model (K, d, fingerprint) or whose banks were extracted with
+    another preprocessing than ``preprocessing`` (when given); raises :class:`IncompatibleCalibration`."""
     try:
         calibrator.check_compatible(num_classes=model.num_classes, feature_dim=model.feature_dim,
                                     model_fingerprint=model.fingerprint, source=f"served model '{model_name}'")
+        recorded = recorded_preprocessing(calibrator.meta_.preprocessing) if preprocessing is not None else None
+        if recorded is not None:
+            check_same_preprocessing(preprocessing, recorded, "served preprocessing")
     except ArtifactError as exc:
         raise IncompatibleCalibration(str(exc)) from None
     return CalibrationState(calibrator, calibration_version(calibrator))
@@ -145,15 +151,27 @@ class Runtime:
         """Load the model and the calibration; raises a DisalignError with one sentence if they do not fit."""
         s = self.settings
         torch.set_num_threads(s.torch_threads)
-        self.preprocessing = Preprocessing.from_card(s.card) if s.card else Preprocessing.imagenet()
+        calibrator = read_calibration(s.calibration)
+        self.preprocessing = serving_preprocessing(s.card, s.preprocessing, calibrator.meta_.preprocessing)
         self.model = load_model(s.model, s.weights, classifier_layer=s.classifier_layer, device=s.device,
                                 input_size=self.preprocessing.crop)
-        self.calibration = check_calibration(read_calibration(s.calibration), self.model, s.model_name)
+        self.calibration = check_calibration(calibrator, self.model, s.model_name, self.preprocessing)
         self.row_batcher.inline_rows = INLINE_LOGITS // self.model.num_classes
         self.metrics.set_model(s.model_name, self.model)
         self.metrics.set_calibration(self.calibration)
         log.info("loaded model %s (%s, K=%d, d=%d) and calibration %s", s.model_name, self.model.fingerprint[:19],
                  self.model.num_classes, self.model.feature_dim, self.calibration.version)
+
+    def read_checked_calibration(self) -> CalibrationState:
+        """Read the calibration directory again and check it against the served model and preprocessing (off the
+        loop; the caller swaps it in with :meth:`swap_calibration`). Raises a one-sentence ArtifactError."""
+        s = self.settings
+        return check_calibration(read_calibration(s.calibration), self.model, s.model_name, getattr(self, "preprocessing", None))
+
+    def swap_calibration(self, state: CalibrationState) -> None:
+        """The swap: after it, every new request or batch, ``/metrics`` and the ``/v2`` metadata see ``state``."""
+        self.calibration = state
+        self.metrics.set_calibration(state)
 
     def warm_up(self) -> None:
         """One forward pass and one calibration on a blank image, so the first request is not slow."""

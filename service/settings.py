@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,8 +30,11 @@ class Settings(BaseSettings):
     model: str = Field(description="stage-1 model: a TorchScript file or any spec feature_extract.load_model accepts")
     weights: str | None = Field(None, description="weights file for model specs that need one")
     classifier_layer: str | None = Field(None, description="name of the final linear layer, when it cannot be found")
-    card: Path | None = Field(None, description="model card (JSON) with the preprocessing; ImageNet defaults without")
-    calibration: Path = Field(description="calibration directory; /admin/reload re-reads it")
+    card: Path | None = Field(None, description="model card (JSON) with the preprocessing; without: the calibration's banks' own")
+    preprocessing: Literal["imagenet"] | None = Field(None, description="named preprocessing instead of a card (must agree with the calibration's)")
+    calibration: Path = Field(description="calibration directory; /admin/reload and the watcher re-read it")
+    # Each replica polls DIR/current (one readlink) and reloads a newly published version by itself.
+    watch_interval_s: float = Field(1.0, ge=0.0, le=3600.0, description="seconds between checks for a newly published calibration (0: never)")
     model_name: str = Field("disalign", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="name in the /v2 routes")
     admin_token: SecretStr | None = Field(None, description="Bearer token of the /admin routes (disabled when unset)")
     max_body_bytes: int = Field(8 * MiB, ge=1024, description="largest request body accepted (413 beyond)")

@@ -16,6 +16,7 @@ from calib.errors import ArtifactError, InputError, NotFittedError
 from calib.estimator import PARAMETERS_FILE
 from calib.methods import METHODS, load_calibration
 from calib.metrics import mean_class_accuracy, negative_log_likelihood
+from calib.publish import artifact_dir
 
 
 def tiny_bank(path, features, logits, labels, **kwargs):
@@ -180,10 +181,11 @@ def test_save_load_round_trip_is_exact(long_tailed_banks, fitted, tmp_path, name
 @pytest.mark.parametrize("name", [n for n in BASELINES if n != "joint"])
 def test_load_rejects_a_parameter_of_the_wrong_shape(fitted, tmp_path, name):
     directory = fitted[name].save(tmp_path / name)
-    params = load_file(str(directory / PARAMETERS_FILE))
+    files = artifact_dir(directory)
+    params = load_file(str(files / PARAMETERS_FILE))
     first = sorted(params)[0]
     params[first] = torch.zeros(*params[first].shape, 2) if params[first].ndim else torch.zeros(2)
-    save_file(params, str(directory / PARAMETERS_FILE))
+    save_file(params, str(files / PARAMETERS_FILE))
     with pytest.raises(ArtifactError, match=rf"{name} calibration: parameter '{first}' should have shape"):
         load_calibration(directory)
 

@@ -21,7 +21,7 @@ def run(capsys, *argv):
 def test_fit_then_eval_all_methods(lt_banks, tmp_path, capsys):
     code, out, err = run(capsys, "fit", lt_banks["train"], "--val", lt_banks["val"], "--epochs", 2, "--out", tmp_path / "cal")
     assert code == 0, err
-    assert "wrote disalign calibration" in out and (tmp_path / "cal" / "calibration.json").exists()
+    assert "wrote disalign calibration" in out and (tmp_path / "cal" / "current").is_symlink()
     code, out, err = run(capsys, "eval", lt_banks["test"], "--calibration", tmp_path / "cal", "--train", lt_banks["train"],
                          "--val", lt_banks["val"], "--json", tmp_path / "r.json", "--plots", tmp_path / "plots")
     assert code == 0, err
@@ -100,3 +100,66 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
 def test_parse_bytes():
     assert parse_bytes("512M") == 512 * 2**20 and parse_bytes("2G") == 2 * 2**30 and parse_bytes("1000") == 1000
     assert parse_bytes("1.5GiB") == int(1.5 * 2**30)
+
+
+# -- fit --out and eval on artifacts that are not what they claim --------------------------------------
+@pytest.mark.parametrize(("out", "message"), [
+    ("work", r"--out .*work holds files that are not a calibration \(notes\.txt, train\.h5\)"),
+    ("work/notes.txt", r"--out .*notes\.txt is an existing file, not a calibration directory"),
+    (".", r"--out \. holds files that are not a calibration \(notes\.txt, train\.h5\)"),
+    ("work/notes.txt/cal", r"--out .*cal cannot be created: .*notes\.txt is not a directory"),
+])
+def test_fit_out_refuses_anything_but_a_calibration_and_touches_nothing(out, message, lt_banks, tmp_path, capsys, monkeypatch):
+    """A folder holding the bank and notes, a file, the working directory: refused before the fit, exit 2."""
+    import re
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "train.h5").write_bytes(lt_banks["train"].read_bytes())
+    (work / "notes.txt").write_text("notes")
+    monkeypatch.chdir(work)
+    code, _, err = run(capsys, "fit", work / "train.h5", "--epochs", 1, "--out", "." if out == "." else tmp_path / out)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"] and sorted(p.name for p in work.iterdir()) == ["notes.txt", "train.h5"]
+    assert (work / "notes.txt").read_text() == "notes" and (work / "train.h5").stat().st_size == lt_banks["train"].stat().st_size
+
+
+def test_fit_out_is_checked_before_the_fit(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    code, _, err = run(capsys, "fit", tmp_path / "missing.h5", "--out", tmp_path / "file" / "cal")
+    assert code == 2 and "--out" in err and "missing.h5" not in err, err  # the bank was not even opened
+
+
+def test_fit_out_replaces_a_calibration_with_a_new_version(lt_banks, tmp_path, capsys):
+    for seed in (0, 1):
+        code, _, err = run(capsys, "fit", lt_banks["train"], "--rho", 1, "--epochs", 1, "--seed", seed, "--out", tmp_path / "cal")
+        assert code == 0, err
+    from calib.methods import load_calibration
+
+    assert load_calibration(tmp_path / "cal").meta_.hyperparameters["seed"] == 1
+    assert len(list((tmp_path / "cal" / "versions").iterdir())) == 2
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    ({"background_index": 50}, r"'background_index' should be in 0\.\.9 or null, found 50\."),
+    ({"report": {"rho_curve": [{"rho": "x"}]}}, r"'report\.rho_curve\.0\.rho' should be a valid number, found 'x'\."),
+    ({"report": {"rho_curve": 3}}, r"'report\.rho_curve' should be a valid list, found 3\."),
+    ({"hyperparameters": {"cosine": "no"}}, r"hyperparameter 'cosine' should be bool, found 'no'\."),
+])
+def test_eval_on_an_invalid_artifact_is_one_sentence_exit_2(mutate, message, lt_banks, tmp_path, capsys):
+    import re
+
+    from calib.publish import artifact_dir
+
+    assert main(["fit", str(lt_banks["train"]), "--rho", "1", "--epochs", "1", "--out", str(tmp_path / "cal")]) == 0
+    meta_path = artifact_dir(tmp_path / "cal") / "calibration.json"
+    raw = json.loads(meta_path.read_text())
+    for key, value in mutate.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+    meta_path.write_text(json.dumps(raw))
+    capsys.readouterr()
+    code, _, err = run(capsys, "eval", lt_banks["test"], "--calibration", tmp_path / "cal", "--plots", tmp_path / "plots")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "plots").exists()

@@ -9,6 +9,7 @@ from calib.disalign import DEFAULT_RHO, DisAlign
 from calib.errors import ArtifactError, InputError, NotFittedError
 from calib.methods import load_calibration
 from calib.metrics import mean_class_accuracy
+from calib.publish import artifact_dir
 from calib.synthetic import write_synthetic_bank
 from tests.conftest import LT_COUNTS
 
@@ -50,8 +51,8 @@ def test_fit_is_deterministic(lt_banks):
 
 def test_save_load_round_trip_is_exact(fitted, lt_banks, tmp_path):
     fitted.save(tmp_path / "cal")
-    assert sorted(p.name for p in (tmp_path / "cal").iterdir()) == ["calibration.json", "parameters.safetensors"]
-    meta = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert sorted(p.name for p in artifact_dir(tmp_path / "cal").iterdir()) == ["calibration.json", "parameters.safetensors"]
+    meta = json.loads((artifact_dir(tmp_path / "cal") / "calibration.json").read_text())
     assert meta["method"] == "disalign" and meta["num_classes"] == 10 and meta["feature_dim"] == 32
     assert meta["hyperparameters"]["rho"] == "auto" and meta["model_fingerprint"].startswith("sha256:")
     loaded = load_calibration(tmp_path / "cal")
@@ -74,7 +75,7 @@ def test_corrupt_artifacts_fail_clearly(fitted, tmp_path):
     with pytest.raises(ArtifactError, match="is not a calibration directory"):
         load_calibration(tmp_path)
     fitted.save(tmp_path / "cal")
-    (tmp_path / "cal" / "parameters.safetensors").write_bytes(b"garbage")
+    (artifact_dir(tmp_path / "cal") / "parameters.safetensors").write_bytes(b"garbage")
     with pytest.raises(ArtifactError, match="is not a readable safetensors file"):
         load_calibration(tmp_path / "cal")
 

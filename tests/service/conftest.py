@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +29,7 @@ from PIL import Image
 
 from calib.bank import write_bank
 from calib.disalign import DisAlign
+from calib.publish import ARTIFACT_FILES, artifact_dir, publish
 from service.main import create_app
 from service.settings import Settings
 from tests.conftest import REPO, SHARED
@@ -111,12 +111,10 @@ def artifacts(tmp_path_factory, fingerprint: str, class_names: list[str]) -> Art
 
 
 def install(source: Path, target: Path) -> None:
-    """Replace the calibration directory ``target`` with a copy of ``source`` (what an operator does before a reload)."""
-    staging = target.with_name(target.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
+    """Publish the artifact of ``source`` as the new version of calibration directory ``target`` (what ``disalign fit
+    --out target`` does before a reload)."""
+    files = artifact_dir(source)
+    publish(target, {name: (files / name).read_bytes() for name in ARTIFACT_FILES})
 
 
 @pytest.fixture
@@ -129,7 +127,7 @@ def calibration_dir(tmp_path, artifacts: Artifacts) -> Path:
 
 def make_settings(calibration: Path, **overrides) -> Settings:
     values = {"model": str(MODEL), "card": CARD, "calibration": calibration, "admin_token": ADMIN_TOKEN,
-              "torch_threads": 1, **overrides}
+              "torch_threads": 1, "watch_interval_s": 0, **overrides}  # tests of the watcher turn it on
     return Settings(**values)
 
 
@@ -184,20 +182,21 @@ class ServerProcess:
         return self.process.returncode
 
 
-def server_command(calibration: Path, *extra: str, entry: str = "service") -> list[str]:
+def server_command(calibration: Path, *extra: str, entry: str = "service", card: Path | None = CARD) -> list[str]:
     prefix = [sys.executable, "-m", "service"] if entry == "service" else [sys.executable, "-m", "calib.cli", "serve"]
-    return [*prefix, "--model", str(MODEL), "--card", str(CARD), "--calibration", str(calibration),
+    return [*prefix, "--model", str(MODEL), *(["--card", str(card)] if card else []), "--calibration", str(calibration),
             "--host", "127.0.0.1", *extra]
 
 
 def start_server(calibration: Path, log: Path, *extra: str, env: dict | None = None, entry: str = "service",
-                 deadline_s: float = 60.0) -> ServerProcess:
+                 deadline_s: float = 60.0, card: Path | None = CARD, wrapper: tuple[str, ...] = ()) -> ServerProcess:
     """Start the server on a free loopback port and wait (bounded) until /v2/health/ready answers 200."""
-    environment = {**os.environ, "DISALIGN_ADMIN_TOKEN": ADMIN_TOKEN, "DISALIGN_TORCH_THREADS": "1", **(env or {})}
+    environment = {**os.environ, "DISALIGN_ADMIN_TOKEN": ADMIN_TOKEN, "DISALIGN_TORCH_THREADS": "1",
+                   "DISALIGN_WATCH_INTERVAL_S": "0", **(env or {})}  # tests of the watcher turn it on
     for _attempt in range(3):  # the free port may be taken between probing and binding
         port = free_port()
         with open(log, "wb") as fh:
-            process = subprocess.Popen([*server_command(calibration, "--port", str(port), *extra, entry=entry)],
+            process = subprocess.Popen([*wrapper, *server_command(calibration, "--port", str(port), *extra, entry=entry, card=card)],
                                        stdout=fh, stderr=subprocess.STDOUT, env=environment, cwd=REPO)
         server = ServerProcess(process, f"http://127.0.0.1:{port}", log)
         if wait_ready(server, deadline_s):

@@ -14,6 +14,7 @@ from PIL import Image
 
 from calib.errors import ArtifactError
 from calib.methods import load_calibration
+from calib.publish import artifact_dir
 from feature_extract.models import load_model
 from feature_extract.preprocess import Preprocessing, clean_view, decode_image, normalize
 from service.main import create_app
@@ -280,17 +281,17 @@ def test_reload_swaps_to_the_new_calibration(fresh_client: TestClient, calibrati
     [
         ("wrong_k", 409, "the calibration has K=5 classes but the served model 'disalign' has K=10"),
         ("wrong_fingerprint", 409, "was fitted for model sha256:000000000000"),
-        ("corrupt", 422, "is not valid calibration metadata"),
-        ("missing", 422, "is not a calibration directory"),
+        ("corrupt", 422, "calibration.json is not valid JSON"),
+        ("missing", 422, "parameters.safetensors is missing"),
     ],
 )
 def test_a_bad_reload_keeps_the_old_calibration(fresh_client: TestClient, calibration_dir: Path, artifacts: Artifacts,
                                                 artifact: str, status: int, match: str):
     before = fresh_client.post("/calibrate", json={"rows": [row()]}).json()
     if artifact == "corrupt":
-        (calibration_dir / "calibration.json").write_text("{not json")
+        (artifact_dir(calibration_dir) / "calibration.json").write_text("{not json")
     elif artifact == "missing":
-        (calibration_dir / "parameters.safetensors").unlink()
+        (artifact_dir(calibration_dir) / "parameters.safetensors").unlink()
     else:
         install(getattr(artifacts, artifact), calibration_dir)
     assert_error(fresh_client.post("/admin/reload", headers=AUTH), status, match)
