@@ -69,14 +69,18 @@ def buildah(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def image() -> Iterator[dict]:
-    """The image's Docker config (Entrypoint, User, Healthcheck, …), built once for the module."""
-    result = subprocess.run([sys.executable, str(BUILD_SCRIPT), "--tag", TAG], capture_output=True, text=True, timeout=1800)
-    if result.returncode == UNREACHABLE:
-        pytest.skip(result.stderr.strip().splitlines()[-1])
-    assert result.returncode == 0, result.stderr[-4000:]
-    print(f"\nimage built: {result.stdout.strip().splitlines()[-1]}")
-    yield json.loads(buildah("inspect", "--type", "image", TAG))["Docker"]["config"]
-    subprocess.run(["buildah", "rmi", "--force", TAG], capture_output=True)  # and its containers; the base stays
+    """The image's Docker config (Entrypoint, User, Healthcheck, …), built once for the module; or an image
+    already built by deploy/build_image.py, named by $DISALIGN_TEST_IMAGE (to iterate on the checks)."""
+    given = os.environ.get("DISALIGN_TEST_IMAGE")
+    if not given:
+        result = subprocess.run([sys.executable, str(BUILD_SCRIPT), "--tag", TAG], capture_output=True, text=True, timeout=1800)
+        if result.returncode == UNREACHABLE:
+            pytest.skip(result.stderr.strip().splitlines()[-1])
+        assert result.returncode == 0, result.stderr[-4000:]
+        print(f"\nimage built: {result.stdout.strip().splitlines()[-1]}")
+    yield {**json.loads(buildah("inspect", "--type", "image", given or TAG))["Docker"]["config"], "Name": given or TAG}
+    if not given:
+        subprocess.run(["buildah", "rmi", "--force", TAG], capture_output=True)  # and its containers; the base stays
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +124,7 @@ def containers(image: dict) -> Iterator[dict[str, str]]:
     """One working container of the image per compose service (as `docker compose` makes them)."""
     names = {service: f"disalign-test-{service}-{os.getpid()}" for service in ("api", "fit")}
     for name in names.values():
-        buildah("from", "--name", name, TAG)
+        buildah("from", "--name", name, image["Name"])
     yield names
     for name in names.values():
         subprocess.run(["buildah", "rm", name], capture_output=True)
@@ -171,7 +175,8 @@ def predict(url: str, jpeg: Path) -> dict:
 
 def test_serves_as_the_image_user(api: ServerProcess, image: dict):
     assert image["User"] == f"{IMAGE_UID}:{IMAGE_UID}"
-    servers = [p for p in psutil.Process(api.process.pid).children(recursive=True) if "serve" in p.cmdline() and "python" in p.name()]
+    # buildah run → buildah-chroot-runtime → buildah-chroot-exec → /opt/venv/bin/python3 /opt/venv/bin/disalign serve …
+    servers = [p for p in psutil.Process(api.process.pid).children(recursive=True) if p.cmdline()[:1] == ["/opt/venv/bin/python3"]]
     assert servers and all(p.uids().real == IMAGE_UID and p.gids().real == IMAGE_UID for p in servers)
 
 
