@@ -167,6 +167,9 @@ def build(args: argparse.Namespace) -> dict:
     torch = local_cpu_torch(pip) if args.torch_version == "auto" else args.torch_version
     if torch is not None:
         build_args += [f"TORCH_VERSION={torch}", "TORCH_INDEX_URL=", "TORCHVISION_VERSION="]
+    else:  # the Dockerfile's pin, from its torch index
+        (index,) = re.findall(r"^ARG TORCH_INDEX_URL=(\S+)$", (REPO / "Dockerfile").read_text(), flags=re.MULTILINE)
+        check_reachable(f"{index}/torch/", "the torch wheel index")
     argv = ["buildah", "bud", "--isolation", "chroot", "--format", "docker", "--tag", args.tag, "--file", str(REPO / "Dockerfile")]
     argv += ["--layers"] if args.layers else []
     for value in build_args:

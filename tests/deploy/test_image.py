@@ -1,4 +1,5 @@
-"""The image, built and run for real without a Docker engine (slow, ~6–10 min on 2 cores from nothing).
+"""The image, built and run for real without a Docker engine (slow: 13 min from nothing on 2 loaded cores,
+6 min with the debootstrap base already built; docs/results.md).
 
 deploy/build_image.py builds it once per session with buildah on a debootstrap base; every check then runs
 it with ``buildah run --isolation chroot`` the way compose would: the user, bind mounts, secret, tmpfs and
