@@ -21,11 +21,11 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from calib.bank import load_bank
-from calib.cli import main
 from calib.disalign import DisAlign
 from calib.errors import DisalignError
 from calib.methods import load_calibration
 from calib.publish import METADATA_FILE, PARAMETERS_FILE, artifact_dir, publish
+from disalign.cli import main
 from feature_extract.preprocess import Preprocessing
 from service.main import create_app
 from tests.service.conftest import (
