@@ -21,7 +21,7 @@ from pathlib import Path
 from calib.defaults import FEW_BELOW, MANY_ABOVE
 from calib.errors import DisalignError, InputError
 
-ALL_METHODS = ("joint", "disalign", "logit-adjust", "tau-norm", "lws", "crt", "ncm")
+ALL_METHODS = ("joint", "disalign", "logit-adjust", "tau-norm", "lws", "crt", "ncm", "tde")
 
 
 def parse_bytes(text: str) -> int:

@@ -1,9 +1,14 @@
-"""Shared pieces of the baselines: the hyper-parameter contract, clean-view rows, validation scoring.
+"""Shared pieces of the baselines: the hyper-parameter contract, clean-view rows, validation scoring,
+the untouched background column.
 
 Every baseline lists its ``__init__`` keyword hyper-parameters in ``hyperparameter_names``; ``get_params``
 returns exactly those (JSON-able), so ``Calibrator.load`` can rebuild the estimator with ``cls(**hp)``.
 Validation-based choices (τ of logit adjustment and τ-norm) score the clean view (``view == 0``) of the
 labelled validation rows: best mean-class accuracy, ties broken by lower NLL, then by grid order.
+
+Banks with a background column (RoI banks, ``background_index`` set) get every baseline on the foreground
+columns only: the background logit is the stage-1 one, as DisAlign leaves it (:func:`keep_background`),
+and priors are foreground priors (the background count, 0 by convention, is not a class frequency).
 """
 
 from __future__ import annotations
@@ -35,6 +40,18 @@ def clean_labelled(bank: Bank, role: str) -> tuple[torch.Tensor, torch.Tensor, t
     if not bool(keep.any()):
         raise InputError(f"{role} bank {bank.info.path} has no labelled rows in its clean view (view 0).")
     return bank.features[keep].float(), bank.logits[keep], bank.labels[keep]
+
+
+def keep_background(calibrated: torch.Tensor, logits: torch.Tensor, background_index: int | None) -> torch.Tensor:
+    """``calibrated`` (N, K) with its background column replaced by the stage-1 ``logits`` (N, K) one.
+
+    Returns ``calibrated`` itself when there is no background column (``background_index`` None).
+    """
+    if background_index is None:
+        return calibrated
+    keep = torch.zeros(calibrated.shape[1], dtype=torch.bool)
+    keep[background_index] = True
+    return torch.where(keep, logits.to(calibrated.dtype), calibrated)
 
 
 def score(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

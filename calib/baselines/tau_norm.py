@@ -8,7 +8,8 @@ chooses τ on the validation bank from ``tau_grid`` (0, 0.1, …, 2 as the refer
 accuracy, ties → lower NLL); without a validation bank τ = 1. Features are stored as float16: all products
 are computed in float32. The fit report records ``logit_reconstruction_error``, max |x·Wᵀ + b − z| / max |z|
 over the first clean rows of the train bank: a large value means the stored weights do not produce the
-stored logits (e.g. a cosine classifier), and τ-norm results are then not comparable.
+stored logits (e.g. a cosine classifier), and τ-norm results are then not comparable. With a background
+column (RoI banks) only the foreground classifier is normalised: the background logit stays the stage-1 one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from calib.baselines.common import (
     check_grid,
     choose_on_val,
     clean_labelled,
+    keep_background,
     linear_grid,
     score,
 )
@@ -82,23 +84,26 @@ class TauNorm(Baseline):
                 features[:RECONSTRUCTION_ROWS], logits[:RECONSTRUCTION_ROWS], weight, train.classifier_bias
             )
         }
+        background = train.info.background_index
         if val is not None:
-            val_features, _, val_labels = clean_labelled(val, "val")
+            val_features, val_logits, val_labels = clean_labelled(val, "val")
+
+            def val_logits_for(t: float) -> torch.Tensor:
+                return keep_background(tau_norm_logits(val_features, tau_normalise(weight, t)), val_logits, background)
+
         if self.tau == "auto" and val is not None:
-            tau, curve = choose_on_val(
-                "tau", grid, lambda t: tau_norm_logits(val_features, tau_normalise(weight, t)), val_labels
-            )
+            tau, curve = choose_on_val("tau", grid, val_logits_for, val_labels)
             report["tau_curve"] = curve
         else:
             tau = DEFAULT_TAU if self.tau == "auto" else float(self.tau)
         report["tau"] = tau
         normalised = tau_normalise(weight, tau)
         if val is not None:
-            report["validation"] = score(tau_norm_logits(val_features, normalised), val_labels)
+            report["validation"] = score(val_logits_for(tau), val_labels)
         return {"weight": normalised, "tau": torch.tensor(tau)}, report
 
     def _predict_logits(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return tau_norm_logits(features, self.params_["weight"])
+        return keep_background(tau_norm_logits(features, self.params_["weight"]), logits, self.meta_.background_index)
 
     def _check_loaded_params(self) -> None:
         where = "tau-norm calibration"

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from calib.bank import load_bank, write_bank
-from calib.baselines import BASELINES, CRT, LWS, NCM, Joint, LogitAdjustment, TauNorm
+from calib.baselines import BASELINES, CRT, LWS, NCM, TDE, Joint, LogitAdjustment, TauNorm
 from calib.baselines.ncm import ABSENT_LOGIT
 from calib.errors import ArtifactError, InputError, NotFittedError
 from calib.estimator import PARAMETERS_FILE
@@ -38,7 +38,7 @@ def fitted(long_tailed_banks):
 
 
 def test_all_baselines_are_registered():
-    assert set(BASELINES) == {"joint", "logit-adjust", "tau-norm", "lws", "crt", "ncm"}
+    assert set(BASELINES) == {"joint", "logit-adjust", "tau-norm", "lws", "crt", "ncm", "tde"}
     assert all(METHODS[name] is cls for name, cls in BASELINES.items())
 
 
@@ -138,7 +138,7 @@ def test_ncm_temperature_minimises_validation_nll(long_tailed_banks, fitted):
 
 
 # -- learned baselines ----------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["logit-adjust", "tau-norm", "lws", "crt", "ncm"])
+@pytest.mark.parametrize("name", ["logit-adjust", "tau-norm", "lws", "crt", "ncm", "tde"])
 def test_baseline_improves_mean_class_accuracy_over_joint(long_tailed_banks, fitted, name):
     b = long_tailed_banks
     joint = mca_of(fitted["joint"], b.test)
@@ -161,8 +161,25 @@ def test_lws_and_crt_are_seeded(long_tailed_banks):
 
 
 def test_recipes_default_to_classifier_balancing():
-    assert LWS().get_params() == {"epochs": 5, "batch_size": 512, "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4, "seed": 0}
-    assert CRT().get_params()["epochs"] == 10 and CRT().recipe.sampling == "class-balanced"
+    assert LWS().get_params() == {"epochs": 5, "batch_size": 512, "lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4,
+                                  "samples_per_class": 4, "epoch_size": "sampler", "max_steps": None, "seed": 0}
+    assert CRT().get_params()["epochs"] == 10
+
+
+def test_epoch_plan_is_the_samplers_length_or_the_datasets_full_batches_capped_by_max_steps():
+    # ImageNet-LT: 115,846 images, max_j n_j = 1,280, 1,000 classes
+    assert CRT().epoch_plan(115_846, 1_280_000) == (1_280_000, 2_500)
+    assert CRT(epoch_size="dataset").epoch_plan(115_846, 1_280_000) == (226 * 512, 226)  # int(N / batch), run_networks.py
+    assert CRT(max_steps=1_000).epoch_plan(115_846, 1_280_000) == (100 * 512, 100)  # every epoch shortened alike
+    assert CRT(max_steps=30_000).epoch_plan(115_846, 1_280_000) == (1_280_000, 2_500)  # under the cap: untouched
+    assert LWS(epoch_size="dataset").epoch_plan(100, 40) == (512, 1)  # fewer images than a batch: one batch
+
+
+def test_lws_trains_the_sampler_length_with_an_epoch_wise_cosine(long_tailed_banks):
+    b = long_tailed_banks  # 7 classes, the largest has 400 images: 2,800 draws per epoch, 6 batches of 512
+    report = LWS(epochs=4).fit(b.train).meta_.report
+    assert report["sampler_length"] == report["draws_per_epoch"] == 2_800 and report["steps_per_epoch"] == 6
+    assert report["epoch_lr"] == pytest.approx([0.2 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)])
 
 
 # -- artifacts ------------------------------------------------------------------------------------
@@ -208,8 +225,12 @@ def test_use_before_fit_is_a_clear_error(name, tmp_path):
         (TauNorm(tau=math.inf), r"tau should be a number >= 0 or 'auto', found inf\."),
         (NCM(temperature=0), r"temperature should be a number > 0 or 'auto', found 0\."),
         (NCM(temperature=-2.0), r"temperature should be a number > 0 or 'auto', found -2.0\."),
-        (LWS(epochs=0), r"epochs should be >= 1, found 0\."),
+        (LWS(epochs=0), r"epochs should be an integer >= 1, found 0\."),
         (CRT(lr=0), r"lr should be > 0, found 0\."),
+        (CRT(epoch_size="all"), r"epoch_size should be one of sampler, dataset, found 'all'\."),
+        (LWS(max_steps=0), r"max_steps should be an integer >= 1 or None, found 0\."),
+        (LWS(samples_per_class=2.5), r"samples_per_class should be an integer >= 1, found 2\.5\."),
+        (TDE(alpha=-0.5), r"alpha should be a number >= 0 or 'auto', found -0\.5\."),
     ],
 )
 def test_bad_hyperparameters_are_named(long_tailed_banks, est, message):
