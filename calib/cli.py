@@ -2,7 +2,7 @@
 
     disalign fit TRAIN.h5 [--val VAL.h5] [--rho FLOAT|auto] [--epochs N] [--method disalign|…] --out CALIB_DIR
     disalign eval TEST.h5 --calibration CALIB_DIR [--train TRAIN.h5] [--val VAL.h5]
-                  [--methods joint,disalign,logit-adjust,tau-norm,lws,crt,ncm] [--json OUT] [--plots DIR]
+                  [--methods joint,disalign,logit-adjust,tau-norm,lws,crt,ncm,tde] [--max-steps N] [--json OUT] [--plots DIR]
     disalign extract …   (feature_extract.cli)
     disalign serve …     (service.cli)
 
@@ -22,6 +22,7 @@ from calib.defaults import FEW_BELOW, MANY_ABOVE
 from calib.errors import DisalignError, InputError
 
 ALL_METHODS = ("joint", "disalign", "logit-adjust", "tau-norm", "lws", "crt", "ncm", "tde")
+MAX_STEPS_HELP = "cap on the SGD steps of lws and crt (default: the full classifier-balancing recipe; epochs are shortened alike)"
 
 
 def parse_bytes(text: str) -> int:
@@ -67,6 +68,7 @@ def add_fit_parser(subparsers) -> None:
     p.add_argument("--no-margin", action="store_true", help="ablation: no margin term beta")
     p.add_argument("--no-grw", action="store_true", help="ablation: plain cross-entropy instead of GRW")
     p.add_argument("--max-memory", type=parse_bytes, help="stream the training bank when its rows exceed this (e.g. 512M)")
+    p.add_argument("--max-steps", type=int, help=MAX_STEPS_HELP)
     p.add_argument("--out", type=Path, required=True, help="calibration directory to write")
     p.set_defaults(func=run_fit)
 
@@ -82,7 +84,8 @@ def run_fit(args: argparse.Namespace) -> int:
         estimator.fit(args.train, val=args.val, max_memory=args.max_memory)
     else:
         accepted = cls().get_params()
-        kwargs = {name: value for name, value in (("epochs", args.epochs), ("seed", args.seed)) if name in accepted and value is not None}
+        kwargs = {name: value for name, value in (("epochs", args.epochs), ("seed", args.seed), ("max_steps", args.max_steps))
+                  if name in accepted and value is not None}
         estimator = cls(**kwargs).fit(args.train, val=args.val)
     estimator.save(args.out)
     report = estimator.meta_.report
@@ -103,6 +106,7 @@ def add_eval_parser(subparsers) -> None:
                    help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all with --train, else joint + the calibration)")
     p.add_argument("--many-above", type=int, default=MANY_ABOVE, help="'many' classes have more training samples than this")
     p.add_argument("--few-below", type=int, default=FEW_BELOW, help="'few' classes have fewer training samples than this")
+    p.add_argument("--max-steps", type=int, help=MAX_STEPS_HELP)
     p.add_argument("--json", type=Path, help="write the report as JSON here")
     p.add_argument("--plots", type=Path, help="write PNG plots into this directory")
     p.set_defaults(func=run_eval)
@@ -112,8 +116,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from calib.evaluate import evaluate_methods, format_table
 
     calibration, test, train, val = load_eval_banks(args.calibration, args.test, args.train, args.val)
-    estimators, class_counts = eval_estimators(args.methods, calibration, train, val, test, all_with_train=True)
-    report = evaluate_methods(test, estimators, class_counts=class_counts, many_above=args.many_above, few_below=args.few_below)
+    estimators, class_counts = eval_estimators(args.methods, calibration, train, val, test, all_with_train=True, max_steps=args.max_steps)
+    report = evaluate_methods(test, estimators, class_counts=class_counts, many_above=args.many_above, few_below=args.few_below, val=val)
     print(format_table(report))
     write_report(report, calibration, json_path=args.json, plots_dir=args.plots)
     return 0
@@ -137,7 +141,7 @@ def load_eval_banks(calibration_dir: Path, test_path: Path, train_path: Path | N
     return calibration, test, train, val
 
 
-def eval_estimators(methods: str | None, calibration, train, val, test, *, all_with_train: bool):
+def eval_estimators(methods: str | None, calibration, train, val, test, *, all_with_train: bool, max_steps: int | None = None):
     """The estimators named in ``--methods`` (default: every method when ``all_with_train`` and a training
     bank is given, else joint + the calibration), fitted, and the training class counts → (estimators, counts)."""
     import numpy as np
@@ -153,7 +157,7 @@ def eval_estimators(methods: str | None, calibration, train, val, test, *, all_w
     if to_fit and train is None:
         raise InputError(f"--train is needed to fit {', '.join(to_fit)}; pass the training bank or drop them from --methods.")
     # joint learns nothing, so without a training bank it is "fitted" on the test bank's header only.
-    fitted = fit_baselines([m for m in names if m != calibration.method], train if train is not None else test, val)
+    fitted = fit_baselines([m for m in names if m != calibration.method], train if train is not None else test, val, max_steps=max_steps)
     fitted[calibration.method] = calibration
     counts = calibration.meta_.class_counts if calibration.meta_.class_counts is not None else test.training_class_counts()
     return {name: fitted[name] for name in names}, np.asarray(counts)
