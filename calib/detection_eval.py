@@ -266,7 +266,8 @@ def lvis_ap(coco: dict, results: list[dict], *, iou_type: str = "bbox", max_dete
         with _lvis_compatible():
             from lvis import LVIS, LVISEval, LVISResults
     except ImportError as exc:
-        raise InputError("LVIS annotations need the lvis package for AP; install it with pip install lvis.") from exc
+        raise InputError(f"LVIS annotations need the lvis package for AP, which did not import ({exc}); "
+                         "install it with pip install lvis (it imports opencv-python).") from exc
 
     class InMemoryLVIS(LVIS):
         def _load_json(self, annotations):  # the annotations are already parsed
