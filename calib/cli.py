@@ -141,6 +141,20 @@ def load_eval_banks(calibration_dir: Path, test_path: Path, train_path: Path | N
     return calibration, test, train, val
 
 
+def method_names(methods: str | None, calibration_method: str, *, has_train: bool, all_with_train: bool = True) -> list[str]:
+    """The methods of ``--methods`` (default: every method when ``all_with_train`` and a training bank is
+    given, else joint + the calibration), checked: known names, and a training bank for the baselines."""
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else (
+        list(ALL_METHODS) if all_with_train and has_train else ["joint", calibration_method])
+    unknown = [m for m in names if m not in ALL_METHODS]
+    if unknown:
+        raise InputError(f"--methods should be a subset of {','.join(ALL_METHODS)}, found {','.join(unknown)}.")
+    to_fit = [m for m in names if m not in ("joint", calibration_method)]
+    if to_fit and not has_train:
+        raise InputError(f"--train is needed to fit {', '.join(to_fit)}; pass the training bank or drop them from --methods.")
+    return names
+
+
 def eval_estimators(methods: str | None, calibration, train, val, test, *, all_with_train: bool, max_steps: int | None = None):
     """The estimators named in ``--methods`` (default: every method when ``all_with_train`` and a training
     bank is given, else joint + the calibration), fitted, and the training class counts → (estimators, counts)."""
@@ -148,14 +162,7 @@ def eval_estimators(methods: str | None, calibration, train, val, test, *, all_w
 
     from calib.evaluate import fit_baselines
 
-    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else (
-        list(ALL_METHODS) if all_with_train and train is not None else ["joint", calibration.method])
-    unknown = [m for m in names if m not in ALL_METHODS]
-    if unknown:
-        raise InputError(f"--methods should be a subset of {','.join(ALL_METHODS)}, found {','.join(unknown)}.")
-    to_fit = [m for m in names if m not in ("joint", calibration.method)]
-    if to_fit and train is None:
-        raise InputError(f"--train is needed to fit {', '.join(to_fit)}; pass the training bank or drop them from --methods.")
+    names = method_names(methods, calibration.method, has_train=train is not None, all_with_train=all_with_train)
     # joint learns nothing, so without a training bank it is "fitted" on the test bank's header only.
     fitted = fit_baselines([m for m in names if m != calibration.method], train if train is not None else test, val, max_steps=max_steps)
     fitted[calibration.method] = calibration

@@ -25,6 +25,7 @@ from calib.cli import (
     MAX_STEPS_HELP,
     eval_estimators,
     load_eval_banks,
+    method_names,
     write_report,
     write_text_atomic,
 )
@@ -116,14 +117,8 @@ def detection_heads(methods: str | None, calibration, train_path: Path | None, v
 
     train = load_bank(train_path) if train_path else None
     val = load_bank(val_path) if val_path else None
-    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else (
-        list(ALL_METHODS) if train is not None else ["joint", calibration.method])
-    unknown = [m for m in names if m not in ALL_METHODS]
-    if unknown:
-        raise InputError(f"--methods should be a subset of {','.join(ALL_METHODS)}, found {','.join(unknown)}.")
+    names = method_names(methods, calibration.method, has_train=train is not None)
     to_fit = [m for m in names if m not in ("joint", calibration.method)]
-    if to_fit and train is None:
-        raise InputError(f"--train is needed to fit {', '.join(to_fit)}; pass the training RoI bank or drop them from --methods.")
     if train is not None:
         calibration.check_compatible(num_classes=train.num_classes, feature_dim=train.feature_dim,
                                      model_fingerprint=train.info.model_fingerprint, source=f"train bank {train_path}")

@@ -83,6 +83,35 @@ def choose_on_val(
     return best, curve
 
 
+def settle(name: str, setting: float | str, grid: Sequence[float], default: float, report: dict[str, Any],
+           val: tuple[Callable[[float], torch.Tensor], torch.Tensor] | None) -> float:
+    """The value of a hyper-parameter that is a number or "auto", recorded in ``report``.
+
+    ``val = (logits_for, labels)``: validation logits (M, K) of a value, and the labels (M,). "auto" with
+    ``val`` chooses on the grid (:func:`choose_on_val`; the curve goes to ``report[name + "_curve"]``),
+    "auto" without it is ``default``. With ``val`` the validation metrics of the value go to
+    ``report["validation"]``.
+    """
+    if setting == "auto" and val is not None:
+        value, report[f"{name}_curve"] = choose_on_val(name, grid, *val)
+    else:
+        value = default if setting == "auto" else float(setting)
+    report[name] = value
+    if val is not None:
+        report["validation"] = score(val[0](value), val[1])
+    return value
+
+
+def stage1_weight(train: Bank, method: str) -> torch.Tensor:
+    """The stage-1 classifier weight (K, d) float32 of the train bank, which ``method`` needs."""
+    if train.classifier_weight is None:
+        raise InputError(
+            f"train bank {train.info.path} has no classifier weights (dataset 'classifier/weight'), which {method} needs; "
+            "re-extract the bank with a model whose final linear layer is reachable."
+        )
+    return train.classifier_weight.to(torch.float32)
+
+
 def check_choice(field: str, value: float | str, *, low: float = 0.0, strict: bool = False) -> None:
     """A hyper-parameter that is the string "auto" or a finite number >= ``low`` (> ``low`` if ``strict``)."""
     bound = f"> {low:g}" if strict else f">= {low:g}"

@@ -27,10 +27,10 @@ from calib.baselines.common import (
     Baseline,
     check_choice,
     check_grid,
-    choose_on_val,
     clean_labelled,
     linear_grid,
     score,
+    settle,
 )
 from calib.estimator import require_shape
 
@@ -92,16 +92,11 @@ class LogitAdjustment(Baseline):
         grid = check_grid("tau_grid", self.tau_grid)
         log_prior = log_priors(train.training_class_counts(), train.info.background_index)
         report: dict[str, Any] = {}
+        on_val = None
         if val is not None:
             _, val_logits, val_labels = clean_labelled(val, "val")
-        if self.tau == "auto" and val is not None:
-            tau, curve = choose_on_val("tau", grid, lambda t: adjust_logits(val_logits, log_prior, t), val_labels)
-            report["tau_curve"] = curve
-        else:
-            tau = DEFAULT_TAU if self.tau == "auto" else float(self.tau)
-        report["tau"] = tau
-        if val is not None:
-            report["validation"] = score(adjust_logits(val_logits, log_prior, tau), val_labels)
+            on_val = (lambda t: adjust_logits(val_logits, log_prior, t), val_labels)
+        tau = settle("tau", self.tau, grid, DEFAULT_TAU, report, on_val)
         return {"log_prior": log_prior, "tau": torch.tensor(tau)}, report
 
     def _predict_logits(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

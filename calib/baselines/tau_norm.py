@@ -23,13 +23,12 @@ from calib.baselines.common import (
     Baseline,
     check_choice,
     check_grid,
-    choose_on_val,
     clean_labelled,
     keep_background,
     linear_grid,
-    score,
+    settle,
+    stage1_weight,
 )
-from calib.errors import InputError
 from calib.estimator import require_shape
 
 DEFAULT_TAU = 1.0
@@ -71,13 +70,7 @@ class TauNorm(Baseline):
     def _fit(self, train: Bank, val: Bank | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         check_choice("tau", self.tau)
         grid = check_grid("tau_grid", self.tau_grid)
-        weight = train.classifier_weight
-        if weight is None:
-            raise InputError(
-                f"train bank {train.info.path} has no classifier weights (dataset 'classifier/weight'), which tau-norm needs; "
-                "re-extract the bank with a model whose final linear layer is reachable."
-            )
-        weight = weight.to(torch.float32)
+        weight = stage1_weight(train, "tau-norm")
         features, logits, _ = clean_labelled(train, "train")
         report: dict[str, Any] = {
             "logit_reconstruction_error": reconstruction_error(
@@ -85,22 +78,13 @@ class TauNorm(Baseline):
             )
         }
         background = train.info.background_index
+        on_val = None
         if val is not None:
             val_features, val_logits, val_labels = clean_labelled(val, "val")
-
-            def val_logits_for(t: float) -> torch.Tensor:
-                return keep_background(tau_norm_logits(val_features, tau_normalise(weight, t)), val_logits, background)
-
-        if self.tau == "auto" and val is not None:
-            tau, curve = choose_on_val("tau", grid, val_logits_for, val_labels)
-            report["tau_curve"] = curve
-        else:
-            tau = DEFAULT_TAU if self.tau == "auto" else float(self.tau)
-        report["tau"] = tau
-        normalised = tau_normalise(weight, tau)
-        if val is not None:
-            report["validation"] = score(val_logits_for(tau), val_labels)
-        return {"weight": normalised, "tau": torch.tensor(tau)}, report
+            on_val = (lambda t: keep_background(tau_norm_logits(val_features, tau_normalise(weight, t)), val_logits, background),
+                      val_labels)
+        tau = settle("tau", self.tau, grid, DEFAULT_TAU, report, on_val)
+        return {"weight": tau_normalise(weight, tau), "tau": torch.tensor(tau)}, report
 
     def _predict_logits(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return keep_background(tau_norm_logits(features, self.params_["weight"]), logits, self.meta_.background_index)

@@ -40,10 +40,10 @@ from calib.baselines.common import (
     Baseline,
     check_choice,
     check_grid,
-    choose_on_val,
     clean_labelled,
     linear_grid,
-    score,
+    settle,
+    stage1_weight,
 )
 from calib.errors import InputError
 from calib.estimator import require_shape
@@ -81,12 +81,7 @@ class TDE(Baseline):
     def _fit(self, train: Bank, val: Bank | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         check_choice("alpha", self.alpha)
         grid = check_grid("alpha_grid", self.alpha_grid)
-        weight = train.classifier_weight
-        if weight is None:
-            raise InputError(
-                f"train bank {train.info.path} has no classifier weights (dataset 'classifier/weight'), which tde needs; "
-                "re-extract the bank with a model whose final linear layer is reachable."
-            )
+        weight = stage1_weight(train, "tde")
         background = train.info.background_index
         features, _, labels = clean_labelled(train, "train")
         if background is not None:
@@ -97,22 +92,13 @@ class TDE(Baseline):
         if float(mean.norm()) == 0.0:
             raise InputError(f"train bank {train.info.path}: the mean training feature is zero, so tde has no direction.")
         direction = mean / mean.norm()
-        class_effect = weight.to(torch.float32) @ direction  # (K,) W d̂
+        class_effect = weight @ direction  # (K,) W d̂
         report: dict[str, Any] = {}
+        on_val = None
         if val is not None:
             val_features, val_logits, val_labels = clean_labelled(val, "val")
-
-            def val_logits_for(a: float) -> torch.Tensor:
-                return tde_logits(val_features, val_logits, direction, class_effect, a, background)
-
-        if self.alpha == "auto" and val is not None:
-            alpha, curve = choose_on_val("alpha", grid, val_logits_for, val_labels)
-            report["alpha_curve"] = curve
-        else:
-            alpha = DEFAULT_ALPHA if self.alpha == "auto" else float(self.alpha)
-        report["alpha"] = alpha
-        if val is not None:
-            report["validation"] = score(val_logits_for(alpha), val_labels)
+            on_val = (lambda a: tde_logits(val_features, val_logits, direction, class_effect, a, background), val_labels)
+        alpha = settle("alpha", self.alpha, grid, DEFAULT_ALPHA, report, on_val)
         return {"direction": direction, "class_effect": class_effect, "alpha": torch.tensor(alpha)}, report
 
     def _predict_logits(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -249,7 +249,7 @@ def test_detector_runs_with_the_calibrated_head(tmp_path, capsys):
     assert [line.split()[0] for line in table[2:10]] == list(report["methods"])
     args = parser.parse_args(["eval-detection", "--weights", str(weights), "--card", str(card), "--calibration", str(tmp_path / "calib"),
                               "--annotations", str(coco_path), "--root", str(tmp_path), "--methods", "joint,lws"])
-    with pytest.raises(InputError, match=r"--train is needed to fit lws; pass the training RoI bank or drop them from --methods\."):
+    with pytest.raises(InputError, match=r"--train is needed to fit lws; pass the training bank or drop them from --methods\."):
         args.func(args)
 
 
