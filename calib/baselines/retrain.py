@@ -124,7 +124,8 @@ class _Retrained(Baseline):
                     group["lr"] = lr
                 rows = images.rows(sampler.draw(draws), generator)
                 for batch in rows.split(self.batch_size):
-                    loss = loss_fn(params, train.features[batch].float(), train.logits[batch], train.labels[batch])
+                    features = train.features[batch].float() if self.needs_features else None  # LWS reads logits only
+                    loss = loss_fn(params, features, train.logits[batch], train.labels[batch])
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
