@@ -51,7 +51,6 @@ from calib.metrics import (
 PREDICT_BLOCK_ROWS = 16384
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_LEVEL = 0.95
-BOOTSTRAP_CHUNK_ELEMENTS = 1 << 22  # resampled rows held at once (≈ 32 MB of int64 indices)
 COLUMNS = (  # (report key, header, kind)
     ("accuracy", "acc", "percent"),
     ("mean_class_accuracy", "mean-cls", "percent"),
@@ -95,7 +94,9 @@ def bootstrap_mean_class_accuracy(correct: torch.Tensor, labels: torch.Tensor, *
     for start, groups in zip(first, per_class, strict=True):
         n, bits = count[start : start + groups], patterns[1:, start : start + groups].T  # (P,), (P, M)
         size = int(n.sum())
-        if groups * 8 < size:  # a multinomial draw costs ~8 direct ones per pattern
+        # A multinomial draw costs ~8 direct ones per pattern; as there are at most 2^M patterns, the direct
+        # path only runs for classes of at most 8·2^M rows (its (B, size) draws stay small).
+        if groups * 8 < size:
             drawn = rng.multinomial(size, n / size, size=resamples)  # (B, P) rows drawn per pattern
         else:
             rows = np.repeat(np.arange(groups), n)  # the class's rows, as patterns
