@@ -2,7 +2,7 @@
 
     disalign fit TRAIN.h5 [--val VAL.h5] [--rho FLOAT|auto] [--epochs N] [--method disalign|…] --out CALIB_DIR
     disalign eval TEST.h5 --calibration CALIB_DIR [--train TRAIN.h5] [--val VAL.h5]
-                  [--methods joint,disalign,logit-adjust,tau-norm,lws,crt,ncm] [--json OUT|-] [--plots DIR]
+                  [--methods joint,disalign,logit-adjust,tau-norm,lws,crt,ncm,tde] [--max-steps N] [--json OUT|-] [--plots DIR]
     disalign predict BANK.h5 --calibration CALIB_DIR --out PRED.csv|.jsonl|.h5      (calib.predict_cli)
     disalign adapt UNLABELED.h5 --calibration CALIB_DIR [--out CALIB_DIR2] …             (calib.adapt_cli)
     disalign eval-segmentation … / eval-detection …                                   (calib.dense_cli)
@@ -38,7 +38,8 @@ from calib.cli_common import (
 from calib.defaults import FEW_BELOW, MANY_ABOVE
 from calib.errors import InputError
 
-ALL_METHODS = ("joint", "disalign", "logit-adjust", "tau-norm", "lws", "crt", "ncm")
+ALL_METHODS = ("joint", "disalign", "logit-adjust", "tau-norm", "lws", "crt", "ncm", "tde")
+MAX_STEPS_HELP = "cap on the SGD steps of lws and crt (default: the full classifier-balancing recipe; epochs are shortened alike)"
 
 
 def parse_rho(text: str) -> float | str:
@@ -64,6 +65,7 @@ HYPERPARAMETER_FLAGS = (
     ("--no-magnitude", "no_magnitude", "use_magnitude"),
     ("--no-margin", "no_margin", "use_margin"),
     ("--no-grw", "no_grw", "use_grw"),
+    ("--max-steps", "max_steps", "max_steps"),
 )
 
 
@@ -83,6 +85,7 @@ def add_fit_parser(subparsers) -> None:
     p.add_argument("--max-memory", type=parse_bytes, help="disalign: stream the training bank when its rows exceed this (e.g. 512M)")
     p.add_argument("--out", type=Path, required=True,
                    help="calibration directory: new, empty or holding a calibration (a new version is published in it)")
+    p.add_argument("--max-steps", type=int, help=MAX_STEPS_HELP)
     add_quiet_argument(p)
     p.set_defaults(func=run_fit)
 
@@ -91,7 +94,7 @@ def fit_hyperparameters(args: argparse.Namespace, cls) -> dict:
     """The hyper-parameters the user set on the command line; a flag the method does not have is refused."""
     accepted = cls().get_params()
     given = {flag: (name, getattr(args, dest)) for flag, dest, name in HYPERPARAMETER_FLAGS
-             if getattr(args, dest) not in (None, False)}
+             if getattr(args, dest) is not None and getattr(args, dest) is not False}  # 0 is a value, not "unset"
     refused = [flag for flag, (name, _) in given.items() if name not in accepted]
     if args.max_memory is not None and cls.method != "disalign":
         refused.append("--max-memory")
@@ -145,6 +148,7 @@ def add_eval_parser(subparsers) -> None:
                    help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all with --train, else joint + the calibration)")
     p.add_argument("--many-above", type=int, default=MANY_ABOVE, help="'many' classes have more training samples than this")
     p.add_argument("--few-below", type=int, default=FEW_BELOW, help="'few' classes have fewer training samples than this")
+    p.add_argument("--max-steps", type=int, help=MAX_STEPS_HELP)
     add_report_arguments(p, plots=True)
     add_target_prior_argument(p)
     p.set_defaults(func=run_eval)
@@ -176,9 +180,9 @@ def run_eval(args: argparse.Namespace) -> int:
     check_report_outputs(args)
     calibration, test, train, val = load_eval_banks(args.calibration, args.test, args.train, args.val)
     estimators, class_counts = eval_estimators(args.methods, calibration, train, val, test, all_with_train=True,
-                                               progress=not args.quiet)
+                                               progress=not args.quiet, max_steps=args.max_steps)
     estimators = with_target_prior(estimators, calibration, test, args.target_prior)
-    report = evaluate_methods(test, estimators, class_counts=class_counts, many_above=args.many_above, few_below=args.few_below)
+    report = evaluate_methods(test, estimators, class_counts=class_counts, many_above=args.many_above, few_below=args.few_below, val=val)
     report["class_names"] = list(test.info.class_names)
     report["provenance"] = provenance(args, calibration, {"test": test, "train": train, "val": val})
     print_table(format_table(report), args)
@@ -204,7 +208,21 @@ def load_eval_banks(calibration_dir: Path, test_path: Path, train_path: Path | N
     return calibration, test, train, val
 
 
-def eval_estimators(methods: str | None, calibration, train, val, test, *, all_with_train: bool, progress: bool = False):
+def method_names(methods: str | None, calibration_method: str, *, has_train: bool, all_with_train: bool = True) -> list[str]:
+    """The methods of ``--methods`` (default: every method when ``all_with_train`` and a training bank is
+    given, else joint + the calibration), checked: known names, and a training bank for the baselines."""
+    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else (
+        list(ALL_METHODS) if all_with_train and has_train else ["joint", calibration_method])
+    unknown = [m for m in names if m not in ALL_METHODS]
+    if unknown:
+        raise InputError(f"--methods should be a subset of {','.join(ALL_METHODS)}, found {','.join(unknown)}.")
+    to_fit = [m for m in names if m not in ("joint", calibration_method)]
+    if to_fit and not has_train:
+        raise InputError(f"--train is needed to fit {', '.join(to_fit)}; pass the training bank or drop them from --methods.")
+    return names
+
+
+def eval_estimators(methods: str | None, calibration, train, val, test, *, all_with_train: bool, max_steps: int | None = None, progress: bool = False):
     """The estimators named in ``--methods`` (default: every method when ``all_with_train`` and a training
     bank is given, else joint + the calibration), fitted, and the training class counts → (estimators, counts)."""
     import numpy as np
@@ -212,21 +230,14 @@ def eval_estimators(methods: str | None, calibration, train, val, test, *, all_w
     from calib.evaluate import fit_baselines
     from calib.progress import progress_bar
 
-    names = [m.strip() for m in methods.split(",") if m.strip()] if methods else (
-        list(ALL_METHODS) if all_with_train and train is not None else ["joint", calibration.method])
-    unknown = [m for m in names if m not in ALL_METHODS]
-    if unknown:
-        raise InputError(f"--methods should be a subset of {','.join(ALL_METHODS)}, found {','.join(unknown)}.")
-    to_fit = [m for m in names if m not in ("joint", calibration.method)]
-    if to_fit and train is None:
-        raise InputError(f"--train is needed to fit {', '.join(to_fit)}; pass the training bank or drop them from --methods.")
+    names = method_names(methods, calibration.method, has_train=train is not None, all_with_train=all_with_train)
     # joint learns nothing, so without a training bank it is "fitted" on the test bank's header only.
     fitted = {}
     baselines = list(dict.fromkeys(m for m in names if m != calibration.method))
     with progress_bar(total=len(baselines), enabled=progress, desc="fitting", unit="method") as bar:
         for name in baselines:
             bar.set_description(f"fitting {name}")
-            fitted.update(fit_baselines([name], train if train is not None else test, val))
+            fitted.update(fit_baselines([name], train if train is not None else test, val, max_steps=max_steps))
             bar.update()
     fitted[calibration.method] = calibration
     counts = calibration.meta_.class_counts if calibration.meta_.class_counts is not None else test.training_class_counts()

@@ -4,6 +4,8 @@
 - head / body / tail (segmentation, the paper's Table 6): training pixel ratio > 1 %, 0.1..1 %, < 0.1 %.
 - the largest image decoded (``--max-pixels`` of ``extract`` and ``serve``): 25 Mpx, a 5000 x 5000 picture
   (75 MB as RGB); one default for both, so an image a bank was extracted from is one the server accepts.
+  For ADE20K the official class slices 0–19 / 20–74 / 75–149 (``GROUPINGS``: auto picks them when the
+  class statistics are ADE20K's, see ``calib.ade20k``).
 """
 
 MANY_ABOVE = 100
@@ -16,3 +18,4 @@ DEFAULT_MAX_PIXELS = 25_000_000
 PRIOR_CONCENTRATION = 10.0  # Dirichlet pseudo-counts in total, spread as the reference prior
 PRIOR_SIGNIFICANCE = 1e-3  # the likelihood-ratio test's level
 PRIOR_TOLERANCE = 0.005  # nats of log-likelihood gain per row that miscalibration may explain
+GROUPINGS = ("auto", "ade20k", "ratio")

@@ -1,10 +1,14 @@
 """Evaluation subcommands of the dense tasks, to be registered on the ``disalign`` parser:
 
     disalign eval-segmentation TEST.h5 --calibration CALIB --root DIR --list test.txt
-        [--train TRAIN.h5 [--val VAL.h5]] [--methods joint,disalign,…] [--head-above 0.01] [--tail-below 0.001]
-        [--json OUT|-] [--plots DIR] [--quiet]
+        [--train TRAIN.h5 [--val VAL.h5]] [--methods joint,disalign,…] [--groups auto|ade20k|ratio]
+        [--head-above 0.01] [--tail-below 0.001] [--max-steps N] [--json OUT|-] [--plots DIR] [--quiet]
     disalign eval-detection --model torchvision:fasterrcnn_… --weights W.pt --calibration CALIB
-        --annotations test.json --root DIR [--methods joint,disalign] [--json OUT|-] [--quiet]
+        --annotations test.json --root DIR [--train TRAIN.h5 [--val VAL.h5]] [--methods joint,disalign,…]
+        [--max-steps N] [--json OUT|-] [--quiet]
+
+With ``--train`` (the training RoI / pixel bank) every method runs by default — the baselines are fitted
+on it (τ / α / T on ``--val``) — so the table has a row per method; without it, joint and the calibration.
 
 ``add_parsers(subparsers)`` adds both. Each is a thin layer: argparse here, the work in
 :mod:`calib.segmentation` and :mod:`calib.detection_eval`.
@@ -18,16 +22,18 @@ from pathlib import Path
 
 from calib.cli import (
     ALL_METHODS,
+    MAX_STEPS_HELP,
     add_report_arguments,
     check_report_outputs,
     eval_estimators,
     load_eval_banks,
+    method_names,
     print_table,
     provenance,
     write_report,
 )
 from calib.cli_common import HelpFormatter, write_text_atomic
-from calib.defaults import HEAD_ABOVE, TAIL_BELOW
+from calib.defaults import GROUPINGS, HEAD_ABOVE, TAIL_BELOW
 from calib.errors import InputError
 
 
@@ -51,9 +57,13 @@ def add_segmentation_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--list", dest="list_file", type=Path, required=True, help="the 'image mask' list the test bank was extracted from")
     p.add_argument("--train", type=Path, help="training pixel bank: needed to fit baselines other than joint")
     p.add_argument("--val", type=Path, help="validation pixel bank for the baselines' tau")
-    p.add_argument("--methods", help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: joint + the calibration)")
+    p.add_argument("--methods", help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all with --train, else joint + the calibration)")
+    p.add_argument("--groups", choices=GROUPINGS, default="auto",
+                   help="head/body/tail: ADE20K's official class slices 0-19/20-74/75-149, training pixel ratio thresholds, "
+                        "or auto (the slices when the class statistics are ADE20K's)")
     p.add_argument("--head-above", type=_ratio, default=HEAD_ABOVE, help="head classes have a training pixel ratio above this")
     p.add_argument("--tail-below", type=_ratio, default=TAIL_BELOW, help="tail classes have a training pixel ratio below this")
+    p.add_argument("--max-steps", type=int, help=MAX_STEPS_HELP)
     add_report_arguments(p, plots=True)
     p.set_defaults(func=run_segmentation)
     return p
@@ -69,13 +79,14 @@ def run_segmentation(args: argparse.Namespace) -> int:
     images = test.info.preprocessing.get("images")
     if images is not None and images != len(pairs):
         raise InputError(f"--list {args.list_file} has {len(pairs)} image/mask pairs but the test bank was extracted from {images}.")
-    estimators, counts = eval_estimators(args.methods, calibration, train, val, test, all_with_train=False, progress=not args.quiet)
+    estimators, counts = eval_estimators(args.methods, calibration, train, val, test, all_with_train=True,
+                                         max_steps=args.max_steps, progress=not args.quiet)
     report = evaluate_segmentation(test, estimators, lambda i: read_mask(args.root / pairs[i][1], test.num_classes),
                                    class_counts=counts, head_above=args.head_above, tail_below=args.tail_below,
-                                   progress=not args.quiet)
+                                   groups=args.groups, progress=not args.quiet)
     report["class_names"] = list(test.info.class_names)
     report["provenance"] = provenance(args, calibration, {"test": test, "train": train, "val": val}, {"list": args.list_file})
-    print_table(format_segmentation_table(report) + "\ngroups (training pixel ratio): "
+    print_table(format_segmentation_table(report) + f"\ngroups ({report['grouping']}): "
                 + "; ".join(f"{g}: {len(c)} classes" for g, c in report["groups"].items()), args)
     write_report(report, calibration, json_path=args.json, plots_dir=args.plots, quiet=args.quiet)
     return 0
@@ -92,7 +103,10 @@ def add_detection_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calibration", type=Path, required=True, help="calibration directory fitted on the detector's RoI bank")
     p.add_argument("--annotations", type=Path, required=True, help="COCO / LVIS JSON of the test images (categories with 'frequency')")
     p.add_argument("--root", type=Path, required=True, help="directory the images' file_name are relative to")
-    p.add_argument("--methods", help="comma-separated subset of joint,<the calibration's method> (default: both)")
+    p.add_argument("--train", type=Path, help="training RoI bank: needed to fit the baselines")
+    p.add_argument("--val", type=Path, help="validation RoI bank: tunes the baselines' tau / alpha / temperature")
+    p.add_argument("--methods", help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: all with --train, else joint + the calibration)")
+    p.add_argument("--max-steps", type=int, help=MAX_STEPS_HELP)
     p.add_argument("--score-threshold", type=float, default=1e-4, help="detections below this score are dropped")
     p.add_argument("--detections-per-image", type=int, default=300, help="kept per image after NMS (LVIS: 300)")
     p.add_argument("--device", default="cpu", help="torch device of the detector")
@@ -102,8 +116,30 @@ def add_detection_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def detection_heads(methods: str | None, calibration, train_path: Path | None, val_path: Path | None,
+                    max_steps: int | None) -> dict:
+    """The box-classifier heads named in ``--methods`` → {name: calibrator, None for joint (the stage-1 head)};
+    the baselines fitted on the training RoI bank (default: every method with a training bank)."""
+    from calib.bank import load_bank
+    from calib.estimator import check_banks_agree
+    from calib.evaluate import fit_baselines
+
+    train = load_bank(train_path) if train_path else None
+    val = load_bank(val_path) if val_path else None
+    names = method_names(methods, calibration.method, has_train=train is not None)
+    to_fit = [m for m in names if m not in ("joint", calibration.method)]
+    if train is not None:
+        calibration.check_compatible(num_classes=train.num_classes, feature_dim=train.feature_dim,
+                                     model_fingerprint=train.info.model_fingerprint, source=f"train bank {train_path}")
+        if val is not None:
+            check_banks_agree(train.info, val.info, "val")
+    fitted = fit_baselines(to_fit, train, val, max_steps=max_steps) if to_fit else {}
+    fitted.update({"joint": None, calibration.method: calibration})
+    return {name: fitted[name] for name in names}
+
+
 def run_detection(args: argparse.Namespace) -> int:
-    from calib.detection_eval import coco_ap, detect, format_detection_table
+    from calib.detection_eval import detect, detection_ap, format_detection_table, is_lvis
     from calib.methods import load_calibration
     from feature_extract.detection import load_detector, read_coco, sorted_categories
 
@@ -111,22 +147,19 @@ def run_detection(args: argparse.Namespace) -> int:
     calibration = load_calibration(args.calibration)
     coco = read_coco(args.annotations)
     detector = load_detector(args.model, args.weights, card=args.card, categories=sorted_categories(coco), device=args.device)
-    names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else ["joint", calibration.method]
-    unknown = [m for m in names if m not in ("joint", calibration.method)]
-    if unknown:
-        raise InputError(f"--methods should be a subset of joint,{calibration.method} (the detector runs with each head), found {','.join(unknown)}.")
-    report: dict = {"methods": {}, "annotations": str(args.annotations), "score_threshold": args.score_threshold,
-                    "detections_per_image": args.detections_per_image,
+    heads = detection_heads(args.methods, calibration, args.train, args.val, args.max_steps)
+    report: dict = {"methods": {}, "annotations": str(args.annotations), "protocol": "lvis" if is_lvis(coco) else "coco",
+                    "score_threshold": args.score_threshold, "detections_per_image": args.detections_per_image,
                     "frequency": {g: [c["id"] for c in coco["categories"] if c.get("frequency") == g] for g in ("r", "c", "f")}}
     iou_types = ["bbox", "segm"] if detector.has_masks and any("segmentation" in a for a in coco["annotations"]) else ["bbox"]
-    heads = {name: calibration if name == calibration.method else None for name in names}
     results = detect(detector, coco, args.root, heads, batch_size=args.batch_size, score_threshold=args.score_threshold,
                      detections_per_image=args.detections_per_image, progress=not args.quiet)  # backbone and RPN once, the RoI heads per method
-    for name in names:
-        report["methods"][name] = {t: coco_ap(coco, results[name], iou_type=t, max_detections=args.detections_per_image)
+    for name in heads:
+        report["methods"][name] = {t: detection_ap(coco, results[name], iou_type=t, max_detections=args.detections_per_image)
                                    for t in iou_types}
     report["provenance"] = provenance(args, calibration, {}, {"annotations": args.annotations, "weights": args.weights})
-    print_table(format_detection_table(report), args)
+    print_table(format_detection_table(report)
+                + f"\nAP protocol: {report['protocol']} ({'lvis LVISEval' if report['protocol'] == 'lvis' else 'pycocotools COCOeval'})", args)
     if args.json:
         write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
     return 0

@@ -8,8 +8,11 @@ Conventions of mmsegmentation (and the DisAlign paper's Table 6):
     mIoU, mAcc  = means over the classes whose value is not NaN
     aAcc        = Σ_c conf[c, c] / Σ conf                                         (all-pixel accuracy)
 
-Head / body / tail groups are set on the *training* pixel ratio of each class: head > ``head_above``
-(1 % by default), tail < ``tail_below`` (0.1 %), body in between — the ADE20K split of the paper.
+Head / body / tail groups (:func:`class_groups`) are set on the *training* pixel ratio of each class:
+head > ``head_above`` (1 % by default), tail < ``tail_below`` (0.1 %), body in between — except for
+ADE20K, whose official split is the class slices 0–19 / 20–74 / 75–149 (:mod:`calib.ade20k`; thresholds
+on the renormalised ratios would move two classes): ``grouping="auto"`` uses the slices when the class
+statistics are ADE20K's, ``"ade20k"`` always (K must be 150), ``"ratio"`` never.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import math
 import numpy as np
 import torch
 
-from calib.defaults import HEAD_ABOVE, TAIL_BELOW  # noqa: F401  (re-exported)
+from calib import ade20k
+from calib.defaults import GROUPINGS, HEAD_ABOVE, TAIL_BELOW  # noqa: F401  (re-exported)
 from calib.errors import InputError
 
 IGNORE_INDEX = 255
@@ -75,6 +79,22 @@ def ratio_groups(pixel_ratios: np.ndarray | torch.Tensor, *, head_above: float =
     return {"head": head, "body": ~head & ~tail, "tail": tail}
 
 
+def class_groups(class_counts: np.ndarray | list[int], *, grouping: str = "auto", head_above: float = HEAD_ABOVE,
+                 tail_below: float = TAIL_BELOW) -> tuple[str, dict[str, torch.Tensor]]:
+    """(name of the grouping used, boolean masks (K,) of head / body / tail) for training counts (K,).
+
+    Names: ``"ade20k-official"`` (the index slices) or ``"pixel-ratio"`` (the thresholds).
+    """
+    if grouping not in GROUPINGS:
+        raise InputError(f"grouping should be one of {', '.join(GROUPINGS)}, found {grouping!r}.")
+    counts = np.asarray(class_counts).reshape(-1)
+    if grouping == "ade20k" and counts.size != ade20k.NUM_CLASSES:
+        raise InputError(f"the ADE20K groups need the {ade20k.NUM_CLASSES} ADE20K classes, found K={counts.size}.")
+    if grouping == "ade20k" or (grouping == "auto" and ade20k.has_ade20k_statistics(counts)):
+        return "ade20k-official", {name: torch.from_numpy(mask) for name, mask in ade20k.official_groups().items()}
+    return "pixel-ratio", ratio_groups(pixel_ratios(counts), head_above=head_above, tail_below=tail_below)
+
+
 def pixel_ratios(class_counts: np.ndarray | list[int]) -> np.ndarray:
     """Training pixel ratios (K,) float64 from per-class training pixel counts (K,)."""
     counts = np.asarray(class_counts, dtype=np.float64).reshape(-1)
@@ -84,11 +104,12 @@ def pixel_ratios(class_counts: np.ndarray | list[int]) -> np.ndarray:
 
 
 def segmentation_report(conf: torch.Tensor, ratios: np.ndarray, *, head_above: float = HEAD_ABOVE,
-                        tail_below: float = TAIL_BELOW) -> dict:
+                        tail_below: float = TAIL_BELOW, groups: dict[str, torch.Tensor] | None = None) -> dict:
     """mIoU, mAcc, aAcc overall and per group, and the per-class values, from a (K, K) confusion matrix.
 
-    ratios (K,): training pixel ratios, which define the head / body / tail groups. Fractions in [0, 1];
-    a group with no evaluated class gives None.
+    ratios (K,): training pixel ratios, which define the head / body / tail groups unless ``groups``
+    (boolean masks (K,), e.g. from :func:`class_groups`) are given. Fractions in [0, 1]; a group with no
+    evaluated class gives None.
     """
     k = conf.shape[0]
     if conf.shape != (k, k) or np.asarray(ratios).shape != (k,):
@@ -100,7 +121,9 @@ def segmentation_report(conf: torch.Tensor, ratios: np.ndarray, *, head_above: f
         "mAcc": nanmean(acc),
         "aAcc": float(conf.diag().sum()) / total if total else None,
     }
-    for name, mask in ratio_groups(ratios, head_above=head_above, tail_below=tail_below).items():
+    if groups is None:
+        groups = ratio_groups(ratios, head_above=head_above, tail_below=tail_below)
+    for name, mask in groups.items():
         report[f"mIoU_{name}"] = nanmean(iou[mask])
         report[f"mAcc_{name}"] = nanmean(acc[mask])
     report["per_class_iou"] = [None if math.isnan(v) else v for v in iou.tolist()]

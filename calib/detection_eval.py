@@ -2,22 +2,34 @@
 post-processing, and COCO-style AP comes from pycocotools (never a hand-written AP).
 
     detector = load_detector(None, "det.pt", card="det.json")
-    results = detect(detector, coco, root, calibrator)             # COCO result dicts
-    scores = coco_ap(coco, results, iou_type="bbox")                 # AP, AP50, AP75, APs/m/l, AP_r/c/f
+    results = detect(detector, coco, root, {"disalign": calibrator})  # COCO result dicts per head
+    scores = detection_ap(coco, results["disalign"], iou_type="bbox")  # AP, AP50, AP75, APs/m/l, AP_r/c/f
 
 :class:`CalibratedBoxPredictor` wraps the detector's ``box_predictor``: the box head's representation x
 (R, d) and the K+1 class scores z go through the calibration (DisAlign leaves the background logit
 untouched), and torchvision's own post-processing follows — softmax over K+1, score threshold
 (1e-4), per-class NMS (0.5) and the top :data:`DETECTIONS_PER_IMAGE` (300, as for LVIS) — as do its
-mask head and the resizing back to the image. AP_r / AP_c / AP_f are COCO AP over the categories of
-each ``frequency`` group (LVIS: rare / common / frequent), computed by COCOeval restricted to them.
-pycocotools is imported only when AP is computed (``pip install pycocotools``).
+mask head and the resizing back to the image.
+
+Two protocols, chosen from the annotations (:func:`is_lvis`):
+
+- COCO (pycocotools ``COCOeval``): AP_r / AP_c / AP_f are COCO AP over the categories of each
+  ``frequency`` group, computed by COCOeval restricted to them.
+- LVIS (the ``lvis`` package's ``LVISEval``), when the images carry LVIS's federated lists
+  ``neg_category_ids`` and ``not_exhaustive_category_ids``: a detection of a category that is neither
+  annotated in the image nor verified absent (negative) is not scored, and an unmatched detection of a
+  category whose annotation is not exhaustive in the image is ignored — COCOeval would count both as
+  false positives. AP_r / AP_c / AP_f are LVISEval's APr / APc / APf.
+
+pycocotools and lvis are imported only when AP is computed (``pip install pycocotools lvis``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -202,6 +214,89 @@ def coco_ap(coco: dict, results: list[dict], *, iou_type: str = "bbox", max_dete
         columns = [p.catIds.index(c["id"]) for c in coco["categories"] if c.get("frequency") == group]
         scores[f"AP_{group}"] = mean(precision[:, :, columns, area["all"]]) if columns else None
     return scores
+
+
+LVIS_LISTS = ("neg_category_ids", "not_exhaustive_category_ids")
+
+
+def is_lvis(coco: dict) -> bool:
+    """True for LVIS-format annotations: images carrying the federated lists (``neg_category_ids`` …)."""
+    return any(key in image for image in coco["images"] for key in LVIS_LISTS)
+
+
+def check_lvis(coco: dict) -> None:
+    """Raise :class:`InputError` unless the LVIS fields that LVISEval reads are all there."""
+    for image in coco["images"]:
+        for key in LVIS_LISTS:
+            if not isinstance(image.get(key), list):
+                raise InputError(f"LVIS annotations: image {image.get('id')} should have a list '{key}', found {image.get(key)!r}.")
+    for category in coco["categories"]:
+        if category.get("frequency") not in FREQUENCY_GROUPS:
+            raise InputError(f"LVIS annotations: category {category.get('id')} should have a frequency r, c or f, "
+                             f"found {category.get('frequency')!r}.")
+    for ann in coco["annotations"]:
+        if not isinstance(ann.get("area"), int | float):
+            raise InputError(f"LVIS annotations: annotation {ann.get('id')} should have a numeric 'area', found {ann.get('area')!r}.")
+
+
+@contextlib.contextmanager
+def _lvis_compatible():
+    """Run lvis 0.5.3, its latest release: it uses ``np.float`` (removed in NumPy 1.24; fixed on the lvis-api
+    master branch but never released), calls the deprecated ``Logger.warn`` and logs progress at INFO/WARN."""
+    logger = logging.getLogger("lvis")
+    level, alias = logger.level, not hasattr(np, "float")
+    if alias:
+        np.float = float  # type: ignore[attr-defined]
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+        if alias:
+            del np.float
+
+
+def lvis_ap(coco: dict, results: list[dict], *, iou_type: str = "bbox", max_detections: int = DETECTIONS_PER_IMAGE) -> dict:
+    """The same scores as :func:`coco_ap` (fractions in [0, 1], None where nothing can be scored) from the
+    ``lvis`` package's ``LVISEval`` (federated LVIS protocol; module docstring), ``max_detections`` per image."""
+    if iou_type not in ("bbox", "segm"):
+        raise InputError(f"iou_type should be 'bbox' or 'segm', found {iou_type!r}.")
+    check_lvis(coco)
+    names = ("AP", "AP50", "AP75", "APs", "APm", "APl", *(f"AP_{g}" for g in FREQUENCY_GROUPS))
+    if not results:
+        return dict.fromkeys(names)
+    try:
+        with _lvis_compatible():
+            from lvis import LVIS, LVISEval, LVISResults
+    except ImportError as exc:
+        raise InputError(f"LVIS annotations need the lvis package for AP, which did not import ({exc}); "
+                         "install it with pip install lvis (it imports opencv-python).") from exc
+
+    class InMemoryLVIS(LVIS):
+        def _load_json(self, annotations):  # the annotations are already parsed
+            return annotations
+
+    annotations = coco["annotations"]
+    if iou_type == "segm":
+        annotations = [a for a in annotations if "segmentation" in a]
+    # LVISEval writes into the annotations (ignore flags, RLE masks): give it copies
+    dataset = {"images": coco["images"], "categories": coco["categories"], "annotations": [dict(a) for a in annotations]}
+    with _lvis_compatible():
+        gt = InMemoryLVIS(dataset)
+        evaluator = LVISEval(gt, LVISResults(gt, [dict(r) for r in results], max_dets=max_detections), iou_type)
+        evaluator.params.max_dets = max_detections
+        evaluator.run()
+    keys = {"AP": "AP", "AP50": "AP50", "AP75": "AP75", "APs": "APs", "APm": "APm", "APl": "APl",
+            "AP_r": "APr", "AP_c": "APc", "AP_f": "APf"}
+    return {ours: (None if evaluator.results[theirs] == -1 else float(evaluator.results[theirs])) for ours, theirs in keys.items()}
+
+
+def detection_ap(coco: dict, results: list[dict], *, iou_type: str = "bbox", max_detections: int = DETECTIONS_PER_IMAGE) -> dict:
+    """AP by the protocol of the annotations: :func:`lvis_ap` for LVIS-format files, else :func:`coco_ap`."""
+    evaluate = lvis_ap if is_lvis(coco) else coco_ap
+    return evaluate(coco, results, iou_type=iou_type, max_detections=max_detections)
 
 
 COLUMNS = ("AP", "AP50", "AP75", "AP_r", "AP_c", "AP_f")

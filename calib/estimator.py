@@ -326,8 +326,10 @@ class Calibrator:
     def from_artifact(cls, params: dict[str, torch.Tensor], meta: CalibrationMeta, where: str) -> Calibrator:
         """The fitted estimator of read, checked artifact contents: hyper-parameters, shapes, then the canary."""
         check_hyperparameters(cls, meta.hyperparameters, where)
+        # JSON has no tuples: the sequence hyper-parameters (grids) come back as the tuples they were given as
+        hyperparameters = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.hyperparameters.items()}
         try:
-            est = cls(**meta.hyperparameters)
+            est = cls(**hyperparameters)
         except Exception as exc:  # the constructor's own checks: still one sentence
             raise ArtifactError(f"{where}: the hyperparameters are refused by {cls.__name__} ({exc}).") from None
         est.params_, est.meta_ = params, meta

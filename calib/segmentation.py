@@ -2,7 +2,7 @@
 upsamples its own logits, scored against the full-resolution masks.
 
     report = evaluate_segmentation(test_bank, {"stage-1": joint, "disalign": calib}, masks,
-                                   class_counts=calib.meta_.class_counts)
+                                   class_counts=calib.meta_.class_counts)   # groups="auto": ADE20K slices or ratios
 
 A dense bank (``disalign extract --task segmentation`` without ``--pixels-per-image``) holds every pixel
 of every image's (h, w) feature map: ``sample_index`` = image, ``yx`` = position. Per method, the rows
@@ -11,7 +11,8 @@ into (K, h, w) maps, upsampled to the mask's (H, W) with the bank's ``upsample``
 align_corners=False, as FCN / DeepLab and our examples do), and argmax'ed. Report (plain JSON):
 
     {"methods": {name: {"mIoU", "mAcc", "aAcc", "mIoU_head|body|tail", "mAcc_head|body|tail", "ece"}},
-     "class_counts", "pixel_ratios", "head_above", "tail_below", "groups": {group: [class ids]},
+     "class_counts", "pixel_ratios", "head_above", "tail_below", "grouping": "ade20k-official" | "pixel-ratio",
+     "groups": {group: [class ids]},
      "per_class_iou" / "per_class_accuracy": {name: [K values, None where undefined]},
      "reliability": {name: {"count", "confidence", "accuracy", "ece"}}, "num_images", "num_pixels",
      "many_above", "few_below"}   (the last two: the group boundaries as pixel counts, for calib.plots)
@@ -31,9 +32,9 @@ from calib.dense_metrics import (
     HEAD_ABOVE,
     IGNORE_INDEX,
     TAIL_BELOW,
+    class_groups,
     confusion_matrix,
     pixel_ratios,
-    ratio_groups,
     segmentation_report,
 )
 from calib.errors import InputError
@@ -82,30 +83,36 @@ def evaluate_segmentation(
     class_counts: np.ndarray | list[int],
     head_above: float = HEAD_ABOVE,
     tail_below: float = TAIL_BELOW,
+    groups: str = "auto",
     num_bins: int = 15,
     progress: bool = False,
 ) -> dict:
     """Scores of every estimator on full-resolution predictions (report layout: module docstring).
 
     masks: per image (H, W) int class ids with IGNORE_INDEX for unlabelled pixels, as a sequence or a
-    function of the image index. class_counts (K,): training pixel counts, which define the groups.
+    function of the image index. class_counts (K,): training pixel counts, which define the groups
+    (``groups``: "auto", "ade20k" or "ratio", see :func:`calib.dense_metrics.class_groups`).
     progress: a bar per image on a terminal's stderr (:func:`calib.progress.progress_bar`).
     """
-    h, w, groups = dense_layout(test)
+    h, w, image_rows = dense_layout(test)
     k = test.num_classes
     counts = np.asarray(class_counts, dtype=np.int64)
     if counts.shape != (k,):
         raise InputError(f"class_counts should have shape ({k},) like the bank's logits, found {counts.shape}.")
     ratios = pixel_ratios(counts)
+    grouping, group_masks = class_groups(counts, grouping=groups, head_above=head_above, tail_below=tail_below)
+    if grouping == "ade20k-official":  # group boundaries as counts, for the plots: 20 head, 75 non-tail classes
+        many_above, few_below = float(counts[20]), float(counts[74])
+    else:
+        many_above, few_below = head_above * int(counts.sum()), tail_below * int(counts.sum())
     mask_of = masks if callable(masks) else masks.__getitem__
     upsample = test.info.preprocessing.get("upsample") or {"mode": "bilinear", "align_corners": False}
-    total = int(counts.sum())
     report: dict = {
         "methods": {}, "class_counts": counts.tolist(), "pixel_ratios": ratios.tolist(),
-        "head_above": head_above, "tail_below": tail_below,
-        "groups": {g: torch.nonzero(m).flatten().tolist() for g, m in ratio_groups(ratios, head_above=head_above, tail_below=tail_below).items()},
-        "per_class_iou": {}, "per_class_accuracy": {}, "reliability": {}, "num_images": len(groups), "num_pixels": 0,
-        "many_above": head_above * total, "few_below": tail_below * total,
+        "head_above": head_above, "tail_below": tail_below, "grouping": grouping,
+        "groups": {g: torch.nonzero(m).flatten().tolist() for g, m in group_masks.items()},
+        "per_class_iou": {}, "per_class_accuracy": {}, "reliability": {}, "num_images": len(image_rows), "num_pixels": 0,
+        "many_above": many_above, "few_below": few_below,
     }
     calibrated = {}
     for name, estimator in estimators.items():
@@ -114,7 +121,7 @@ def evaluate_segmentation(
         calibrated[name] = predict_in_blocks(estimator, test.features, test.logits).float()  # (N, K)
     conf = {name: torch.zeros(k, k, dtype=torch.int64) for name in estimators}
     bins = {name: torch.zeros(3, num_bins, dtype=torch.float64) for name in estimators}  # count, Σ confidence, Σ correct
-    for image, rows in enumerate(progress_bar(groups, enabled=progress, desc="scoring", unit="image")):
+    for image, rows in enumerate(progress_bar(image_rows, enabled=progress, desc="scoring", unit="image")):
         mask = torch.as_tensor(np.asarray(mask_of(image)), dtype=torch.int64)  # (H, W)
         if mask.ndim != 2:
             raise InputError(f"mask of image {image} should be (H, W), found shape {tuple(mask.shape)}.")
@@ -129,7 +136,7 @@ def evaluate_segmentation(
             bins[name][1] += torch.bincount(b, weights=prob[labelled].double(), minlength=num_bins)
             bins[name][2] += torch.bincount(b, weights=(pred[labelled] == mask[labelled]).double(), minlength=num_bins)
     for name in estimators:
-        scores = segmentation_report(conf[name], ratios, head_above=head_above, tail_below=tail_below)
+        scores = segmentation_report(conf[name], ratios, groups=group_masks)
         count, conf_sum, correct = bins[name]
         ece = float((conf_sum - correct).abs().sum() / max(float(count.sum()), 1.0))
         report["per_class_iou"][name] = scores.pop("per_class_iou")

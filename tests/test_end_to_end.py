@@ -1,7 +1,7 @@
 """End to end on the real shared data: the project's own extractor makes the CIFAR-10-LT IR50
 train/val/test banks from the shared JPEGs and the shared stage-1 ResNet-32, then `disalign fit
 --rho auto --val` must balance the classifier (issue 2's acceptance numbers) and `disalign eval`
-must report all seven methods."""
+must report all eight methods."""
 
 import json
 
@@ -21,7 +21,7 @@ def test_disalign_balances_the_real_cifar10lt_model(real_cifar_banks, tmp_path, 
                  "--val", str(real_banks["val"]), "--json", str(report_path)]) == 0
     table = capsys.readouterr().out
     methods = json.loads(report_path.read_text())["methods"]
-    assert list(methods) == ["joint", "disalign", "logit-adjust", "tau-norm", "lws", "crt", "ncm"]
+    assert list(methods) == ["joint", "disalign", "logit-adjust", "tau-norm", "lws", "crt", "ncm", "tde"]
     joint, disalign = methods["joint"]["mean_class_accuracy"], methods["disalign"]["mean_class_accuracy"]
     assert abs(joint - 0.686) < 0.01, table  # the shared model's card: 68.6 % top-1 on the balanced test set
     assert disalign >= 0.750, table

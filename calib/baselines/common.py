@@ -1,16 +1,22 @@
-"""Shared pieces of the baselines: the hyper-parameter contract, clean-view rows, validation scoring.
+"""Shared pieces of the baselines: the hyper-parameter contract, clean-view rows, validation scoring,
+the untouched background column.
 
-Every baseline lists its ``__init__`` keyword hyper-parameters in ``hyperparameter_names``; ``get_params``
-returns exactly those (JSON-able), so ``Calibrator.load`` can rebuild the estimator with ``cls(**hp)``.
+Every baseline stores its ``__init__`` keyword hyper-parameters as given; ``get_params`` returns them
+(from the signature, :class:`~calib.estimator.Calibrator`), so ``Calibrator.load`` can rebuild the
+estimator with ``cls(**hp)``.
 Validation-based choices (τ of logit adjustment and τ-norm) score the clean view (``view == 0``) of the
 labelled validation rows: best mean-class accuracy, ties broken by lower NLL, then by grid order.
+
+Banks with a background column (RoI banks, ``background_index`` set) get every baseline on the foreground
+columns only: the background logit is the stage-1 one, as DisAlign leaves it (:func:`keep_background`),
+and priors are foreground priors (the background count, 0 by convention, is not a class frequency).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import Any
 
 import torch
 
@@ -21,9 +27,7 @@ from calib.metrics import mean_class_accuracy, negative_log_likelihood
 
 
 class Baseline(Calibrator):
-    """A :class:`Calibrator` whose hyper-parameters are the attributes named in ``hyperparameter_names``."""
-
-    hyperparameter_names: ClassVar[tuple[str, ...]] = ()  # the __init__ keywords, which get_params returns
+    """A :class:`Calibrator` of a baseline method (the hyper-parameter contract is the estimator's)."""
 
 
 def clean_labelled(bank: Bank, role: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -32,6 +36,18 @@ def clean_labelled(bank: Bank, role: str) -> tuple[torch.Tensor, torch.Tensor, t
     if not bool(keep.any()):
         raise InputError(f"{role} bank {bank.info.path} has no labelled rows in its clean view (view 0).")
     return bank.features[keep].float(), bank.logits[keep], bank.labels[keep]
+
+
+def keep_background(calibrated: torch.Tensor, logits: torch.Tensor, background_index: int | None) -> torch.Tensor:
+    """``calibrated`` (N, K) with its background column replaced by the stage-1 ``logits`` (N, K) one.
+
+    Returns ``calibrated`` itself when there is no background column (``background_index`` None).
+    """
+    if background_index is None:
+        return calibrated
+    keep = torch.zeros(calibrated.shape[1], dtype=torch.bool)
+    keep[background_index] = True
+    return torch.where(keep, logits.to(calibrated.dtype), calibrated)
 
 
 def score(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -61,6 +77,35 @@ def choose_on_val(
         if key > best_key:
             best, best_key = float(value), key
     return best, curve
+
+
+def settle(name: str, setting: float | str, grid: Sequence[float], default: float, report: dict[str, Any],
+           val: tuple[Callable[[float], torch.Tensor], torch.Tensor] | None) -> float:
+    """The value of a hyper-parameter that is a number or "auto", recorded in ``report``.
+
+    ``val = (logits_for, labels)``: validation logits (M, K) of a value, and the labels (M,). "auto" with
+    ``val`` chooses on the grid (:func:`choose_on_val`; the curve goes to ``report[name + "_curve"]``),
+    "auto" without it is ``default``. With ``val`` the validation metrics of the value go to
+    ``report["validation"]``.
+    """
+    if setting == "auto" and val is not None:
+        value, report[f"{name}_curve"] = choose_on_val(name, grid, *val)
+    else:
+        value = default if setting == "auto" else float(setting)
+    report[name] = value
+    if val is not None:
+        report["validation"] = score(val[0](value), val[1])
+    return value
+
+
+def stage1_weight(train: Bank, method: str) -> torch.Tensor:
+    """The stage-1 classifier weight (K, d) float32 of the train bank, which ``method`` needs."""
+    if train.classifier_weight is None:
+        raise InputError(
+            f"train bank {train.info.path} has no classifier weights (dataset 'classifier/weight'), which {method} needs; "
+            "re-extract the bank with a model whose final linear layer is reachable."
+        )
+    return train.classifier_weight.to(torch.float32)
 
 
 def check_choice(field: str, value: float | str, *, low: float = 0.0, strict: bool = False) -> None:

@@ -5,7 +5,9 @@ Logit adjustment (Menon et al., ICLR 2021, post-hoc form):
     ẑ_j = z_j − τ · log π_j        π_j = n_j / Σ_k n_k   (training class priors)
 
 with n the training class counts of the train bank (``Bank.training_class_counts``). A class with no
-training example is counted as 1 so that log π stays finite. ``tau="auto"`` chooses τ on the validation
+training example is counted as 1 so that log π stays finite. With a background column (RoI banks) π is
+over the foreground classes and the background logit is left as it is (its count is 0 by convention:
+counted as 1 it would raise the background logit by τ·log N and every region would become background). ``tau="auto"`` chooses τ on the validation
 bank from ``tau_grid`` (best mean-class accuracy, ties → lower NLL); without a validation bank it is
 τ = 1, the Bayes-optimal value for the balanced error.
 
@@ -25,10 +27,10 @@ from calib.baselines.common import (
     Baseline,
     check_choice,
     check_grid,
-    choose_on_val,
     clean_labelled,
     linear_grid,
     score,
+    settle,
 )
 from calib.estimator import require_shape
 
@@ -36,10 +38,19 @@ DEFAULT_TAU = 1.0
 DEFAULT_TAU_GRID = linear_grid(3.0)  # 0, 0.1, …, 3
 
 
-def log_priors(class_counts: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """log π (K,) float32 from training counts (K,); zero counts are treated as 1."""
+def log_priors(class_counts: np.ndarray | torch.Tensor, background_index: int | None = None) -> torch.Tensor:
+    """log π (K,) float32 from training counts (K,); zero counts are treated as 1.
+
+    With ``background_index`` the priors are over the other (foreground) classes and the background
+    entry is 0, so that z − τ·log π leaves the background logit as it is.
+    """
     counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.float64).clamp(min=1.0)
-    return (counts / counts.sum()).log().to(torch.float32)
+    if background_index is not None:
+        counts[background_index] = 0.0
+    log_prior = (counts / counts.sum()).log()
+    if background_index is not None:
+        log_prior[background_index] = 0.0
+    return log_prior.to(torch.float32)
 
 
 def adjust_logits(logits: torch.Tensor, log_prior: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
@@ -52,7 +63,6 @@ class Joint(Baseline):
 
     method = "joint"
     needs_features = False
-    hyperparameter_names = ()
 
     def _fit(self, train: Bank, val: Bank | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         report: dict[str, Any] = {}
@@ -70,27 +80,21 @@ class LogitAdjustment(Baseline):
 
     method = "logit-adjust"
     needs_features = False
-    hyperparameter_names = ("tau", "tau_grid")
 
     def __init__(self, tau: float | str = "auto", *, tau_grid: tuple[float, ...] | list[float] = DEFAULT_TAU_GRID):
         self.tau = tau
-        self.tau_grid = tuple(tau_grid)
+        self.tau_grid = tau_grid  # stored as given (scikit-learn clone); checked in fit
 
     def _fit(self, train: Bank, val: Bank | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         check_choice("tau", self.tau)
         grid = check_grid("tau_grid", self.tau_grid)
-        log_prior = log_priors(train.training_class_counts())
+        log_prior = log_priors(train.training_class_counts(), train.info.background_index)
         report: dict[str, Any] = {}
+        on_val = None
         if val is not None:
             _, val_logits, val_labels = clean_labelled(val, "val")
-        if self.tau == "auto" and val is not None:
-            tau, curve = choose_on_val("tau", grid, lambda t: adjust_logits(val_logits, log_prior, t), val_labels)
-            report["tau_curve"] = curve
-        else:
-            tau = DEFAULT_TAU if self.tau == "auto" else float(self.tau)
-        report["tau"] = tau
-        if val is not None:
-            report["validation"] = score(adjust_logits(val_logits, log_prior, tau), val_labels)
+            on_val = (lambda t: adjust_logits(val_logits, log_prior, t), val_labels)
+        tau = settle("tau", self.tau, grid, DEFAULT_TAU, report, on_val)
         return {"log_prior": log_prior, "tau": torch.tensor(tau)}, report
 
     def _predict_logits(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ chooses τ on the validation bank from ``tau_grid`` (0, 0.1, …, 2 as the refer
 accuracy, ties → lower NLL); without a validation bank τ = 1. Features are stored as float16: all products
 are computed in float32. The fit report records ``logit_reconstruction_error``, max |x·Wᵀ + b − z| / max |z|
 over the first clean rows of the train bank: a large value means the stored weights do not produce the
-stored logits (e.g. a cosine classifier), and τ-norm results are then not comparable.
+stored logits (e.g. a cosine classifier), and τ-norm results are then not comparable. With a background
+column (RoI banks) only the foreground classifier is normalised: the background logit stays the stage-1 one.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from calib.baselines.common import (
     Baseline,
     check_choice,
     check_grid,
-    choose_on_val,
     clean_labelled,
+    keep_background,
     linear_grid,
-    score,
+    settle,
+    stage1_weight,
 )
-from calib.errors import InputError
 from calib.estimator import require_shape
 
 DEFAULT_TAU = 1.0
@@ -60,45 +61,32 @@ class TauNorm(Baseline):
     """τ-normalised stage-1 classifier; ``tau`` is a number >= 0 or "auto" (see module docstring)."""
 
     method = "tau-norm"
-    hyperparameter_names = ("tau", "tau_grid")
 
     def __init__(self, tau: float | str = "auto", *, tau_grid: tuple[float, ...] | list[float] = DEFAULT_TAU_GRID):
         self.tau = tau
-        self.tau_grid = tuple(tau_grid)
+        self.tau_grid = tau_grid  # stored as given (scikit-learn clone); checked in fit
 
     def _fit(self, train: Bank, val: Bank | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         check_choice("tau", self.tau)
         grid = check_grid("tau_grid", self.tau_grid)
-        weight = train.classifier_weight
-        if weight is None:
-            raise InputError(
-                f"train bank {train.info.path} has no classifier weights (dataset 'classifier/weight'), which tau-norm needs; "
-                "re-extract the bank with a model whose final linear layer is reachable."
-            )
-        weight = weight.to(torch.float32)
+        weight = stage1_weight(train, "tau-norm")
         features, logits, _ = clean_labelled(train, "train")
         report: dict[str, Any] = {
             "logit_reconstruction_error": reconstruction_error(
                 features[:RECONSTRUCTION_ROWS], logits[:RECONSTRUCTION_ROWS], weight, train.classifier_bias
             )
         }
+        background = train.info.background_index
+        on_val = None
         if val is not None:
-            val_features, _, val_labels = clean_labelled(val, "val")
-        if self.tau == "auto" and val is not None:
-            tau, curve = choose_on_val(
-                "tau", grid, lambda t: tau_norm_logits(val_features, tau_normalise(weight, t)), val_labels
-            )
-            report["tau_curve"] = curve
-        else:
-            tau = DEFAULT_TAU if self.tau == "auto" else float(self.tau)
-        report["tau"] = tau
-        normalised = tau_normalise(weight, tau)
-        if val is not None:
-            report["validation"] = score(tau_norm_logits(val_features, normalised), val_labels)
-        return {"weight": normalised, "tau": torch.tensor(tau)}, report
+            val_features, val_logits, val_labels = clean_labelled(val, "val")
+            on_val = (lambda t: keep_background(tau_norm_logits(val_features, tau_normalise(weight, t)), val_logits, background),
+                      val_labels)
+        tau = settle("tau", self.tau, grid, DEFAULT_TAU, report, on_val)
+        return {"weight": tau_normalise(weight, tau), "tau": torch.tensor(tau)}, report
 
     def _predict_logits(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return tau_norm_logits(features, self.params_["weight"])
+        return keep_background(tau_norm_logits(features, self.params_["weight"]), logits, self.meta_.background_index)
 
     def _check_loaded_params(self) -> None:
         where = "tau-norm calibration"

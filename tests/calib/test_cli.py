@@ -29,14 +29,26 @@ def test_fit_then_eval_all_methods(lt_banks, tmp_path, capsys):
                          "--val", lt_banks["val"], "--json", tmp_path / "r.json", "--plots", tmp_path / "plots")
     assert code == 0, err
     report = json.loads((tmp_path / "r.json").read_text())
-    assert list(report["methods"]) == ["joint", "disalign", "logit-adjust", "tau-norm", "lws", "crt", "ncm"]
+    assert list(report["methods"]) == ["joint", "disalign", "logit-adjust", "tau-norm", "lws", "crt", "ncm", "tde"]
     for name, metrics in report["methods"].items():
         assert set(metrics) == {"accuracy", "mean_class_accuracy", "many", "medium", "few", "ece", "nll"}, name
         assert 0 <= metrics["mean_class_accuracy"] <= 1
     assert report["methods"]["disalign"]["mean_class_accuracy"] > report["methods"]["joint"]["mean_class_accuracy"]
     for name in report["methods"]:
         assert name in out  # one table with every method
+        low, high = report["bootstrap"]["mean_class_accuracy"][name]
+        assert low <= report["methods"][name]["mean_class_accuracy"] <= high
+    assert f"best on the validation bank: {report['validation']['best']} (val mean-cls" in out
     assert len(list((tmp_path / "plots").glob("*.png"))) >= 3
+
+
+def test_max_steps_caps_lws_and_crt(lt_banks, tmp_path, capsys):
+    code, _, err = run(capsys, "fit", lt_banks["train"], "--method", "crt", "--epochs", 2, "--max-steps", 3, "--out", tmp_path / "crt")
+    assert code == 0, err
+    report = json.loads((artifact_dir(tmp_path / "crt") / "calibration.json").read_text())
+    assert report["hyperparameters"]["max_steps"] == 3 and report["report"]["steps_per_epoch"] == 1
+    code, _, err = run(capsys, "fit", lt_banks["train"], "--method", "lws", "--max-steps", 0, "--out", tmp_path / "lws")
+    assert code == 2 and err == "error: max_steps should be an integer >= 1 or None, found 0.\n"
 
 
 def test_fit_baseline_method_and_eval_without_train(lt_banks, tmp_path, capsys):
@@ -173,7 +185,7 @@ def test_eval_on_an_invalid_artifact_is_one_sentence_exit_2(mutate, message, lt_
     ("extra", "message"),
     [
         (["--method", "lws", "--rho", "2", "--cosine"],
-         "error: --rho, --cosine do not apply to --method lws; its settings are --epochs, --seed (and --val).\n"),
+         "error: --rho, --cosine do not apply to --method lws; its settings are --epochs, --seed, --max-steps (and --val).\n"),
         (["--method", "joint", "--seed", "1"], "error: --seed does not apply to --method joint; its settings are none (and --val).\n"),
         (["--method", "ncm", "--max-memory", "1G"],
          "error: --max-memory does not apply to --method ncm; its settings are none (and --val).\n"),

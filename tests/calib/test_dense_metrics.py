@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from calib.dense_metrics import (
+    class_groups,
     confusion_matrix,
     nanmean,
     per_class_iou,
@@ -107,3 +108,47 @@ def test_errors_name_the_problem():
         pixel_ratios([0, 0])
     with pytest.raises(InputError, match=r"conf should be \(K, K\) and ratios \(K,\)"):
         segmentation_report(torch.zeros(2, 2, dtype=torch.long), np.array([1.0]))
+
+
+# -- ADE20K's official groups ---------------------------------------------------------------------
+def ade20k_counts() -> np.ndarray:
+    """Training 'pixel counts' of a bank extracted with --class-stats on the real objectInfo150 table."""
+    from feature_extract.segmentation import read_class_stats
+    from tests.conftest import SHARED
+
+    return read_class_stats(SHARED / "profiles" / "ade20k_objectInfo150.txt", 150)
+
+
+def test_ade20k_statistics_get_the_official_index_slices():
+    counts = ade20k_counts()
+    grouping, groups = class_groups(counts)
+    assert grouping == "ade20k-official"
+    assert [torch.nonzero(groups[g]).flatten().tolist() for g in ("head", "body", "tail")] == [
+        list(range(20)), list(range(20, 75)), list(range(75, 150))]
+    # thresholds on the renormalised ratios would move class 20 into the head and class 75 out of the tail
+    _, by_ratio = class_groups(counts, grouping="ratio")
+    assert by_ratio["head"].sum() == 21 and bool(by_ratio["head"][20]) and not bool(by_ratio["tail"][75])
+    # counts of ADE20K masks measured another way (±5 %) are still ADE20K's
+    noisy = counts * np.random.default_rng(0).uniform(0.95, 1.05, 150)
+    assert class_groups(noisy)[0] == "ade20k-official"
+
+
+def test_other_statistics_keep_the_ratio_thresholds():
+    counts = ade20k_counts()
+    assert class_groups(counts[::-1].copy())[0] == "pixel-ratio"  # 150 classes, not ADE20K's order
+    grouping, groups = class_groups(np.array([700, 200, 90, 10]), head_above=0.1, tail_below=0.05)
+    assert grouping == "pixel-ratio" and [groups[g].tolist() for g in ("head", "body", "tail")] == [
+        [True, True, False, False], [False, False, True, False], [False, False, False, True]]
+    assert class_groups(np.arange(1, 151), grouping="ade20k")[0] == "ade20k-official"  # forced
+    with pytest.raises(InputError, match=r"the ADE20K groups need the 150 ADE20K classes, found K=4\."):
+        class_groups(np.ones(4), grouping="ade20k")
+    with pytest.raises(InputError, match=r"grouping should be one of auto, ade20k, ratio, found 'x'\."):
+        class_groups(np.ones(4), grouping="x")
+
+
+def test_segmentation_report_uses_the_groups_it_is_given():
+    conf = torch.diag(torch.tensor([5, 0, 3]))  # classes 0 and 2 perfect, class 1 absent
+    groups = {"head": torch.tensor([True, False, False]), "body": torch.tensor([False, True, False]),
+              "tail": torch.tensor([False, False, True])}
+    report = segmentation_report(conf, np.array([0.5, 0.3, 0.2]), groups=groups)
+    assert (report["mIoU_head"], report["mIoU_body"], report["mIoU_tail"]) == (1.0, None, 1.0)

@@ -18,7 +18,14 @@ from pycocotools import mask as mask_utils  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 
-from calib.detection_eval import CalibratedBoxPredictor, coco_ap, encode_mask  # noqa: E402
+from calib.detection_eval import (  # noqa: E402
+    CalibratedBoxPredictor,
+    _lvis_compatible,
+    coco_ap,
+    detection_ap,
+    encode_mask,
+    is_lvis,
+)
 from calib.errors import InputError  # noqa: E402
 
 CATEGORIES = [{"id": 1, "name": "a", "frequency": "f"}, {"id": 2, "name": "b", "frequency": "r"}, {"id": 3, "name": "c", "frequency": "c"}]
@@ -96,6 +103,70 @@ def test_rle_masks_decode_with_pycocotools():
         assert np.array_equal(mask_utils.decode(compressed).astype(bool), mask)
 
 
+# -- LVIS: the federated protocol ---------------------------------------------------------------------
+def lvis_gt(negatives: list[int], not_exhaustive: list[int]) -> dict:
+    """Category 1 ("f") has one box in image 1; image 2 has no annotation, and lists ``negatives`` as verified
+    absent; image 1 lists ``not_exhaustive``. LVIS files have no iscrowd."""
+    images = [{"id": 1, "file_name": "1.png", "width": 100, "height": 100, "neg_category_ids": [2], "not_exhaustive_category_ids": not_exhaustive},
+              {"id": 2, "file_name": "2.png", "width": 100, "height": 100, "neg_category_ids": negatives, "not_exhaustive_category_ids": []}]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400}]
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a", "frequency": "f"},
+                                                                  {"id": 2, "name": "b", "frequency": "r"}]}
+
+
+LVIS_RESULTS = [  # a box of category 1 in image 2 (0.9), the hit in image 1 (0.8)
+    {"image_id": 2, "category_id": 1, "bbox": [50, 50, 20, 20], "score": 0.9},
+    {"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.8},
+]
+
+
+def official_lvis_ap(gt: dict, results: list[dict], tmp_path) -> dict:
+    """The lvis package as its README runs it: annotation file on disk, LVISEval(path, results, "bbox").run()."""
+    lvis = pytest.importorskip("lvis")
+    path = tmp_path / "lvis.json"
+    path.write_text(json.dumps(gt))
+    with _lvis_compatible():  # lvis 0.5.3 needs np.float, gone from NumPy 2
+        evaluator = lvis.LVISEval(str(path), [dict(r) for r in results], "bbox")
+        evaluator.run()
+    return dict(evaluator.results)
+
+
+def test_lvis_does_not_score_a_detection_of_an_unverified_category(tmp_path):
+    gt = lvis_gt(negatives=[], not_exhaustive=[])
+    assert is_lvis(gt) and not is_lvis(gt_coco())
+    # COCOeval counts the image-2 box as a false positive ranked above the hit: AP 0.5 at every IoU
+    coco = {**gt, "images": [{k: v for k, v in img.items() if "category_ids" not in k} for img in gt["images"]],
+            "annotations": [{**a, "iscrowd": 0} for a in gt["annotations"]]}
+    assert coco_ap(coco, LVIS_RESULTS)["AP"] == pytest.approx(0.5)
+    # LVIS: category 1 is neither annotated nor verified absent in image 2, so that box is not scored
+    ours = detection_ap(gt, LVIS_RESULTS)
+    reference = official_lvis_ap(gt, LVIS_RESULTS, tmp_path)
+    assert ours["AP"] == reference["AP"] == pytest.approx(1.0)
+    assert ours["AP_f"] == reference["APf"] and ours["AP_r"] is None and reference["APr"] == -1
+    assert gt == lvis_gt(negatives=[], not_exhaustive=[])  # the caller's annotations are left as they were
+
+
+def test_lvis_scores_verified_negatives_and_ignores_non_exhaustive_misses(tmp_path):
+    negative = lvis_gt(negatives=[1], not_exhaustive=[])  # category 1 verified absent in image 2: a real false positive
+    assert detection_ap(negative, LVIS_RESULTS)["AP"] == pytest.approx(0.5) == official_lvis_ap(negative, LVIS_RESULTS, tmp_path)["AP"]
+    miss = [{"image_id": 1, "category_id": 1, "bbox": [60, 60, 20, 20], "score": 0.95}, *LVIS_RESULTS[1:]]
+    exhaustive, not_exhaustive = lvis_gt([], []), lvis_gt([], not_exhaustive=[1])
+    assert detection_ap(exhaustive, miss)["AP"] == pytest.approx(0.5)
+    assert detection_ap(not_exhaustive, miss)["AP"] == official_lvis_ap(not_exhaustive, miss, tmp_path)["AP"] == pytest.approx(1.0)
+    assert detection_ap(exhaustive, [])["AP"] is None
+
+
+def test_lvis_annotations_missing_a_field_are_named():
+    gt = lvis_gt([], [])
+    del gt["images"][1]["not_exhaustive_category_ids"]
+    with pytest.raises(InputError, match=r"LVIS annotations: image 2 should have a list 'not_exhaustive_category_ids', found None\."):
+        detection_ap(gt, LVIS_RESULTS)
+    gt = lvis_gt([], [])
+    gt["categories"][1]["frequency"] = "x"
+    with pytest.raises(InputError, match=r"LVIS annotations: category 2 should have a frequency r, c or f, found 'x'\."):
+        detection_ap(gt, LVIS_RESULTS)
+
+
 class _Predictor(torch.nn.Module):
     def forward(self, x):
         return x[:, :4] * 3.0, torch.zeros(x.shape[0], 16)
@@ -166,7 +237,20 @@ def test_detector_runs_with_the_calibrated_head(tmp_path, capsys):
     assert args.func(args) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["methods"]) == {"joint", "disalign"} and set(report["methods"]["joint"]) == {"bbox"}
-    assert "AP_r" in capsys.readouterr().out
+    assert report["protocol"] == "coco" and "AP_r" in capsys.readouterr().out
+    # with the training RoI bank every method runs: a row per method (the baselines fitted on the bank)
+    args = parser.parse_args(["eval-detection", "--weights", str(weights), "--card", str(card), "--calibration", str(tmp_path / "calib"),
+                              "--annotations", str(coco_path), "--root", str(tmp_path), "--train", str(tmp_path / "roi.h5"),
+                              "--max-steps", "4", "--json", str(tmp_path / "all.json")])
+    assert args.func(args) == 0
+    report = json.loads((tmp_path / "all.json").read_text())
+    assert list(report["methods"]) == ["joint", "disalign", "logit-adjust", "tau-norm", "lws", "crt", "ncm", "tde"]
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[2:10]] == list(report["methods"])
+    args = parser.parse_args(["eval-detection", "--weights", str(weights), "--card", str(card), "--calibration", str(tmp_path / "calib"),
+                              "--annotations", str(coco_path), "--root", str(tmp_path), "--methods", "joint,lws"])
+    with pytest.raises(InputError, match=r"--train is needed to fit lws; pass the training bank or drop them from --methods\."):
+        args.func(args)
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools' RLE code under numpy 2

@@ -6,11 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from calib.bank import load_bank, write_bank
 from calib.baselines import CRT, Joint, LogitAdjustment
 from calib.errors import ArtifactError, InputError
-from calib.evaluate import evaluate_methods, fit_baselines, format_table
+from calib.evaluate import bootstrap_mean_class_accuracy, evaluate_methods, fit_baselines, format_table
 
 # K = 4; class 3 is absent from the test rows. Predictions 0 0 1 1 2 2 for labels 0 0 0 1 1 2 (as test_metrics).
 HAND_PREDICTIONS = np.array([0, 0, 1, 1, 2, 2])
@@ -98,7 +99,7 @@ def test_fit_baselines_by_name(long_tailed_banks):
     fitted = fit_baselines(["joint", "crt", "joint"], b.train, b.val, seed=3)
     assert list(fitted) == ["joint", "crt"]
     assert isinstance(fitted["crt"], CRT) and fitted["crt"].seed == 3 and hasattr(fitted["crt"], "params_")
-    with pytest.raises(InputError, match=r"baseline should be one of joint, logit-adjust, tau-norm, lws, crt, ncm, found 'disalign'\."):
+    with pytest.raises(InputError, match=r"baseline should be one of joint, logit-adjust, tau-norm, lws, crt, ncm, tde, found 'disalign'\."):
         fit_baselines(["joint", "disalign"], b.train, None)
 
 
@@ -123,3 +124,61 @@ def test_predictions_in_blocks_give_the_same_report(long_tailed_banks, monkeypat
     whole = evaluate_methods(b.test, estimators, class_counts=b.counts)
     monkeypatch.setattr(calib.evaluate, "PREDICT_BLOCK_ROWS", 64)  # 700 rows → 11 blocks
     assert evaluate_methods(b.test, estimators, class_counts=b.counts) == whole
+
+
+# -- bootstrap intervals and the method best on validation ---------------------------------------
+def synthetic_correct(rows_per_class: int, accuracies=(0.9, 0.6, 0.3), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """labels (3·rows_per_class,) and correct (2, N): method 0 right with the given per-class rates, method 1 = method 0."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(3).repeat_interleave(rows_per_class)
+    right = torch.rand(labels.numel(), generator=generator) < torch.tensor(accuracies)[labels]
+    return torch.stack([right, right]), labels
+
+
+def test_bootstrap_spread_is_the_binomial_one_and_shrinks_with_n():
+    spreads = []
+    for n in (100, 1600):
+        correct, labels = synthetic_correct(n)
+        samples = bootstrap_mean_class_accuracy(correct, labels, resamples=2000)
+        assert samples.shape == (2, 2000) and torch.equal(samples[0], samples[1])  # paired: the same resamples
+        p = torch.stack([correct[0][labels == c].double().mean() for c in range(3)])
+        point = float(p.mean())
+        low, high = torch.quantile(samples[0], torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        assert low < point < high
+        # stratified resampling: per-class accuracy ~ Binomial(n, p_c) / n, so sd = sqrt(Σ p_c(1 − p_c)/n) / 3
+        expected_sd = float((p * (1 - p) / n).sum().sqrt() / 3)
+        assert float(samples[0].std()) == pytest.approx(expected_sd, rel=0.1)
+        spreads.append(high - low)
+    assert spreads[1] < spreads[0] / 3  # 16× the rows: about a quarter of the width
+
+
+def test_bootstrap_draws_rows_directly_or_by_pattern_alike():
+    # 3 classes of 40 rows: 2 patterns per class take the multinomial path, 8 random methods the direct one
+    few, labels = synthetic_correct(40)
+    many = torch.rand(8, 120, generator=torch.Generator().manual_seed(1)) < 0.5
+    for correct in (few, many):
+        samples = bootstrap_mean_class_accuracy(correct, labels, resamples=4000)
+        point = torch.stack([correct[:, labels == c].double().mean(1) for c in range(3)]).mean(0)
+        assert torch.allclose(samples.mean(1), point, atol=0.005)  # unbiased
+
+
+def test_eval_report_has_intervals_and_names_the_method_best_on_val(long_tailed_banks):
+    b = long_tailed_banks
+    estimators = {"joint": Joint().fit(b.train), "logit-adjust": LogitAdjustment().fit(b.train, b.val)}
+    report = evaluate_methods(b.test, estimators, class_counts=b.counts, val=b.val)
+    val = report["validation"]
+    assert val["num_rows"] == 210 and val["best"] == "logit-adjust"
+    assert val["mean_class_accuracy"]["logit-adjust"] == estimators["logit-adjust"].meta_.report["validation"]["val_mean_class_accuracy"]
+    boot = report["bootstrap"]
+    assert boot["resamples"] == 1000 and boot["level"] == 0.95
+    for name, (low, high) in boot["mean_class_accuracy"].items():
+        assert low <= report["methods"][name]["mean_class_accuracy"] <= high
+    assert boot["difference_to_best"]["logit-adjust"] == [0.0, 0.0]
+    low, high = boot["difference_to_best"]["joint"]
+    assert low < high < 0  # the stage-1 model is clearly worse on this bank
+    table = format_table(report).splitlines()
+    assert table[0].split()[-7:] == ["mean-cls", "95%", "CI", "vs", "logit-adjust", "95%", "CI"]
+    assert table[-1].startswith("best on the validation bank: logit-adjust (val mean-cls ") and table[-1].endswith(" on 210 rows)")
+    json.dumps(report, allow_nan=False)
+    plain = evaluate_methods(b.test, estimators, class_counts=b.counts, bootstrap_resamples=0)
+    assert "bootstrap" not in plain and "validation" not in plain

@@ -99,6 +99,14 @@ def test_eval_segmentation_command(banks, tmp_path, capsys):
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["methods"]) == {"joint", "disalign"} and len(report["per_class_iou"]["disalign"]) == 3
     assert report["provenance"]["inputs"]["list"]["path"] == str(banks["test_list"])
+    assert report["grouping"] == "pixel-ratio" and "groups (pixel-ratio): head: " in captured.out
+    # with the training pixel bank every method runs by default
+    args = parser.parse_args(["eval-segmentation", str(banks["test"]), "--calibration", str(tmp_path / "calib"),
+                              "--root", str(banks["test_root"]), "--list", str(banks["test_list"]), "--train", str(banks["train"]),
+                              "--max-steps", "4", "--json", str(tmp_path / "all.json")])
+    assert args.func(args) == 0
+    assert list(json.loads((tmp_path / "all.json").read_text())["methods"]) == [
+        "joint", "disalign", "logit-adjust", "tau-norm", "lws", "crt", "ncm", "tde"]
     short = tmp_path / "short.txt"
     short.write_text("\n".join(banks["test_list"].read_text().splitlines()[:2]) + "\n")
     args = parser.parse_args(["eval-segmentation", str(banks["test"]), "--calibration", str(tmp_path / "calib"),
