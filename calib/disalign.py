@@ -4,15 +4,22 @@
     calibrated = est.predict_logits(features, logits)
     est.save("calib_dir"); est = DisAlign.load("calib_dir")
 
-``rho="auto"`` grid-searches ρ on the validation bank (best mean-class accuracy, ties broken by lower
-NLL) and keeps that fit; the whole curve is stored in the artifact. Without a validation bank, ``"auto"``
-falls back to :data:`DEFAULT_RHO`. Runs are deterministic, so keeping the grid's best fit is the same as
-refitting with the chosen ρ.
+``rho="auto"`` fits one head per ρ of the grid in a single pass over the training bank (stacked
+parameters, the same batches; each head's result is that of a fit of that ρ alone), scores each on the
+clean view of the validation bank (best mean-class accuracy, ties broken by lower NLL) and keeps that
+head; the whole curve is stored in the artifact. Without a validation bank, ``"auto"`` falls back to
+:data:`DEFAULT_RHO`.
+
+The head follows the official code of each task (``head_form`` and ``gate`` "auto"): the residual form
+with the constant gate init for classification, the paper's eq. (5) with an N(0, 0.01²) gate for RoI banks
+and with a BN-standardised ReLU gate for pixel banks (see :mod:`calib.head`). The gate is trained in
+standardised feature coordinates (``gate_standardize``) and stored in raw ones.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -22,13 +29,27 @@ import torch
 from calib.bank import Bank, BankReader
 from calib.errors import InputError
 from calib.estimator import Calibrator, as_bank, check_banks_agree, require_shape
-from calib.grw import grw_cross_entropy, grw_weights
-from calib.head import confidence_gate, disalign_logits, initial_parameters
+from calib.grw import grw_weights
+from calib.head import (
+    GATE_INITS,
+    HEAD_FORMS,
+    GateCoordinates,
+    confidence_gate,
+    disalign_logits,
+    gate_input,
+    grw_loss_and_grads,
+    initial_parameters,
+)
 from calib.metrics import mean_class_accuracy, negative_log_likelihood
-from calib.training import RowSource, SGDRecipe, run_sgd
+from calib.training import RowSource, SGDRecipe, run_stacked_sgd
 
 DEFAULT_RHO = 1.0
 DEFAULT_RHO_GRID = tuple(i * 0.25 for i in range(13))  # 0, 0.25, …, 3
+# What "auto" means per bank task: (head form, gate init), as the official code of each task.
+OFFICIAL_HEADS = {"classification": ("residual", "constant"), "detection": ("blend", "normal"), "segmentation": ("blend", "bn-relu")}
+LEGACY_HEAD = {"form": "residual", "gate": "constant"}  # artifacts written before the head was recorded
+GATE_SAMPLE_ROWS = 8192  # training rows the gate coordinates, the BN init and the gate statistics are taken on
+SATURATED = 1e-3  # σ(1 − σ) below this: the gate's gradient is gone on that row
 
 
 class DisAlign(Calibrator):
@@ -37,7 +58,9 @@ class DisAlign(Calibrator):
     Hyper-parameters: ``rho`` (float or "auto"), ``rho_grid``, the SGD recipe (``epochs``, ``batch_size``,
     ``lr``, ``momentum``, ``weight_decay``, ``seed``), ``cosine`` (gate on L2-normalised features, for
     cosine classifiers), ablation switches ``use_magnitude`` (α), ``use_margin`` (β), ``use_grw``
-    (False = plain CE), and ``count_smoothing`` (added to every class count before GRW).
+    (False = plain CE), ``count_smoothing`` (added to every class count before GRW), ``head_form``
+    ("auto", "residual" or "blend"), ``gate`` ("auto", "constant", "normal" or "bn-relu") and
+    ``gate_standardize`` (train the gate on standardised features).
     """
 
     method = "disalign"
@@ -58,6 +81,9 @@ class DisAlign(Calibrator):
         use_margin: bool = True,
         use_grw: bool = True,
         count_smoothing: float = 0.0,
+        head_form: str = "auto",
+        gate: str = "auto",
+        gate_standardize: bool = True,
     ):
         self.rho = rho
         self.rho_grid = tuple(float(r) for r in rho_grid)
@@ -72,22 +98,39 @@ class DisAlign(Calibrator):
         self.use_margin = use_margin
         self.use_grw = use_grw
         self.count_smoothing = count_smoothing
+        self.head_form = head_form
+        self.gate = gate
+        self.gate_standardize = gate_standardize
 
     def get_params(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in (
             "rho", "rho_grid", "epochs", "batch_size", "lr", "momentum", "weight_decay", "seed",
-            "cosine", "use_magnitude", "use_margin", "use_grw", "count_smoothing",
+            "cosine", "use_magnitude", "use_margin", "use_grw", "count_smoothing", "head_form", "gate", "gate_standardize",
         )}
 
     @property
     def recipe(self) -> SGDRecipe:
         return SGDRecipe(self.epochs, self.batch_size, self.lr, self.momentum, self.weight_decay, self.seed)
 
+    @property
+    def head_(self) -> dict[str, str]:
+        """The head actually fitted: {"form": "residual"|"blend", "gate": "constant"|"normal"|"bn-relu"}."""
+        self._check_fitted()
+        return self.meta_.report.get("head", LEGACY_HEAD)
+
     # -- fitting --------------------------------------------------------------------------------
     def fit(self, train: Bank | str | os.PathLike, val: Bank | str | os.PathLike | None = None, *,
-            max_memory: int | None = None) -> DisAlign:
+            max_memory: int | None = None, progress: bool = True) -> DisAlign:
         """Fit on a bank (or its path). With ``max_memory`` (bytes) smaller than the bank's row data,
-        the training bank is streamed from disk in windows of chunks instead of loaded."""
+        the training bank is streamed from disk in windows of chunks instead of loaded. ``progress``
+        shows a progress bar on stderr when stderr is a terminal."""
+        self._progress = progress
+        try:
+            return self._fit_maybe_streamed(train, val, max_memory)
+        finally:
+            del self._progress
+
+    def _fit_maybe_streamed(self, train, val, max_memory: int | None) -> DisAlign:
         if max_memory is None or isinstance(train, Bank):
             return super().fit(train, val)
         if max_memory <= 0:
@@ -108,16 +151,36 @@ class DisAlign(Calibrator):
             if counts is None:
                 clean = (view == 0) & (labels >= 0)
                 counts = np.bincount(labels[clean].numpy(), minlength=info.num_classes).astype(np.int64)
-            # The shuffled window is the one large buffer; keep room for one chunk read plus its indexed copy.
-            window_rows = max(info.chunk_rows, int(max_memory // row_bytes) - 3 * info.chunk_rows)
+            # Two windows live at once (one trains while the next is read); keep room for one chunk read
+            # plus its indexed copy.
+            window_rows = max(info.chunk_rows, (int(max_memory // row_bytes) - 3 * info.chunk_rows) // 2)
             source = RowSource(reader=reader, window_rows=window_rows)
-            params, report = self.fit_source(source, labels, sample_index, view, counts, info.background_index, val_bank)
+            params, report = self.fit_source(source, labels, sample_index, view, counts, info.background_index, val_bank, info.task)
             report["streamed"] = {"window_rows": window_rows, "max_memory": max_memory}
             return self._set_fitted(info, counts, params, report)
 
     def _fit(self, train: Bank, val: Bank | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return self.fit_source(RowSource(bank=train), train.labels, train.sample_index, train.view,
-                               train.training_class_counts(), train.info.background_index, val)
+                               train.training_class_counts(), train.info.background_index, val, train.info.task)
+
+    def _resolve_head(self, task: str) -> tuple[str, str]:
+        official_form, official_gate = OFFICIAL_HEADS.get(task, OFFICIAL_HEADS["classification"])
+        form = official_form if self.head_form == "auto" else self.head_form
+        gate = official_gate if self.gate == "auto" else self.gate
+        if form not in HEAD_FORMS:
+            raise InputError(f"head_form should be one of auto, {', '.join(HEAD_FORMS)}, found {self.head_form!r}.")
+        if gate not in GATE_INITS:
+            raise InputError(f"gate should be one of auto, {', '.join(GATE_INITS)}, found {self.gate!r}.")
+        return form, gate
+
+    def _rho_grid(self, has_val: bool) -> tuple[float, ...]:
+        if not self.use_grw:
+            return (0.0,)
+        if isinstance(self.rho, str):
+            if self.rho != "auto":
+                raise InputError(f"rho should be a number >= 0 or 'auto', found {self.rho!r}.")
+            return self.rho_grid if has_val else (DEFAULT_RHO,)
+        return (float(self.rho),)
 
     def fit_source(
         self,
@@ -128,71 +191,109 @@ class DisAlign(Calibrator):
         class_counts: np.ndarray,
         background_index: int | None,
         val: Bank | None,
+        task: str = "classification",
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Fit on any :class:`RowSource` (in memory or streamed); used by :meth:`fit` and the streaming path."""
-        if isinstance(self.rho, str):
-            if self.rho != "auto":
-                raise InputError(f"rho should be a number >= 0 or 'auto', found {self.rho!r}.")
-            grid = self.rho_grid if val is not None else (DEFAULT_RHO,)
-        else:
-            grid = (float(self.rho),)
-        if not self.use_grw:
-            grid = (0.0,)
-        num_classes, feature_dim = len(class_counts), source.feature_dim
-        for rho in grid:  # validate every ρ before spending time on fits
-            grw_weights(class_counts, rho, background_index=background_index, count_smoothing=self.count_smoothing)
-        curve, best, best_key = [], None, None
+        """Fit every ρ of the grid in one pass over any :class:`RowSource` (in memory or streamed)."""
         start = time.perf_counter()
-        for rho in grid:
-            weights = grw_weights(class_counts, rho, background_index=background_index, count_smoothing=self.count_smoothing)
-            params = initial_parameters(num_classes, feature_dim)
-            frozen = tuple(name for name, on in (("alpha", self.use_magnitude), ("beta", self.use_margin)) if not on)
-            if not self.use_magnitude:
-                params["alpha"].zero_()  # no magnitude term: ẑ = z + σβ
+        grid = self._rho_grid(val is not None)
+        form, gate = self._resolve_head(task)
+        blend, relu = form == "blend", gate == "bn-relu"
+        # (R, K) GRW weights; grw_weights validates every ρ before any time is spent on the fit.
+        class_weights = torch.stack([grw_weights(class_counts, rho, background_index=background_index,
+                                                 count_smoothing=self.count_smoothing) for rho in grid])
+        row_weights = class_weights[:, labels.clamp_min(0)]  # (R, N): the loss weight of each row for each head
+        generator = torch.Generator().manual_seed(self.seed)
+        sample = gate_input(source.sample_features(GATE_SAMPLE_ROWS, generator), cosine=self.cosine)
+        coords = GateCoordinates.standardizing(sample) if self.gate_standardize else GateCoordinates.identity(source.feature_dim)
+        init = initial_parameters(len(class_counts), source.feature_dim, form=form, gate=gate, sample=sample, generator=generator)
+        if not self.use_magnitude:
+            init["alpha"] = torch.full_like(init["alpha"], 1.0 if blend else 0.0)  # no magnitude term: ẑ = z + σβ
+        raw_init_weight, raw_init_bias = init["gate_weight"], init["gate_bias"]
+        init["gate_weight"], init["gate_bias"] = coords.from_raw(raw_init_weight, raw_init_bias)
+        params = {name: t.expand(len(grid), *t.shape).clone() for name, t in init.items()}  # (R, …)
+        frozen = tuple(name for name, on in (("alpha", self.use_magnitude), ("beta", self.use_margin)) if not on)
 
-            def loss_fn(p, feats, logits, y, weights=weights):
-                z = disalign_logits(feats, logits, p["alpha"], p["beta"], p["gate_weight"], p["gate_bias"],
-                                    cosine=self.cosine, background_index=background_index)
-                return grw_cross_entropy(z, y, weights)
+        def loss_and_grads(p, feats, logits, y, rows):
+            raw_weight, raw_bias = coords.to_raw(p["gate_weight"], p["gate_bias"])
+            raw = {"alpha": p["alpha"], "beta": p["beta"], "gate_weight": raw_weight, "gate_bias": raw_bias}
+            losses, grads = grw_loss_and_grads(gate_input(feats, cosine=self.cosine), logits, y, raw, row_weights[:, rows],
+                                               blend=blend, relu_gate=relu, background_index=background_index)
+            grads["gate_weight"], grads["gate_bias"] = coords.grads_from_raw(grads["gate_weight"], grads["gate_bias"])
+            return losses, grads
 
-            history = run_sgd(params, loss_fn, source, labels, sample_index, view, self.recipe, frozen)
-            point: dict[str, Any] = {"rho": rho, "train_loss": history["loss"][-1]}
+        history = run_stacked_sgd(params, loss_and_grads, source, labels, sample_index, view, self.recipe, frozen,
+                                  progress=getattr(self, "_progress", False), description=f"DisAlign fit, {len(grid)} ρ")
+        raw_weight, raw_bias = coords.to_raw(params["gate_weight"], params["gate_bias"])
+        heads = [{"alpha": params["alpha"][r], "beta": params["beta"][r], "gate_weight": raw_weight[r], "gate_bias": raw_bias[r]}
+                 for r in range(len(grid))]
+        curve = []
+        for r, rho in enumerate(grid):
+            point: dict[str, Any] = {"rho": rho, "train_loss": history["loss"][-1][r]}
             if val is not None:
-                point.update(self._score(params, val, background_index))
+                point.update(self._score(heads[r], val, background_index, blend, relu))
             curve.append(point)
-            key = (point.get("val_mean_class_accuracy", 0.0), -point.get("val_nll", 0.0))
-            if best_key is None or key > best_key:
-                best, best_key = (rho, params, history), key
-        assert best is not None
-        rho, params, history = best
-        report = {"rho": rho, "rho_curve": curve, "epoch_seconds": history["seconds"], "train_loss": history["loss"],
-                  "fit_seconds": time.perf_counter() - start}
+        best = max(range(len(grid)), key=lambda r: (curve[r].get("val_mean_class_accuracy", 0.0), -curve[r].get("val_nll", 0.0)))
+        init_gate = confidence_gate(sample, raw_init_weight, raw_init_bias, relu=relu)
+        final_gate = confidence_gate(sample, heads[best]["gate_weight"], heads[best]["gate_bias"], relu=relu)
+        report: dict[str, Any] = {
+            "rho": grid[best], "rho_curve": curve, "epoch_seconds": history["seconds"],
+            "train_loss": [epoch[best] for epoch in history["loss"]],
+            "head": {"form": form, "gate": gate}, "gate": gate_statistics(init_gate, final_gate),
+        }
         if val is not None:
-            report["validation"] = next(p for p in curve if p["rho"] == rho)
-        return params, report
+            report["validation"] = curve[best]
+        warning = saturation_warning(report["gate"])
+        if warning:
+            report["warnings"] = [warning]
+            print(f"warning: {warning}", file=sys.stderr)
+        report["fit_seconds"] = time.perf_counter() - start
+        return heads[best], report
 
-    def _score(self, params: dict[str, torch.Tensor], val: Bank, background_index: int | None) -> dict[str, float]:
-        labelled = val.labels >= 0
+    def _score(self, head: dict[str, torch.Tensor], val: Bank, background_index: int | None, blend: bool, relu: bool) -> dict[str, float]:
+        """Metrics on the clean view (view 0) of the labelled validation rows, as the baselines and eval use."""
+        rows = (val.labels >= 0) & (val.view == 0)
         with torch.no_grad():
-            z = disalign_logits(val.features[labelled], val.logits[labelled], params["alpha"], params["beta"],
-                                params["gate_weight"], params["gate_bias"], cosine=self.cosine, background_index=background_index)
-        y = val.labels[labelled]
+            z = disalign_logits(val.features[rows], val.logits[rows], head["alpha"], head["beta"], head["gate_weight"],
+                                head["gate_bias"], cosine=self.cosine, blend=blend, relu_gate=relu, background_index=background_index)
+        y = val.labels[rows]
         return {"val_mean_class_accuracy": mean_class_accuracy(z.argmax(1), y, z.shape[1]),
                 "val_accuracy": float((z.argmax(1) == y).double().mean()),
                 "val_nll": negative_log_likelihood(z, y)}
 
     # -- prediction -----------------------------------------------------------------------------
     def _predict_logits(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        p = self.params_
-        return disalign_logits(features, logits, p["alpha"], p["beta"], p["gate_weight"], p["gate_bias"],
-                               cosine=self.cosine, background_index=self.meta_.background_index)
+        p, head = self.params_, self.head_
+        return disalign_logits(features, logits, p["alpha"], p["beta"], p["gate_weight"], p["gate_bias"], cosine=self.cosine,
+                               blend=head["form"] == "blend", relu_gate=head["gate"] == "bn-relu",
+                               background_index=self.meta_.background_index)
 
     def confidence(self, features: torch.Tensor) -> torch.Tensor:
         """The gate σ(x) (N,) for features (N, d)."""
         self._check_fitted()
-        return confidence_gate(features, self.params_["gate_weight"], self.params_["gate_bias"], cosine=self.cosine)
+        return confidence_gate(features, self.params_["gate_weight"], self.params_["gate_bias"], cosine=self.cosine,
+                               relu=self.head_["gate"] == "bn-relu")
 
     def _check_loaded_params(self) -> None:
         k, d, where = self.meta_.num_classes, self.meta_.feature_dim, "disalign calibration"
         for name, shape in (("alpha", (k,)), ("beta", (k,)), ("gate_weight", (d,)), ("gate_bias", ())):
             require_shape(self.params_, name, shape, where)
+
+
+def gate_statistics(initial: torch.Tensor, final: torch.Tensor) -> dict[str, float]:
+    """Mean and std of the gate (N,) over the training sample at initialisation and at the end, and the
+    fraction of rows where it is saturated (σ(1 − σ) < 1e-3: no gradient, the head cannot adapt there)."""
+    def saturated(g: torch.Tensor) -> float:
+        return float(((g * (1 - g)) < SATURATED).double().mean())
+
+    return {"init_mean": float(initial.mean()), "init_std": float(initial.std(unbiased=False)), "init_saturated": saturated(initial),
+            "final_mean": float(final.mean()), "final_std": float(final.std(unbiased=False)), "final_saturated": saturated(final)}
+
+
+def saturation_warning(stats: dict[str, float]) -> str | None:
+    """One sentence when the fitted gate is saturated or collapsed on more than 99 % of the rows."""
+    if stats["final_saturated"] <= 0.99:
+        return None
+    state = "collapsed to 0" if stats["final_mean"] < 0.5 else "saturated at 1"
+    return (f"the DisAlign gate is {state} on {stats['final_saturated']:.1%} of the training rows (mean {stats['final_mean']:.4f}): "
+            "it no longer depends on the input; try gate_standardize=True or another gate init.")
+
