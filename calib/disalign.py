@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from calib.bank import Bank, BankReader
+from calib.crossfit import HeadPlan, HeldOutRows, logit_scores
 from calib.errors import InputError
 from calib.estimator import Calibrator, as_bank, check_banks_agree, require_shape
 from calib.grw import grw_weights
@@ -40,7 +41,6 @@ from calib.head import (
     grw_loss_and_grads,
     initial_parameters,
 )
-from calib.metrics import mean_class_accuracy, negative_log_likelihood
 from calib.training import RowSource, SGDRecipe, run_stacked_sgd
 
 DEFAULT_RHO = 1.0
@@ -50,6 +50,8 @@ OFFICIAL_HEADS = {"classification": ("residual", "constant"), "detection": ("ble
 LEGACY_HEAD = {"form": "residual", "gate": "constant"}  # artifacts written before the head was recorded
 GATE_SAMPLE_ROWS = 8192  # training rows the gate coordinates, the BN init and the gate statistics are taken on
 SATURATED = 1e-3  # σ(1 − σ) below this: the gate's gradient is gone on that row
+SELECTIONS = ("nll", "accuracy")  # what the validation bank minimises / maximises when it picks a head
+VAL_WEIGHT_GRID = (0.0, 0.1, 0.3)  # val_weight="auto": the shares of validation rows cross-fitting chooses from
 
 
 class DisAlign(Calibrator):
@@ -59,8 +61,10 @@ class DisAlign(Calibrator):
     ``lr``, ``momentum``, ``weight_decay``, ``seed``), ``cosine`` (gate on L2-normalised features, for
     cosine classifiers), ablation switches ``use_magnitude`` (α), ``use_margin`` (β), ``use_grw``
     (False = plain CE), ``count_smoothing`` (added to every class count before GRW), ``head_form``
-    ("auto", "residual" or "blend"), ``gate`` ("auto", "constant", "normal" or "bn-relu") and
-    ``gate_standardize`` (train the gate on standardised features).
+    ("auto", "residual" or "blend"), ``gate`` ("auto", "constant", "normal" or "bn-relu"),
+    ``gate_standardize`` (train the gate on standardised features), ``selection`` ("nll" or "accuracy":
+    what the validation bank picks by), ``val_weight`` (share λ of the loss carried by validation rows mixed
+    into the fit, a number in [0, 1) or "auto"; see :mod:`calib.crossfit`) and ``val_folds`` (its folds).
     """
 
     method = "disalign"
@@ -84,6 +88,9 @@ class DisAlign(Calibrator):
         head_form: str = "auto",
         gate: str = "auto",
         gate_standardize: bool = True,
+        selection: str = "nll",
+        val_weight: float | str = 0.0,
+        val_folds: int = 5,
     ):
         self.rho = rho
         self.rho_grid = tuple(float(r) for r in rho_grid)
@@ -101,11 +108,15 @@ class DisAlign(Calibrator):
         self.head_form = head_form
         self.gate = gate
         self.gate_standardize = gate_standardize
+        self.selection = selection
+        self.val_weight = val_weight
+        self.val_folds = val_folds
 
     def get_params(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in (
             "rho", "rho_grid", "epochs", "batch_size", "lr", "momentum", "weight_decay", "seed",
             "cosine", "use_magnitude", "use_margin", "use_grw", "count_smoothing", "head_form", "gate", "gate_standardize",
+            "selection", "val_weight", "val_folds",
         )}
 
     @property
@@ -193,16 +204,26 @@ class DisAlign(Calibrator):
         val: Bank | None,
         task: str = "classification",
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Fit every ρ of the grid in one pass over any :class:`RowSource` (in memory or streamed)."""
+        """Fit every head of the plan (each ρ of the grid, and with ``val_weight`` each share of validation
+        rows and fold) in one pass over any :class:`RowSource`; keep the head the validation bank prefers."""
         start = time.perf_counter()
-        grid = self._rho_grid(val is not None)
         form, gate = self._resolve_head(task)
         blend, relu = form == "blend", gate == "bn-relu"
+        if self.selection not in SELECTIONS:
+            raise InputError(f"selection should be one of {', '.join(SELECTIONS)}, found {self.selection!r}.")
+        plan = HeadPlan.make(self._rho_grid(val is not None), self._val_weights(val is not None), self.val_folds)
         # (R, K) GRW weights; grw_weights validates every ρ before any time is spent on the fit.
-        class_weights = torch.stack([grw_weights(class_counts, rho, background_index=background_index,
-                                                 count_smoothing=self.count_smoothing) for rho in grid])
-        row_weights = class_weights[:, labels.clamp_min(0)]  # (R, N): the loss weight of each row for each head
+        class_weights = {rho: grw_weights(class_counts, rho, background_index=background_index, count_smoothing=self.count_smoothing)
+                         for rho in plan.rhos}
         generator = torch.Generator().manual_seed(self.seed)
+        held_out = None
+        if plan.mixes_val:
+            if source.bank is None:
+                raise InputError("val_weight > 0 mixes validation rows into the fit and needs the training bank in memory; "
+                                 "raise --max-memory or use val_weight 0.")
+            held_out = HeldOutRows.from_bank(val, self.val_folds, generator)
+            source, labels, sample_index, view = held_out.appended_to(source.bank)
+        row_weights = plan.row_weights(class_weights, labels, held_out)  # (R, N): loss weight of each row for each head
         sample = gate_input(source.sample_features(GATE_SAMPLE_ROWS, generator), cosine=self.cosine)
         coords = GateCoordinates.standardizing(sample) if self.gate_standardize else GateCoordinates.identity(source.feature_dim)
         init = initial_parameters(len(class_counts), source.feature_dim, form=form, gate=gate, sample=sample, generator=generator)
@@ -210,7 +231,7 @@ class DisAlign(Calibrator):
             init["alpha"] = torch.full_like(init["alpha"], 1.0 if blend else 0.0)  # no magnitude term: ẑ = z + σβ
         raw_init_weight, raw_init_bias = init["gate_weight"], init["gate_bias"]
         init["gate_weight"], init["gate_bias"] = coords.from_raw(raw_init_weight, raw_init_bias)
-        params = {name: t.expand(len(grid), *t.shape).clone() for name, t in init.items()}  # (R, …)
+        params = {name: t.expand(len(plan), *t.shape).clone() for name, t in init.items()}  # (R, …)
         frozen = tuple(name for name, on in (("alpha", self.use_magnitude), ("beta", self.use_margin)) if not on)
 
         def loss_and_grads(p, feats, logits, y, rows):
@@ -222,24 +243,33 @@ class DisAlign(Calibrator):
             return losses, grads
 
         history = run_stacked_sgd(params, loss_and_grads, source, labels, sample_index, view, self.recipe, frozen,
-                                  progress=getattr(self, "_progress", False), description=f"DisAlign fit, {len(grid)} ρ")
+                                  progress=getattr(self, "_progress", False), description=f"DisAlign fit, {len(plan)} heads")
         raw_weight, raw_bias = coords.to_raw(params["gate_weight"], params["gate_bias"])
         heads = [{"alpha": params["alpha"][r], "beta": params["beta"][r], "gate_weight": raw_weight[r], "gate_bias": raw_bias[r]}
-                 for r in range(len(grid))]
+                 for r in range(len(plan))]
+        scoring = {"cosine": self.cosine, "blend": blend, "relu_gate": relu, "background_index": background_index}
         curve = []
-        for r, rho in enumerate(grid):
-            point: dict[str, Any] = {"rho": rho, "train_loss": history["loss"][-1][r]}
+        for rho, share, final in plan.candidates():
+            point: dict[str, Any] = {"rho": rho, "train_loss": history["loss"][-1][final]}
+            if plan.mixes_val:
+                point["val_weight"] = share
             if val is not None:
-                point.update(self._score(heads[r], val, background_index, blend, relu))
+                if share > 0:  # scored out of fold: head f never saw the validation rows of fold f
+                    point.update(held_out.cross_fitted_scores(heads, plan, rho, share, scoring), cross_fitted=True)
+                else:
+                    point.update(validation_scores(heads[final], val, scoring))
             curve.append(point)
-        best = max(range(len(grid)), key=lambda r: (curve[r].get("val_mean_class_accuracy", 0.0), -curve[r].get("val_nll", 0.0)))
+        best = min(range(len(curve)), key=lambda i: selection_key(curve[i], self.selection))
+        chosen = plan.candidates()[best][2]
         init_gate = confidence_gate(sample, raw_init_weight, raw_init_bias, relu=relu)
-        final_gate = confidence_gate(sample, heads[best]["gate_weight"], heads[best]["gate_bias"], relu=relu)
+        final_gate = confidence_gate(sample, heads[chosen]["gate_weight"], heads[chosen]["gate_bias"], relu=relu)
         report: dict[str, Any] = {
-            "rho": grid[best], "rho_curve": curve, "epoch_seconds": history["seconds"],
-            "train_loss": [epoch[best] for epoch in history["loss"]],
+            "rho": curve[best]["rho"], "rho_curve": curve, "epoch_seconds": history["seconds"],
+            "train_loss": [epoch[chosen] for epoch in history["loss"]], "selection": self.selection,
             "head": {"form": form, "gate": gate}, "gate": gate_statistics(init_gate, final_gate),
         }
+        if plan.mixes_val:
+            report["val_weight"] = curve[best]["val_weight"]
         if val is not None:
             report["validation"] = curve[best]
         warning = saturation_warning(report["gate"])
@@ -247,18 +277,22 @@ class DisAlign(Calibrator):
             report["warnings"] = [warning]
             print(f"warning: {warning}", file=sys.stderr)
         report["fit_seconds"] = time.perf_counter() - start
-        return heads[best], report
+        return heads[chosen], report
 
-    def _score(self, head: dict[str, torch.Tensor], val: Bank, background_index: int | None, blend: bool, relu: bool) -> dict[str, float]:
-        """Metrics on the clean view (view 0) of the labelled validation rows, as the baselines and eval use."""
-        rows = (val.labels >= 0) & (val.view == 0)
-        with torch.no_grad():
-            z = disalign_logits(val.features[rows], val.logits[rows], head["alpha"], head["beta"], head["gate_weight"],
-                                head["gate_bias"], cosine=self.cosine, blend=blend, relu_gate=relu, background_index=background_index)
-        y = val.labels[rows]
-        return {"val_mean_class_accuracy": mean_class_accuracy(z.argmax(1), y, z.shape[1]),
-                "val_accuracy": float((z.argmax(1) == y).double().mean()),
-                "val_nll": negative_log_likelihood(z, y)}
+    def _val_weights(self, has_val: bool) -> tuple[float, ...]:
+        if isinstance(self.val_weight, str):
+            if self.val_weight != "auto":
+                raise InputError(f"val_weight should be a number in [0, 1) or 'auto', found {self.val_weight!r}.")
+            weights = VAL_WEIGHT_GRID if has_val else (0.0,)
+        elif not 0 <= float(self.val_weight) < 1:
+            raise InputError(f"val_weight should be a number in [0, 1) or 'auto', found {self.val_weight!r}.")
+        elif float(self.val_weight) > 0 and not has_val:
+            raise InputError("val_weight > 0 mixes validation rows into the fit: pass a validation bank.")
+        else:
+            weights = (float(self.val_weight),)
+        if max(weights) > 0 and (not isinstance(self.val_folds, int) or self.val_folds < 2):
+            raise InputError(f"val_folds should be an integer >= 2, found {self.val_folds!r}.")
+        return weights
 
     # -- prediction -----------------------------------------------------------------------------
     def _predict_logits(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -277,6 +311,20 @@ class DisAlign(Calibrator):
         k, d, where = self.meta_.num_classes, self.meta_.feature_dim, "disalign calibration"
         for name, shape in (("alpha", (k,)), ("beta", (k,)), ("gate_weight", (d,)), ("gate_bias", ())):
             require_shape(self.params_, name, shape, where)
+
+
+def validation_scores(head: dict[str, torch.Tensor], val: Bank, scoring: dict[str, Any]) -> dict[str, float]:
+    """Metrics of one head on the clean view (view 0) of the labelled validation rows, as the baselines and eval use."""
+    rows = (val.labels >= 0) & (val.view == 0)
+    z = disalign_logits(val.features[rows], val.logits[rows], head["alpha"], head["beta"], head["gate_weight"], head["gate_bias"], **scoring)
+    return logit_scores(z, val.labels[rows])
+
+
+def selection_key(point: dict[str, Any], selection: str) -> tuple[float, float]:
+    """Smaller is better. "nll": validation NLL, ties broken by mean-class accuracy; "accuracy": the reverse.
+    Without validation metrics every point ties (a single ρ)."""
+    nll, accuracy = point.get("val_nll", 0.0), point.get("val_mean_class_accuracy", 0.0)
+    return (nll, -accuracy) if selection == "nll" else (-accuracy, nll)
 
 
 def gate_statistics(initial: torch.Tensor, final: torch.Tensor) -> dict[str, float]:

@@ -1,8 +1,17 @@
 import math
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-from calib.head import align_logits, confidence_gate, disalign_logits, initial_parameters
+from calib.head import (
+    GateCoordinates,
+    align_logits,
+    confidence_gate,
+    disalign_logits,
+    grw_loss_and_grads,
+    initial_parameters,
+)
 
 
 def test_gate_is_sigmoid_of_affine_feature():
@@ -63,22 +72,6 @@ def test_float16_features_are_upcast():
     assert torch.allclose(out, torch.tensor([[1.5, 0.0]]))
 
 
-def test_hand_written_backward_matches_autograd_of_the_formula():
-    torch.manual_seed(0)
-    x = torch.randn(6, 4, dtype=torch.float64)
-    z = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
-    params = [torch.randn(5, dtype=torch.float64, requires_grad=True) for _ in range(2)] + [
-        torch.randn(4, dtype=torch.float64, requires_grad=True), torch.randn((), dtype=torch.float64, requires_grad=True)]
-    assert torch.autograd.gradcheck(lambda z, a, b, v, c: disalign_logits(x, z, a, b, v, c), (z, *params))
-    upstream = torch.randn(6, 5, dtype=torch.float64)
-    ours = torch.autograd.grad((disalign_logits(x, z, *params) * upstream).sum(), [z, *params])
-    a, b, v, c = params
-    g = torch.sigmoid(x @ v + c).unsqueeze(1)
-    reference = torch.autograd.grad((((1 + g * a) * z + g * b) * upstream).sum(), [z, *params])
-    for mine, ref in zip(ours, reference, strict=True):
-        assert torch.allclose(mine, ref)
-
-
 def test_prediction_path_equals_the_training_path():
     # Without gradients the head skips the autograd.Function; both paths must give the same logits.
     torch.manual_seed(1)
@@ -91,3 +84,96 @@ def test_prediction_path_equals_the_training_path():
         predicted = disalign_logits(x, z, a, b, v, c, background_index=None)
     assert predicted.grad_fn is None
     assert torch.equal(predicted, trained.detach())
+
+
+def test_blend_form_is_eq5_of_the_paper():
+    # ẑ = σ(α⊙z + β) + (1 − σ)z: row 1 with σ = .75, α = [2, 1, 3], β = [0, 1, -1], z = [1, 2, 3]
+    # = .75·[2, 3, 8] + .25·[1, 2, 3] = [1.75, 2.75, 6.75]
+    logits, gate = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([0.75])
+    alpha, beta = torch.tensor([2.0, 1.0, 3.0]), torch.tensor([0.0, 1.0, -1.0])
+    assert torch.allclose(align_logits(logits, gate, alpha, beta, blend=True), torch.tensor([[1.75, 2.75, 6.75]]))
+    # at the official init (α = 1, β = 0) the blend head is the identity whatever the gate
+    assert torch.equal(align_logits(logits, gate, torch.ones(3), torch.zeros(3), blend=True), logits)
+
+
+def test_head_matches_reference_disalign_fast_rcnn_output_layers():
+    """cvpods DisAlignFastRCNNOutputLayers: foreground scores σ(s·scale + bias) + (1 − σ)s, background (last) as is."""
+    torch.manual_seed(0)
+    x, scores = torch.randn(16, 8), torch.randn(16, 6)
+    confidence_layer = torch.nn.Linear(8, 1)
+    scale, bias = torch.randn(5), torch.randn(5)
+    with torch.no_grad():
+        confidence = confidence_layer(x).sigmoid()
+        fg = confidence * (scores[:, :-1] * scale + bias) + (1 - confidence) * scores[:, :-1]
+        reference = torch.cat([fg, scores[:, -1:]], dim=1)
+        ours = disalign_logits(x, scores, torch.cat([scale, torch.ones(1)]), torch.cat([bias, torch.zeros(1)]),
+                               confidence_layer.weight[0], confidence_layer.bias[0], blend=True, background_index=5)
+    assert torch.allclose(ours, reference, atol=1e-6)
+
+
+def test_relu_gate_is_sigmoid_of_relu():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    gate = confidence_gate(x, torch.tensor([-2.0, 1.0]), torch.tensor(0.0), relu=True)
+    assert torch.allclose(gate, torch.tensor([0.5, torch.sigmoid(torch.tensor(1.0))]))  # ReLU(-2) = 0 → σ = 0.5
+
+
+@pytest.mark.parametrize("blend", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("background_index", [None, 2])
+def test_stacked_loss_and_hand_written_gradients_match_autograd(blend, relu, background_index):
+    torch.manual_seed(0)
+    heads, rows, k, d = 3, 9, 5, 4
+    x, z = torch.randn(rows, d, dtype=torch.float64), torch.randn(rows, k, dtype=torch.float64) * 3
+    y = torch.randint(0, k, (rows,))
+    params = {"alpha": torch.randn(heads, k, dtype=torch.float64), "beta": torch.randn(heads, k, dtype=torch.float64),
+              "gate_weight": torch.randn(heads, d, dtype=torch.float64), "gate_bias": torch.randn(heads, dtype=torch.float64)}
+    weights = torch.rand(heads, rows, dtype=torch.float64) + 0.1
+    loss, grads = grw_loss_and_grads(x, z, y, params, weights, blend=blend, relu_gate=relu, background_index=background_index)
+    leaf = {name: t.clone().requires_grad_(True) for name, t in params.items()}
+    reference = torch.stack([
+        (F.cross_entropy(disalign_logits(x, z, *(leaf[n][r] for n in ("alpha", "beta", "gate_weight", "gate_bias")), blend=blend,
+                                         relu_gate=relu, background_index=background_index), y, reduction="none") * weights[r]).sum()
+        / weights[r].sum() for r in range(heads)])
+    reference.sum().backward()  # heads share no parameter: the sum's gradient is each head's own
+    assert torch.allclose(loss, reference)
+    for name in params:
+        assert torch.allclose(grads[name], leaf[name].grad), name
+
+
+def test_loss_stays_exact_when_the_label_probability_underflows():
+    z = torch.tensor([[200.0, 0.0], [0.0, 1.0]])
+    params = {"alpha": torch.zeros(1, 2), "beta": torch.zeros(1, 2), "gate_weight": torch.zeros(1, 1), "gate_bias": torch.zeros(1)}
+    loss, _ = grw_loss_and_grads(torch.zeros(2, 1), z, torch.tensor([1, 1]), params, torch.ones(1, 2))
+    assert torch.allclose(loss, F.cross_entropy(z, torch.tensor([1, 1])).reshape(1))  # (200 + ln(1 + e^-200) + 0.3133) / 2
+
+
+def test_gate_coordinates_change_nothing_but_the_parametrisation():
+    torch.manual_seed(0)
+    x = torch.rand(50, 6) * torch.tensor([1.0, 10.0, 0.1, 3.0, 1.0, 0.0]) + 2.0  # last dimension constant
+    coords = GateCoordinates.standardizing(x)
+    x_std = (x - coords.mean) * coords.scale
+    assert torch.allclose(x_std[:, :5].std(0, unbiased=False), torch.full((5,), 1 / 6**0.5), atol=1e-5)
+    assert float(coords.scale[5]) == 0.0  # a constant dimension carries nothing: its value lives in the bias
+    v, c = torch.randn(2, 6), torch.randn(2)
+    raw_v, raw_c = coords.to_raw(v, c)
+    assert torch.allclose(x @ raw_v.T + raw_c, x_std @ v.T + c, atol=1e-5)
+    back_v, back_c = coords.from_raw(raw_v, raw_c)
+    assert torch.allclose(x @ coords.to_raw(back_v, back_c)[0].T + coords.to_raw(back_v, back_c)[1], x @ raw_v.T + raw_c, atol=1e-4)
+    # the chain rule through to_raw, against autograd
+    leaf_v, leaf_c = v.clone().requires_grad_(True), c.clone().requires_grad_(True)
+    upstream_v, upstream_c = torch.randn(2, 6), torch.randn(2)
+    rv, rc = coords.to_raw(leaf_v, leaf_c)
+    ((rv * upstream_v).sum() + (rc * upstream_c).sum()).backward()
+    dv, dc = coords.grads_from_raw(upstream_v, upstream_c)
+    assert torch.allclose(dv, leaf_v.grad) and torch.allclose(dc, leaf_c.grad)
+
+
+def test_official_gate_initialisations():
+    g = torch.Generator().manual_seed(0)
+    normal = initial_parameters(3, 4000, form="blend", gate="normal", generator=g)
+    assert abs(float(normal["gate_weight"].std()) - 0.01) < 0.001 and float(normal["gate_bias"]) == 0.0
+    assert torch.equal(normal["alpha"], torch.ones(3)) and torch.equal(normal["beta"], torch.zeros(3))
+    sample = torch.rand(2000, 8) * 5
+    bn = initial_parameters(3, 8, form="blend", gate="bn-relu", sample=sample, generator=g)
+    u = sample @ bn["gate_weight"] + bn["gate_bias"]  # BN at init: the pre-activation is standardised
+    assert abs(float(u.mean())) < 1e-4 and abs(float(u.std(unbiased=False)) - 1.0) < 1e-4

@@ -1,0 +1,147 @@
+"""Validation rows inside the DisAlign fit, chosen by cross-fitting on the validation bank itself.
+
+The training bank's logits come from the images the stage-1 model was trained on, so they are more
+confident than any test image's; the validation bank is held out and has the test distribution, but is
+small. With ``val_weight`` λ > 0 the loss is (1 − λ)·GRW-CE(train rows) + λ·CE(clean validation rows)
+(validation sets are balanced, so their rows are not re-weighted). The ρ and λ of such a fit cannot be
+chosen on rows it trained on: the validation rows are split into F class-stratified folds, and for every
+(ρ, λ) F + 1 heads train together in the same pass, head f without fold f and the last one with every
+validation row. The pooled out-of-fold predictions of heads 0 … F−1 score (ρ, λ); the last head is the one
+kept (cross-fitting, as in K-fold cross-validation followed by a refit on all the data).
+
+:class:`HeadPlan` lists the stacked heads and gives each training row its weight for each head;
+:class:`HeldOutRows` holds the validation rows, their folds, and scores heads out of fold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from calib.bank import Bank
+from calib.head import disalign_logits
+from calib.metrics import mean_class_accuracy, negative_log_likelihood
+from calib.training import RowSource
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One stacked head: its ρ, the share λ of the loss carried by validation rows, and the validation fold
+    it leaves out (None: it trains on every validation row; that head is the one a fit can keep)."""
+
+    rho: float
+    val_weight: float
+    fold: int | None = None
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """The heads one fit trains together, in order."""
+
+    specs: tuple[HeadSpec, ...]
+
+    @classmethod
+    def make(cls, rhos: tuple[float, ...], val_weights: tuple[float, ...], folds: int) -> HeadPlan:
+        specs = []
+        for rho in rhos:
+            for share in val_weights:
+                specs.append(HeadSpec(rho, share))
+                if share > 0:
+                    specs.extend(HeadSpec(rho, share, fold) for fold in range(folds))
+        return cls(tuple(specs))
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    @property
+    def rhos(self) -> tuple[float, ...]:
+        return tuple(dict.fromkeys(spec.rho for spec in self.specs))
+
+    @property
+    def mixes_val(self) -> bool:
+        return any(spec.val_weight > 0 for spec in self.specs)
+
+    def candidates(self) -> list[tuple[float, float, int]]:
+        """(ρ, λ, index of the head trained on every validation row) for each choice the validation bank makes."""
+        return [(spec.rho, spec.val_weight, i) for i, spec in enumerate(self.specs) if spec.fold is None]
+
+    def index(self, rho: float, share: float, fold: int | None) -> int:
+        return self.specs.index(HeadSpec(rho, share, fold))
+
+    def row_weights(self, class_weights: dict[float, torch.Tensor], labels: torch.Tensor, held_out: HeldOutRows | None) -> torch.Tensor:
+        """Loss weight (R, N) of every row for every head; the last ``held_out.count`` rows are validation rows.
+
+        λ = 0: the GRW weight of the row's class, w_ρ(y). λ > 0: training rows (1 − λ)·w_ρ(y)·N_train/Σw_ρ and the
+        validation rows the head may see λ·N_train/n_seen, so validation rows carry the share λ of the loss.
+        """
+        classes = labels.clamp_min(0)  # unlabelled rows are never visited; any weight will do
+        n_val = held_out.count if held_out is not None else 0
+        n_train = labels.numel() - n_val
+        table = torch.zeros(len(self.specs), labels.numel())
+        for r, spec in enumerate(self.specs):
+            train = class_weights[spec.rho][classes[:n_train]]
+            if spec.val_weight == 0:
+                table[r, :n_train] = train
+                continue
+            assert held_out is not None
+            labelled = labels[:n_train] >= 0
+            table[r, :n_train] = (1 - spec.val_weight) * train * (int(labelled.sum()) / float(train[labelled].sum()))
+            seen = held_out.fold != spec.fold if spec.fold is not None else torch.ones(n_val, dtype=torch.bool)
+            table[r, n_train:] = seen * (spec.val_weight * int(labelled.sum()) / int(seen.sum()))
+        return table
+
+
+@dataclass(frozen=True)
+class HeldOutRows:
+    """The clean, labelled validation rows: features (n, d), logits (n, K), labels (n,), fold (n,) int64."""
+
+    features: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor
+    fold: torch.Tensor
+
+    @classmethod
+    def from_bank(cls, val: Bank, folds: int, generator: torch.Generator) -> HeldOutRows:
+        """Clean view, labelled rows; folds stratified by class (each class's rows dealt round-robin in random order)."""
+        rows = torch.nonzero((val.labels >= 0) & (val.view == 0), as_tuple=True)[0]
+        labels = val.labels[rows]
+        fold = torch.empty_like(labels)
+        for c in torch.unique(labels).tolist():
+            members = torch.nonzero(labels == c, as_tuple=True)[0]
+            members = members[torch.randperm(members.numel(), generator=generator)]
+            fold[members] = torch.arange(members.numel()) % folds
+        return cls(val.features[rows], val.logits[rows], labels, fold)
+
+    @property
+    def count(self) -> int:
+        return int(self.labels.numel())
+
+    def appended_to(self, train: Bank) -> tuple[RowSource, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A source over the training rows followed by these rows (each its own image, view 0), with the
+        labels, sample_index and view (N_train + n,) an epoch is drawn from."""
+        sample_index = torch.cat([train.sample_index, int(train.sample_index.max()) + 1 + torch.arange(self.count)])
+        view = torch.cat([train.view, torch.zeros(self.count, dtype=train.view.dtype)])
+        labels = torch.cat([train.labels, self.labels])
+        both = Bank(torch.cat([train.features, self.features.to(train.features.dtype)]), torch.cat([train.logits, self.logits]),
+                    labels, sample_index, view, train.info)
+        return RowSource(bank=both), labels, sample_index, view
+
+    def cross_fitted_scores(self, heads: list[dict[str, torch.Tensor]], plan: HeadPlan, rho: float, share: float,
+                            scoring: dict[str, Any]) -> dict[str, float]:
+        """Validation metrics of (ρ, λ) from out-of-fold predictions: each row scored by the head that never saw it."""
+        z = torch.empty_like(self.logits)
+        for fold in torch.unique(self.fold).tolist():
+            rows = self.fold == fold
+            head = heads[plan.index(rho, share, fold)]
+            z[rows] = disalign_logits(self.features[rows], self.logits[rows], head["alpha"], head["beta"], head["gate_weight"],
+                                      head["gate_bias"], **scoring)
+        return logit_scores(z, self.labels)
+
+
+def logit_scores(z: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Validation metrics of calibrated logits (N, K) against labels (N,)."""
+    return {"val_mean_class_accuracy": mean_class_accuracy(z.argmax(1), y, z.shape[1]),
+            "val_accuracy": float((z.argmax(1) == y).double().mean()),
+            "val_nll": negative_log_likelihood(z, y)}
