@@ -35,11 +35,16 @@ from calib.head import (
     GATE_INITS,
     HEAD_FORMS,
     GateCoordinates,
+    batch_norm,
+    batch_norm_grads,
     confidence_gate,
     disalign_logits,
+    fold_batch_norm,
     gate_input,
     grw_loss_and_grads,
     initial_parameters,
+    linear_gate,
+    linear_gate_grads,
 )
 from calib.training import RowSource, SGDRecipe, run_stacked_sgd
 
@@ -226,25 +231,31 @@ class DisAlign(Calibrator):
         row_weights = plan.row_weights(class_weights, labels, held_out)  # (R, N): loss weight of each row for each head
         sample = gate_input(source.sample_features(GATE_SAMPLE_ROWS, generator), cosine=self.cosine)
         coords = GateCoordinates.standardizing(sample) if self.gate_standardize else GateCoordinates.identity(source.feature_dim)
-        init = initial_parameters(len(class_counts), source.feature_dim, form=form, gate=gate, sample=sample, generator=generator)
+        init = initial_parameters(len(class_counts), source.feature_dim, form=form, gate=gate, generator=generator)
         if not self.use_magnitude:
             init["alpha"] = torch.full_like(init["alpha"], 1.0 if blend else 0.0)  # no magnitude term: ẑ = z + σβ
-        raw_init_weight, raw_init_bias = init["gate_weight"], init["gate_bias"]
-        init["gate_weight"], init["gate_bias"] = coords.from_raw(raw_init_weight, raw_init_bias)
+        raw_init = raw_gates({name: t.unsqueeze(0) for name, t in init.items()}, GateCoordinates.identity(source.feature_dim), sample)
+        init_gate = confidence_gate(sample, raw_init[0][0], raw_init[1][0], relu=relu)
+        init["gate_weight"], init["gate_bias"] = coords.from_raw(init["gate_weight"], init["gate_bias"])
         params = {name: t.expand(len(plan), *t.shape).clone() for name, t in init.items()}  # (R, …)
         frozen = tuple(name for name, on in (("alpha", self.use_magnitude), ("beta", self.use_margin)) if not on)
 
         def loss_and_grads(p, feats, logits, y, rows):
-            raw_weight, raw_bias = coords.to_raw(p["gate_weight"], p["gate_bias"])
-            raw = {"alpha": p["alpha"], "beta": p["beta"], "gate_weight": raw_weight, "gate_bias": raw_bias}
-            losses, grads = grw_loss_and_grads(gate_input(feats, cosine=self.cosine), logits, y, raw, row_weights[:, rows],
+            x = gate_input(feats, cosine=self.cosine)
+            u = linear_gate(x, *coords.to_raw(p["gate_weight"], p["gate_bias"]))  # (R, B)
+            if relu:
+                u, cache = batch_norm(u, p["bn_weight"], p["bn_bias"])
+            losses, grads = grw_loss_and_grads(u, logits, y, p["alpha"], p["beta"], row_weights[:, rows],
                                                blend=blend, relu_gate=relu, background_index=background_index)
-            grads["gate_weight"], grads["gate_bias"] = coords.grads_from_raw(grads["gate_weight"], grads["gate_bias"])
+            d_u = grads.pop("preactivation")
+            if relu:
+                d_u, grads["bn_weight"], grads["bn_bias"] = batch_norm_grads(d_u, p["bn_weight"], cache)
+            grads["gate_weight"], grads["gate_bias"] = coords.grads_from_raw(*linear_gate_grads(x, d_u))
             return losses, grads
 
         history = run_stacked_sgd(params, loss_and_grads, source, labels, sample_index, view, self.recipe, frozen,
                                   progress=getattr(self, "_progress", False), description=f"DisAlign fit, {len(plan)} heads")
-        raw_weight, raw_bias = coords.to_raw(params["gate_weight"], params["gate_bias"])
+        raw_weight, raw_bias = raw_gates(params, coords, sample)
         heads = [{"alpha": params["alpha"][r], "beta": params["beta"][r], "gate_weight": raw_weight[r], "gate_bias": raw_bias[r]}
                  for r in range(len(plan))]
         scoring = {"cosine": self.cosine, "blend": blend, "relu_gate": relu, "background_index": background_index}
@@ -261,7 +272,6 @@ class DisAlign(Calibrator):
             curve.append(point)
         best = min(range(len(curve)), key=lambda i: selection_key(curve[i], self.selection))
         chosen = plan.candidates()[best][2]
-        init_gate = confidence_gate(sample, raw_init_weight, raw_init_bias, relu=relu)
         final_gate = confidence_gate(sample, heads[chosen]["gate_weight"], heads[chosen]["gate_bias"], relu=relu)
         report: dict[str, Any] = {
             "rho": curve[best]["rho"], "rho_curve": curve, "epoch_seconds": history["seconds"],
@@ -311,6 +321,16 @@ class DisAlign(Calibrator):
         k, d, where = self.meta_.num_classes, self.meta_.feature_dim, "disalign calibration"
         for name, shape in (("alpha", (k,)), ("beta", (k,)), ("gate_weight", (d,)), ("gate_bias", ())):
             require_shape(self.params_, name, shape, where)
+
+
+def raw_gates(params: dict[str, torch.Tensor], coords: GateCoordinates, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The R trained gates as (v (R, d), c (R,)) on raw gate inputs; a BN gate is folded with the statistics of
+    its pre-activation over the training ``sample`` (n, d), as BN runs in evaluation mode."""
+    weight, bias = coords.to_raw(params["gate_weight"], params["gate_bias"])
+    if "bn_weight" not in params:
+        return weight, bias
+    a = linear_gate(sample, weight, bias)
+    return fold_batch_norm(weight, bias, params["bn_weight"], params["bn_bias"], a.mean(1), a.var(1, unbiased=False))
 
 
 def validation_scores(head: dict[str, torch.Tensor], val: Bank, scoring: dict[str, Any]) -> dict[str, float]:

@@ -3,7 +3,7 @@
 
     σ(x)  = sigmoid(vᵀx + c)                        gate "linear" (x L2-normalised first for cosine heads)
     σ(x)  = sigmoid(ReLU(vᵀx + c))                  gate "relu" (segmentation: sigmoid(ReLU(BN(1×1 conv))),
-                                                    the BN folded into v and c)
+                                                    BN folded into v and c once trained)
     ẑ     = z + σ(x)·(α⊙z + β)                      form "residual" = (1 + σα)⊙z + σβ (classification)
     ẑ     = σ(x)·(α⊙z + β) + (1 − σ(x))·z           form "blend", the paper's eq. (5) (detection, segmentation)
     ẑ_bg  = z_bg                                    the background logit of K+1-way heads is untouched
@@ -13,9 +13,10 @@ initialisations (:func:`initial_parameters`): classification α = 1, β = 0, v =
 (1 + σ)z); detection α = 1, β = 0, v ~ N(0, 0.01²), c = 0; segmentation α = 1, β = 0 and a BN-standardised
 ReLU gate. Blend heads start as the identity.
 
-Training runs R heads at once (a ρ grid): :func:`grw_loss_and_grads` takes stacked parameters α, β (R, K),
-v (R, d), c (R,) and returns every head's loss and gradients from one read of the batch, with a hand-written
-backward. :class:`GateCoordinates` is the coordinate change the gate is trained in (standardised features),
+Training runs R heads at once (a ρ grid): :func:`grw_loss_and_grads` takes stacked α, β (R, K) and each
+head's gate pre-activation (R, B) and returns every head's loss and gradients from one read of the batch,
+with a hand-written backward. The segmentation gate trains with BatchNorm on batch statistics, as the
+official head does, and is folded with the population statistics afterwards (:func:`fold_batch_norm`). :class:`GateCoordinates` is the coordinate change the gate is trained in (standardised features),
 folded back into raw-feature v and c, so prediction never sees it.
 """
 
@@ -97,10 +98,11 @@ def disalign_logits(
 
 
 def grw_loss_and_grads(
-    x: torch.Tensor,
+    preactivation: torch.Tensor,
     logits: torch.Tensor,
     labels: torch.Tensor,
-    params: dict[str, torch.Tensor],
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
     row_weights: torch.Tensor,
     *,
     blend: bool = False,
@@ -109,22 +111,21 @@ def grw_loss_and_grads(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted cross-entropy of R stacked heads and its gradients, in one pass over the batch.
 
-    x (B, d) float32 gate input (already L2-normalised for cosine heads); logits z (B, K); labels y (B,);
-    params ``alpha``, ``beta`` (R, K), ``gate_weight`` (R, d), ``gate_bias`` (R,); row_weights w (R, B), e.g.
-    the GRW weight of each row's class under head r's ρ. Returns the losses L_r = Σ_b w_rb ℓ_rb / Σ_b w_rb
-    (R,) and dL_r/dθ_r for every parameter (same shapes). Heads share nothing but the batch, so head r's
-    numbers are those of a fit of head r alone.
+    preactivation u (R, B): each head's gate before the sigmoid (σ = sigmoid(u), or sigmoid(ReLU(u)) with
+    ``relu_gate``); logits z (B, K); labels y (B,); alpha, beta (R, K); row_weights w (R, B), e.g. the GRW
+    weight of each row's class under head r's ρ. Returns the losses L_r = Σ_b w_rb ℓ_rb / Σ_b w_rb (R,) and
+    {"alpha": dL/dα (R, K), "beta": dL/dβ (R, K), "preactivation": dL/du (R, B)}; the gate's own chain rule
+    (:func:`linear_gate_grads`, :func:`batch_norm_grads`) takes it from there. Heads share nothing but the
+    batch, so head r's numbers are those of a fit of head r alone.
 
     Backward by hand, with P = softmax(ẑ) and g = (P − onehot(y))·w/Σw:
     dα'_rk = Σ_b σ_rb g_rbk z_bk, dβ_rk = Σ_b σ_rb g_rbk, dσ_rb = Σ_k g_rbk (α'_rk z_bk + β_rk). Every sum
     over P is a batched matrix-vector product (P·β, (P⊙z)·α', (σg)ᵀP), so the (R, B, K) work is three
     written tensors (α'z + β, ẑ, P) and no autograd graph.
     """
-    alpha, beta, v, c = params["alpha"], params["beta"], params["gate_weight"], params["gate_bias"]
     num_heads, batch = row_weights.shape
     a_eff, b_eff = effective_alpha_beta(alpha, beta, blend=blend, background_index=background_index)
-    u = torch.addmm(c.unsqueeze(0), x, v.T).T  # (R, B) gate pre-activation
-    gate = torch.sigmoid(u.clamp_min(0) if relu_gate else u)
+    gate = torch.sigmoid(preactivation.clamp_min(0) if relu_gate else preactivation)  # (R, B)
     t = torch.addcmul(b_eff.unsqueeze(1), a_eff.unsqueeze(1), logits)  # α'z + β (R, B, K)
     z_hat = torch.addcmul(logits, gate.unsqueeze(2), t)
     del t
@@ -158,8 +159,53 @@ def grw_loss_and_grads(
         d_beta[:, background_index] = 0.0
     d_u = d_gate * gate * (1.0 - gate)
     if relu_gate:
-        d_u = d_u * (u > 0)
-    return loss, {"alpha": d_alpha, "beta": d_beta, "gate_weight": d_u @ x, "gate_bias": d_u.sum(1)}
+        d_u = d_u * (preactivation > 0)
+    return loss, {"alpha": d_alpha, "beta": d_beta, "preactivation": d_u}
+
+
+def linear_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """u = Vx + c for R heads: x (B, d), weight V (R, d), bias c (R,) → (R, B)."""
+    return torch.addmm(bias.unsqueeze(1), weight, x.T)
+
+
+def linear_gate_grads(x: torch.Tensor, d_preactivation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dV (R, d), dL/dc (R,)) from dL/du (R, B) and x (B, d)."""
+    return d_preactivation @ x, d_preactivation.sum(1)
+
+
+BN_EPS = 1e-5  # torch.nn.BatchNorm's, as mmcv's ConvModule
+
+
+def batch_norm(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """BatchNorm in training mode over the batch, per head: u = γ·(a − mean_B a)/√(var_B a + ε) + b.
+
+    a (R, B), weight γ (R,), bias b (R,) → (u (R, B), cache for :func:`batch_norm_grads`).
+    """
+    centred = a - a.mean(1, keepdim=True)
+    inv_std = torch.rsqrt(centred.pow(2).mean(1, keepdim=True) + BN_EPS)
+    normalised = centred * inv_std
+    return torch.addcmul(bias.unsqueeze(1), weight.unsqueeze(1), normalised), (normalised, inv_std)
+
+
+def batch_norm_grads(
+    d_u: torch.Tensor, weight: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dL/da (R, B), dL/dγ (R,), dL/db (R,)) from dL/du (R, B): the batch-statistics backward of BatchNorm."""
+    normalised, inv_std = cache
+    d_norm = d_u * weight.unsqueeze(1)
+    d_a = inv_std * (d_norm - d_norm.mean(1, keepdim=True) - normalised * (d_norm * normalised).mean(1, keepdim=True))
+    return d_a, (d_u * normalised).sum(1), d_u.sum(1)
+
+
+def fold_batch_norm(
+    weight: torch.Tensor, bias: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BN in evaluation mode folded into the linear map before it: γ(Vx + c − μ)/√(σ² + ε) + b = V'x + c'.
+
+    weight V (R, d), bias c (R,), bn_weight γ, bn_bias b, mean μ and var σ² of Vx + c over the data (R,).
+    """
+    scale = bn_weight * torch.rsqrt(var + BN_EPS)
+    return weight * scale.unsqueeze(1), bn_bias + (bias - mean) * scale
 
 
 @dataclass(frozen=True)
@@ -205,30 +251,24 @@ class GateCoordinates:
 
 
 def initial_parameters(
-    num_classes: int, feature_dim: int, *, form: str = "residual", gate: str = "constant",
-    sample: torch.Tensor | None = None, generator: torch.Generator | None = None,
+    num_classes: int, feature_dim: int, *, form: str = "residual", gate: str = "constant", generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The official initialisation in raw coordinates: α (K,), β (K,), v (d,), c ().
+    """The official initialisation in raw coordinates: α (K,), β (K,), v (d,), c (), and for the BN gate γ (), b ().
 
     α = 1, β = 0 for both forms. Gate ``constant``: v = 0.1, c = 0; ``normal``: v ~ N(0, 0.01²) from
-    ``generator``, c = 0; ``bn-relu``: a 1×1 conv initialised as mmcv's ConvModule (Kaiming normal, fan-out
-    1: std √2) followed by BN at initialisation, i.e. vᵀx + c standardised over ``sample`` (n, d) gate inputs.
+    ``generator``, c = 0; ``bn-relu``: the 1×1 conv of mmcv's ConvModule (no bias, Kaiming normal with fan-out
+    1: std √2) and BN's γ = 1, b = 0 (BN standardises vᵀx, so the conv's scale does not matter).
     """
     if form not in HEAD_FORMS:
         raise ValueError(f"form should be one of {HEAD_FORMS}, found {form!r}")
-    params = {"alpha": torch.ones(num_classes), "beta": torch.zeros(num_classes)}
+    params = {"alpha": torch.ones(num_classes), "beta": torch.zeros(num_classes), "gate_bias": torch.zeros(())}
     if gate == "constant":
-        weight, bias = torch.full((feature_dim,), 0.1), torch.zeros(())
+        params["gate_weight"] = torch.full((feature_dim,), 0.1)
     elif gate == "normal":
-        weight, bias = torch.randn(feature_dim, generator=generator) * 0.01, torch.zeros(())
+        params["gate_weight"] = torch.randn(feature_dim, generator=generator) * 0.01
     elif gate == "bn-relu":
-        if sample is None:
-            raise ValueError("the bn-relu gate needs a sample of features to standardise over")
-        conv = torch.randn(feature_dim, generator=generator, dtype=torch.float64) * math.sqrt(2.0)
-        u = sample.to(torch.float64) @ conv
-        std = float(u.std(unbiased=False)) or 1.0
-        weight, bias = (conv / std).float(), torch.tensor(-float(u.mean()) / std)
+        params.update(gate_weight=torch.randn(feature_dim, generator=generator) * math.sqrt(2.0),
+                      bn_weight=torch.ones(()), bn_bias=torch.zeros(()))
     else:
         raise ValueError(f"gate should be one of {GATE_INITS}, found {gate!r}")
-    params.update(gate_weight=weight, gate_bias=bias)
     return params

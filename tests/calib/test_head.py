@@ -7,10 +7,15 @@ import torch.nn.functional as F
 from calib.head import (
     GateCoordinates,
     align_logits,
+    batch_norm,
+    batch_norm_grads,
     confidence_gate,
     disalign_logits,
+    fold_batch_norm,
     grw_loss_and_grads,
     initial_parameters,
+    linear_gate,
+    linear_gate_grads,
 )
 
 
@@ -128,7 +133,10 @@ def test_stacked_loss_and_hand_written_gradients_match_autograd(blend, relu, bac
     params = {"alpha": torch.randn(heads, k, dtype=torch.float64), "beta": torch.randn(heads, k, dtype=torch.float64),
               "gate_weight": torch.randn(heads, d, dtype=torch.float64), "gate_bias": torch.randn(heads, dtype=torch.float64)}
     weights = torch.rand(heads, rows, dtype=torch.float64) + 0.1
-    loss, grads = grw_loss_and_grads(x, z, y, params, weights, blend=blend, relu_gate=relu, background_index=background_index)
+    u = linear_gate(x, params["gate_weight"], params["gate_bias"])
+    loss, grads = grw_loss_and_grads(u, z, y, params["alpha"], params["beta"], weights, blend=blend, relu_gate=relu,
+                                     background_index=background_index)
+    grads["gate_weight"], grads["gate_bias"] = linear_gate_grads(x, grads.pop("preactivation"))
     leaf = {name: t.clone().requires_grad_(True) for name, t in params.items()}
     reference = torch.stack([
         (F.cross_entropy(disalign_logits(x, z, *(leaf[n][r] for n in ("alpha", "beta", "gate_weight", "gate_bias")), blend=blend,
@@ -142,8 +150,7 @@ def test_stacked_loss_and_hand_written_gradients_match_autograd(blend, relu, bac
 
 def test_loss_stays_exact_when_the_label_probability_underflows():
     z = torch.tensor([[200.0, 0.0], [0.0, 1.0]])
-    params = {"alpha": torch.zeros(1, 2), "beta": torch.zeros(1, 2), "gate_weight": torch.zeros(1, 1), "gate_bias": torch.zeros(1)}
-    loss, _ = grw_loss_and_grads(torch.zeros(2, 1), z, torch.tensor([1, 1]), params, torch.ones(1, 2))
+    loss, _ = grw_loss_and_grads(torch.zeros(1, 2), z, torch.tensor([1, 1]), torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2))
     assert torch.allclose(loss, F.cross_entropy(z, torch.tensor([1, 1])).reshape(1))  # (200 + ln(1 + e^-200) + 0.3133) / 2
 
 
@@ -173,7 +180,31 @@ def test_official_gate_initialisations():
     normal = initial_parameters(3, 4000, form="blend", gate="normal", generator=g)
     assert abs(float(normal["gate_weight"].std()) - 0.01) < 0.001 and float(normal["gate_bias"]) == 0.0
     assert torch.equal(normal["alpha"], torch.ones(3)) and torch.equal(normal["beta"], torch.zeros(3))
-    sample = torch.rand(2000, 8) * 5
-    bn = initial_parameters(3, 8, form="blend", gate="bn-relu", sample=sample, generator=g)
-    u = sample @ bn["gate_weight"] + bn["gate_bias"]  # BN at init: the pre-activation is standardised
-    assert abs(float(u.mean())) < 1e-4 and abs(float(u.std(unbiased=False)) - 1.0) < 1e-4
+    bn = initial_parameters(3, 4000, form="blend", gate="bn-relu", generator=g)
+    assert abs(float(bn["gate_weight"].std()) - 2**0.5) < 0.05  # Kaiming normal, fan-out 1
+    assert float(bn["bn_weight"]) == 1.0 and float(bn["bn_bias"]) == 0.0 and float(bn["gate_bias"]) == 0.0
+
+
+def test_batch_norm_matches_torch_in_training_mode_and_its_backward_matches_autograd():
+    torch.manual_seed(0)
+    a = torch.randn(3, 20, dtype=torch.float64)
+    gamma, bias = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    u, cache = batch_norm(a, gamma, bias)
+    reference = F.batch_norm(a.T, None, None, gamma, bias, training=True, eps=1e-5).T  # rows = batch, columns = heads
+    assert torch.allclose(u, reference)
+    leaf = [t.clone().requires_grad_(True) for t in (a, gamma, bias)]
+    upstream = torch.randn(3, 20, dtype=torch.float64)
+    (F.batch_norm(leaf[0].T, None, None, leaf[1], leaf[2], training=True, eps=1e-5).T * upstream).sum().backward()
+    for mine, t in zip(batch_norm_grads(upstream, gamma, cache), leaf, strict=True):
+        assert torch.allclose(mine, t.grad)
+
+
+def test_folded_batch_norm_is_batch_norm_in_evaluation_mode():
+    torch.manual_seed(0)
+    x, v, c = torch.randn(50, 4), torch.randn(2, 4), torch.randn(2)
+    gamma, bias = torch.tensor([1.5, 0.5]), torch.tensor([0.2, -0.1])
+    a = linear_gate(x, v, c)  # (2, 50)
+    mean, var = a.mean(1), a.var(1, unbiased=False)
+    folded_v, folded_c = fold_batch_norm(v, c, gamma, bias, mean, var)
+    evaluation = F.batch_norm(a.T, mean, var, gamma, bias, training=False, eps=1e-5).T
+    assert torch.allclose(linear_gate(x, folded_v, folded_c), evaluation, atol=1e-5)
