@@ -45,6 +45,18 @@ def parse_rho(text: str) -> float | str:
     return value
 
 
+def parse_val_weight(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1) or 'auto', found {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1) or 'auto', found {text!r}")
+    return value
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -67,6 +79,14 @@ def add_fit_parser(subparsers) -> None:
     p.add_argument("--no-margin", action="store_true", help="ablation: no margin term beta")
     p.add_argument("--no-grw", action="store_true", help="ablation: plain cross-entropy instead of GRW")
     p.add_argument("--max-memory", type=parse_bytes, help="stream the training bank when its rows exceed this (e.g. 512M)")
+    p.add_argument("--head-form", choices=("auto", "residual", "blend"), default="auto",
+                   help="disalign head: residual (1+σα)z+σβ, blend σ(αz+β)+(1-σ)z (eq. 5); auto: as the official code of the bank's task")
+    p.add_argument("--gate", choices=("auto", "constant", "normal", "bn-relu"), default="auto",
+                   help="disalign gate init: constant v=0.1, normal N(0,0.01²), bn-relu sigmoid(ReLU(BN(conv))); auto: by task")
+    p.add_argument("--no-gate-standardize", action="store_true", help="train the disalign gate on raw features")
+    p.add_argument("--selection", choices=("nll", "accuracy"), default="nll", help="what the validation bank picks rho by")
+    p.add_argument("--val-weight", type=parse_val_weight, default=0.0,
+                   help="share of the disalign loss carried by validation rows mixed into the fit (cross-fitted), or 'auto'")
     p.add_argument("--out", type=Path, required=True, help="calibration directory to write")
     p.set_defaults(func=run_fit)
 
@@ -78,7 +98,9 @@ def run_fit(args: argparse.Namespace) -> int:
     cls = method_class(args.method)
     if cls is DisAlign:
         estimator = DisAlign(rho=args.rho, epochs=args.epochs or 10, seed=args.seed, cosine=args.cosine,
-                             use_magnitude=not args.no_magnitude, use_margin=not args.no_margin, use_grw=not args.no_grw)
+                             use_magnitude=not args.no_magnitude, use_margin=not args.no_margin, use_grw=not args.no_grw,
+                             head_form=args.head_form, gate=args.gate, gate_standardize=not args.no_gate_standardize,
+                             selection=args.selection, val_weight=args.val_weight)
         estimator.fit(args.train, val=args.val, max_memory=args.max_memory)
     else:
         accepted = cls().get_params()
@@ -86,7 +108,7 @@ def run_fit(args: argparse.Namespace) -> int:
         estimator = cls(**kwargs).fit(args.train, val=args.val)
     estimator.save(args.out)
     report = estimator.meta_.report
-    summary = {k: report[k] for k in ("rho", "tau", "validation", "fit_seconds") if k in report}
+    summary = {k: report[k] for k in ("rho", "val_weight", "tau", "validation", "fit_seconds") if k in report}
     print(f"wrote {args.method} calibration to {args.out}: {json.dumps(summary)}")
     return 0
 
