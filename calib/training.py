@@ -318,7 +318,7 @@ def run_stacked_sgd(
             history["loss"].append(mean)
             history["seconds"].append(time.perf_counter() - start)
             if mean:
-                bar.set_postfix_str(f"epoch {epoch + 1}/{recipe.epochs} loss {min(mean):.4f}–{max(mean):.4f}")
+                bar.set_postfix_str(f"epoch {epoch + 1}/{recipe.epochs} loss {min(mean):.4f} to {max(mean):.4f}")
     for t in trainable.values():
         t.grad = None
     return history
