@@ -53,7 +53,7 @@ DEFAULT_RHO_GRID = tuple(i * 0.25 for i in range(13))  # 0, 0.25, …, 3
 # What "auto" means per bank task: (head form, gate init), as the official code of each task.
 OFFICIAL_HEADS = {"classification": ("residual", "constant"), "detection": ("blend", "normal"), "segmentation": ("blend", "bn-relu")}
 LEGACY_HEAD = {"form": "residual", "gate": "constant"}  # artifacts written before the head was recorded
-GATE_SAMPLE_ROWS = 8192  # training rows the gate coordinates, the BN init and the gate statistics are taken on
+GATE_SAMPLE_ROWS = 4096  # training rows the gate coordinates, the BN init and the gate statistics are taken on
 SATURATED = 1e-3  # σ(1 − σ) below this: the gate's gradient is gone on that row
 SELECTIONS = ("nll", "accuracy")  # what the validation bank minimises / maximises when it picks a head
 VAL_WEIGHT_GRID = (0.0, 0.1, 0.3)  # val_weight="auto": the shares of validation rows cross-fitting chooses from
@@ -348,20 +348,29 @@ def selection_key(point: dict[str, Any], selection: str) -> tuple[float, float]:
 
 
 def gate_statistics(initial: torch.Tensor, final: torch.Tensor) -> dict[str, float]:
-    """Mean and std of the gate (N,) over the training sample at initialisation and at the end, and the
-    fraction of rows where it is saturated (σ(1 − σ) < 1e-3: no gradient, the head cannot adapt there)."""
+    """Mean and std of the gate (N,) over the training sample at initialisation and at the end; the fraction
+    of rows where it is saturated (σ(1 − σ) < 1e-3: no gradient, the head cannot adapt there) and where it
+    is exactly 0.5 (a ReLU gate whose ReLU is inactive: also no gradient)."""
     def saturated(g: torch.Tensor) -> float:
         return float(((g * (1 - g)) < SATURATED).double().mean())
 
+    def inactive(g: torch.Tensor) -> float:
+        return float((g == 0.5).double().mean())
+
     return {"init_mean": float(initial.mean()), "init_std": float(initial.std(unbiased=False)), "init_saturated": saturated(initial),
-            "final_mean": float(final.mean()), "final_std": float(final.std(unbiased=False)), "final_saturated": saturated(final)}
+            "init_inactive": inactive(initial), "final_mean": float(final.mean()), "final_std": float(final.std(unbiased=False)),
+            "final_saturated": saturated(final), "final_inactive": inactive(final)}
 
 
 def saturation_warning(stats: dict[str, float]) -> str | None:
-    """One sentence when the fitted gate is saturated or collapsed on more than 99 % of the rows."""
-    if stats["final_saturated"] <= 0.99:
+    """One sentence when the fitted gate is saturated, collapsed or inactive on more than 99 % of the rows."""
+    if stats["final_saturated"] > 0.99:
+        state = "collapsed to 0" if stats["final_mean"] < 0.5 else "saturated at 1"
+        share = stats["final_saturated"]
+    elif stats["final_inactive"] > 0.99:
+        state, share = "stuck at 0.5 (its ReLU is inactive)", stats["final_inactive"]
+    else:
         return None
-    state = "collapsed to 0" if stats["final_mean"] < 0.5 else "saturated at 1"
-    return (f"the DisAlign gate is {state} on {stats['final_saturated']:.1%} of the training rows (mean {stats['final_mean']:.4f}): "
+    return (f"the DisAlign gate is {state} on {share:.1%} of the training rows (mean {stats['final_mean']:.4f}): "
             "it no longer depends on the input; try gate_standardize=True or another gate init.")
 

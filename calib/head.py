@@ -228,11 +228,11 @@ class GateCoordinates:
     @classmethod
     def standardizing(cls, sample: torch.Tensor) -> GateCoordinates:
         """From a sample of gate inputs (n, d): per-dimension mean, scale 1/(std·√d)."""
-        x = sample.to(torch.float64)
-        std = x.std(0, unbiased=False)
+        var, mean = torch.var_mean(sample.float(), dim=0, unbiased=False)
+        std = var.sqrt()
         live = std > 1e-6 * float(std.max().clamp_min(1e-30))
-        scale = torch.where(live, 1.0 / (std.clamp_min(1e-30) * math.sqrt(x.shape[1])), torch.zeros_like(std))
-        return cls(x.mean(0).float(), scale.float())
+        scale = torch.where(live, 1.0 / (std.clamp_min(1e-30) * math.sqrt(sample.shape[1])), torch.zeros_like(std))
+        return cls(mean, scale)
 
     def to_raw(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(v (R, d), c (R,)) in these coordinates → the same gate on raw inputs."""

@@ -276,3 +276,14 @@ def test_new_hyper_parameters_are_validated(lt_banks):
         DisAlign(val_weight=0.2, val_folds=1).fit(lt_banks["train"], val=lt_banks["val"])
     with pytest.raises(InputError, match="needs the training bank in memory"):
         DisAlign(val_weight=0.2).fit(lt_banks["train"], val=lt_banks["val"], max_memory=10_000)
+
+
+def test_saturation_warning_names_the_state_of_the_gate():
+    from calib.disalign import saturation_warning
+
+    base = {"final_mean": 0.4, "final_saturated": 0.2, "final_inactive": 0.0}
+    assert saturation_warning(base) is None
+    assert saturation_warning({**base, "final_mean": 0.0001, "final_saturated": 0.995}).startswith(
+        "the DisAlign gate is collapsed to 0 on 99.5% of the training rows (mean 0.0001)")
+    assert saturation_warning({**base, "final_mean": 0.5, "final_inactive": 1.0}).startswith(
+        "the DisAlign gate is stuck at 0.5 (its ReLU is inactive) on 100.0% of the training rows")
