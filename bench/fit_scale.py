@@ -9,7 +9,9 @@ Builds an ImageNet-LT-shaped synthetic bank from the real class counts in ../sha
 - their ratio (target ≤ 2);
 - the wall time of a whole ``--rho auto`` fit (13 values of ρ, one pass: stacked heads over the same
   batches) against a single-ρ fit of the same epochs, ``ratio rho-grid/single`` (target ≤ 3);
-- the streamed epoch (``--max-memory``, next window read on a thread) against the in-memory one (target ≤ 1.5);
+- the streamed epoch (``--max-memory``, next window read on a thread) against the in-memory one (target ≤ 1.5):
+  two streamed epochs, the first of which also validates every chunk's values (``load`` does that for the
+  in-memory fit before its epochs);
 - peak RSS of a whole in-memory fit (target ≤ 2 GB) and of a streamed fit with ``--max-memory``
   (each measured in a fresh child process; the baseline RSS of the imported libraries is reported
   beside it so the bank's share is visible).
@@ -104,7 +106,7 @@ def child(args) -> None:
         out.update(grid_fit_seconds=time.perf_counter() - t0, grid_points=len(grid.meta_.report["rho_curve"]),
                    grid_epoch_seconds=grid.meta_.report["epoch_seconds"], peak_single_rss_mb=peak_single)
     else:
-        est = DisAlign(rho=1.0, epochs=1).fit(args.bank, max_memory=args.max_memory, progress=False)
+        est = DisAlign(rho=1.0, epochs=2).fit(args.bank, max_memory=args.max_memory, progress=False)
         out = {"epoch_seconds": est.meta_.report["epoch_seconds"], "window_rows": est.meta_.report["streamed"]["window_rows"]}
     out.update(baseline_rss_mb=base, peak_rss_mb=peak_rss_mb())
     print(json.dumps(out))
@@ -149,10 +151,12 @@ def main() -> None:
           f"against {mem['single_fit_seconds']:.1f} s for one rho; peak RSS {mem['peak_rss_mb']:.0f} MB")
     print(f"ratio rho-grid/single: {mem['grid_fit_seconds'] / mem['single_fit_seconds']:.2f}  (target <= 3)")
     stream = run_child("stream", args)
-    print(f"streamed  : --max-memory {args.max_memory / 2**20:.0f} MiB, window {stream['window_rows']} rows, epoch {stream['epoch_seconds'][0]:.2f} s, "
+    first, second = stream["epoch_seconds"]
+    print(f"streamed  : --max-memory {args.max_memory / 2**20:.0f} MiB, windows of {stream['window_rows']} rows (two in memory), "
+          f"epoch 1 {first:.2f} s (values validated as read), epoch 2 {second:.2f} s, "
           f"peak RSS {stream['peak_rss_mb']:.0f} MB = libraries + runtime {stream['baseline_rss_mb']:.0f} MB + "
           f"{stream['peak_rss_mb'] - stream['baseline_rss_mb']:.0f} MB for the bank (target <= {args.max_memory / 2**20:.0f} MiB)")
-    print(f"ratio streamed/in-memory epoch: {stream['epoch_seconds'][0] / epoch:.2f}  (target <= 1.5)")
+    print(f"ratio streamed/in-memory epoch: {second / epoch:.2f} (epoch 1: {first / epoch:.2f})  (target <= 1.5)")
 
 
 if __name__ == "__main__":

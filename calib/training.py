@@ -111,7 +111,8 @@ class RowSource:
     exactly. Streaming reads windows of randomly chosen whole chunks (about ``window_rows`` rows, chunks
     read in file order) and shuffles the rows within each window (block shuffling: each row is still
     visited exactly as often as in ``rows``, only the order differs); the next window is read on a thread
-    while the current one trains, so two windows are in memory at the peak.
+    while the current one trains, so two windows are in memory at the peak. Each chunk's values are
+    validated once per source (the first epoch), not at every epoch.
     """
 
     def __init__(self, bank: Bank | None = None, reader: BankReader | None = None, window_rows: int | None = None):
@@ -119,6 +120,7 @@ class RowSource:
             raise ValueError("RowSource needs exactly one of bank or reader")
         self.bank, self.reader = bank, reader
         self.window_rows = window_rows
+        self._validated: set[int] = set()  # first rows of the chunks whose values were checked (streaming)
         info = bank.info if bank is not None else reader.info
         self.num_classes, self.feature_dim = info.num_classes, info.feature_dim
 
@@ -161,58 +163,63 @@ class RowSource:
         chunk_ids = torch.randperm(math.ceil(n / chunk), generator=generator)
         plans = []  # every random draw is made here, before any read, so thread timing cannot change the order
         for w in range(0, chunk_ids.numel(), chunks_per_window):
-            selected = []
-            for c in sorted(chunk_ids[w : w + chunks_per_window].tolist()):
+            ranges, order, pos = [], [], 0
+            for c in sorted(chunk_ids[w : w + chunks_per_window].tolist()):  # file order within a window
                 lo, hi = c * chunk, min((c + 1) * chunk, n)
                 if int(visits[lo:hi].sum()):
-                    selected.append((lo, hi, torch.repeat_interleave(torch.arange(hi - lo), visits[lo:hi])))
-            if selected:
-                total = sum(local.numel() for _, _, local in selected)
-                plans.append((selected, torch.randperm(total, generator=generator)))
+                    ranges.append((lo, hi))
+                    order.append(pos + torch.repeat_interleave(torch.arange(hi - lo), visits[lo:hi]))
+                    pos += hi - lo
+            if ranges:
+                order = torch.cat(order)
+                plans.append((ranges, order[torch.randperm(order.numel(), generator=generator)]))
         pending: Batch | None = None  # < batch_size rows left over by the previous window
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="disalign-prefetch") as pool:
-            future = pool.submit(self._read_window, *plans[0]) if plans else None
-            for i in range(len(plans)):
-                window = future.result()
-                future = pool.submit(self._read_window, *plans[i + 1]) if i + 1 < len(plans) else None
-                start, total = 0, window[2].numel()
+            future = pool.submit(self._read_window, plans[0][0]) if plans else None
+            for i, (_, order) in enumerate(plans):
+                feats, logits, labels, row_ids = future.result()
+                future = pool.submit(self._read_window, plans[i + 1][0]) if i + 1 < len(plans) else None
+                start, total = 0, order.numel()
                 if pending is not None:
                     start = min(batch_size - pending[2].numel(), total)
-                    pending = tuple(torch.cat([p, w[:start].to(p.dtype)]) for p, w in zip(pending, window, strict=True))
+                    head = order[:start]
+                    pending = (torch.cat([pending[0], feats[head].float()]), torch.cat([pending[1], logits[head]]),
+                               torch.cat([pending[2], labels[head]]), torch.cat([pending[3], row_ids[head]]))
                     if pending[2].numel() < batch_size:
                         continue
                     yield pending
                     pending = None
-                full = start + (total - start) // batch_size * batch_size
-                for s in range(start, full, batch_size):
-                    # Copies, not views: a batch still held by the caller must not pin the whole window.
-                    e = s + batch_size
-                    yield window[0][s:e].float(), window[1][s:e].clone(), window[2][s:e].clone(), window[3][s:e].clone()
-                if full < total:
-                    pending = (window[0][full:].float(), window[1][full:].clone(), window[2][full:].clone(), window[3][full:].clone())
-                del window
+                for s in range(start, total, batch_size):
+                    idx = order[s : s + batch_size]  # gathers are copies: a held batch never pins the window
+                    batch = feats[idx].float(), logits[idx], labels[idx], row_ids[idx]
+                    if idx.numel() < batch_size:
+                        pending = batch
+                    else:
+                        yield batch
+                del feats, logits, labels, row_ids
         if pending is not None:
             yield pending
 
-    def _read_window(self, selected: list[tuple[int, int, torch.Tensor]], order: torch.Tensor) -> Batch:
-        """One window: the selected chunks read in file order into preallocated buffers, rows at ``order``."""
+    def _read_window(self, ranges: list[tuple[int, int]]) -> Batch:
+        """The rows of the chunks ``ranges`` (in file order), copied one chunk at a time into one preallocated
+        window (the only large allocation). Values are validated the first time a chunk is read in this fit."""
         reader = self.reader
         assert reader is not None
-        total = order.numel()
-        # One preallocated window filled a chunk at a time: the window is the only large allocation.
+        total = sum(hi - lo for lo, hi in ranges)
         feats = torch.empty((total, reader.info.feature_dim), dtype=getattr(torch, reader.info.feature_dtype))
         logits = torch.empty((total, reader.info.num_classes), dtype=torch.float32)
         labels = torch.empty((total,), dtype=torch.int64)
         row_ids = torch.empty((total,), dtype=torch.int64)
         pos = 0
-        for lo, hi, local in selected:
-            block = reader.read_rows(lo, hi)
-            dest = order[pos : pos + local.numel()]
-            feats[dest] = torch.from_numpy(block["features"])[local]
-            logits[dest] = torch.from_numpy(block["logits"])[local]
-            labels[dest] = torch.from_numpy(block["labels"])[local]
-            row_ids[dest] = lo + local
-            pos += local.numel()
+        for lo, hi in ranges:
+            block = reader.read_rows(lo, hi, validate=lo not in self._validated)
+            self._validated.add(lo)
+            end = pos + hi - lo
+            feats[pos:end] = torch.from_numpy(block["features"])
+            logits[pos:end] = torch.from_numpy(block["logits"])
+            labels[pos:end] = torch.from_numpy(block["labels"])
+            row_ids[pos:end] = torch.arange(lo, hi)
+            pos = end
             del block
         return feats, logits, labels, row_ids
 
