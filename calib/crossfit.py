@@ -15,7 +15,7 @@ kept (cross-fitting, as in K-fold cross-validation followed by a refit on all th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,12 +28,14 @@ from calib.training import RowSource
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """One stacked head: its ρ, the share λ of the loss carried by validation rows, and the validation fold
-    it leaves out (None: it trains on every validation row; that head is the one a fit can keep)."""
+    """One stacked head: its ρ, whether it has the magnitude term α, the share λ of the loss carried by
+    validation rows, and the validation fold it leaves out (None: it trains on every validation row; that
+    head is the one a fit can keep)."""
 
     rho: float
-    val_weight: float
+    val_weight: float = 0.0
     fold: int | None = None
+    magnitude: bool = True
 
 
 @dataclass(frozen=True)
@@ -43,13 +45,15 @@ class HeadPlan:
     specs: tuple[HeadSpec, ...]
 
     @classmethod
-    def make(cls, rhos: tuple[float, ...], val_weights: tuple[float, ...], folds: int) -> HeadPlan:
+    def make(cls, rhos: tuple[float, ...], val_weights: tuple[float, ...] = (0.0,), folds: int = 0,
+             magnitudes: tuple[bool, ...] = (True,)) -> HeadPlan:
         specs = []
-        for rho in rhos:
-            for share in val_weights:
-                specs.append(HeadSpec(rho, share))
-                if share > 0:
-                    specs.extend(HeadSpec(rho, share, fold) for fold in range(folds))
+        for magnitude in magnitudes:
+            for rho in rhos:
+                for share in val_weights:
+                    specs.append(HeadSpec(rho, share, None, magnitude))
+                    if share > 0:
+                        specs.extend(HeadSpec(rho, share, fold, magnitude) for fold in range(folds))
         return cls(tuple(specs))
 
     def __len__(self) -> int:
@@ -63,12 +67,17 @@ class HeadPlan:
     def mixes_val(self) -> bool:
         return any(spec.val_weight > 0 for spec in self.specs)
 
-    def candidates(self) -> list[tuple[float, float, int]]:
-        """(ρ, λ, index of the head trained on every validation row) for each choice the validation bank makes."""
-        return [(spec.rho, spec.val_weight, i) for i, spec in enumerate(self.specs) if spec.fold is None]
+    @property
+    def magnitudes(self) -> torch.Tensor:
+        """(R,) bool: which heads train the magnitude term α."""
+        return torch.tensor([spec.magnitude for spec in self.specs])
 
-    def index(self, rho: float, share: float, fold: int | None) -> int:
-        return self.specs.index(HeadSpec(rho, share, fold))
+    def candidates(self) -> list[tuple[HeadSpec, int]]:
+        """(spec, index) of the heads trained on every validation row: the choices the validation bank makes."""
+        return [(spec, i) for i, spec in enumerate(self.specs) if spec.fold is None]
+
+    def index(self, spec: HeadSpec) -> int:
+        return self.specs.index(spec)
 
     def row_weights(self, class_weights: dict[float, torch.Tensor], labels: torch.Tensor, held_out: HeldOutRows | None) -> torch.Tensor:
         """Loss weight (R, N) of every row for every head; the last ``held_out.count`` rows are validation rows.
@@ -128,13 +137,14 @@ class HeldOutRows:
                     labels, sample_index, view, train.info)
         return RowSource(bank=both), labels, sample_index, view
 
-    def cross_fitted_scores(self, heads: list[dict[str, torch.Tensor]], plan: HeadPlan, rho: float, share: float,
+    def cross_fitted_scores(self, heads: list[dict[str, torch.Tensor]], plan: HeadPlan, spec: HeadSpec,
                             scoring: dict[str, Any]) -> dict[str, float]:
-        """Validation metrics of (ρ, λ) from out-of-fold predictions: each row scored by the head that never saw it."""
+        """Validation metrics of a choice (ρ, λ, …) from out-of-fold predictions: each row scored by the head
+        that never saw it."""
         z = torch.empty_like(self.logits)
         for fold in torch.unique(self.fold).tolist():
             rows = self.fold == fold
-            head = heads[plan.index(rho, share, fold)]
+            head = heads[plan.index(replace(spec, fold=fold))]
             z[rows] = disalign_logits(self.features[rows], self.logits[rows], head["alpha"], head["beta"], head["gate_weight"],
                                       head["gate_bias"], **scoring)
         return logit_scores(z, self.labels)

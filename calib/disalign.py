@@ -216,7 +216,8 @@ class DisAlign(Calibrator):
         blend, relu = form == "blend", gate == "bn-relu"
         if self.selection not in SELECTIONS:
             raise InputError(f"selection should be one of {', '.join(SELECTIONS)}, found {self.selection!r}.")
-        plan = HeadPlan.make(self._rho_grid(val is not None), self._val_weights(val is not None), self.val_folds)
+        plan = HeadPlan.make(self._rho_grid(val is not None), self._val_weights(val is not None), self.val_folds,
+                             self._magnitudes(val is not None))
         # (R, K) GRW weights; grw_weights validates every ρ before any time is spent on the fit.
         class_weights = {rho: grw_weights(class_counts, rho, background_index=background_index, count_smoothing=self.count_smoothing)
                          for rho in plan.rhos}
@@ -232,13 +233,13 @@ class DisAlign(Calibrator):
         sample = gate_input(source.sample_features(GATE_SAMPLE_ROWS, generator), cosine=self.cosine)
         coords = GateCoordinates.standardizing(sample) if self.gate_standardize else GateCoordinates.identity(source.feature_dim)
         init = initial_parameters(len(class_counts), source.feature_dim, form=form, gate=gate, generator=generator)
-        if not self.use_magnitude:
-            init["alpha"] = torch.full_like(init["alpha"], 1.0 if blend else 0.0)  # no magnitude term: ẑ = z + σβ
         raw_init = raw_gates({name: t.unsqueeze(0) for name, t in init.items()}, GateCoordinates.identity(source.feature_dim), sample)
         init_gate = confidence_gate(sample, raw_init[0][0], raw_init[1][0], relu=relu)
         init["gate_weight"], init["gate_bias"] = coords.from_raw(init["gate_weight"], init["gate_bias"])
         params = {name: t.expand(len(plan), *t.shape).clone() for name, t in init.items()}  # (R, …)
-        frozen = tuple(name for name, on in (("alpha", self.use_magnitude), ("beta", self.use_margin)) if not on)
+        magnitude = plan.magnitudes  # (R,) heads without α: α' = 0 (ẑ = z + σβ), never trained
+        params["alpha"][~magnitude] = 1.0 if blend else 0.0
+        frozen = tuple(name for name, on in (("alpha", bool(magnitude.any())), ("beta", self.use_margin)) if not on)
 
         def loss_and_grads(p, feats, logits, y, rows):
             x = gate_input(feats, cosine=self.cosine)
@@ -247,6 +248,8 @@ class DisAlign(Calibrator):
                 u, cache = batch_norm(u, p["bn_weight"], p["bn_bias"])
             losses, grads = grw_loss_and_grads(u, logits, y, p["alpha"], p["beta"], row_weights[:, rows],
                                                blend=blend, relu_gate=relu, background_index=background_index)
+            # Heads without α keep it fixed: a gradient of −wd·α cancels SGD's weight decay exactly.
+            grads["alpha"][~magnitude] = -self.weight_decay * p["alpha"][~magnitude]
             d_u = grads.pop("preactivation")
             if relu:
                 d_u, grads["bn_weight"], grads["bn_bias"] = batch_norm_grads(d_u, p["bn_weight"], cache)
@@ -260,18 +263,20 @@ class DisAlign(Calibrator):
                  for r in range(len(plan))]
         scoring = {"cosine": self.cosine, "blend": blend, "relu_gate": relu, "background_index": background_index}
         curve = []
-        for rho, share, final in plan.candidates():
-            point: dict[str, Any] = {"rho": rho, "train_loss": history["loss"][-1][final]}
+        for spec, final in plan.candidates():
+            point: dict[str, Any] = {"rho": spec.rho, "train_loss": history["loss"][-1][final]}
+            if self.use_magnitude == "auto":
+                point["magnitude"] = spec.magnitude
             if plan.mixes_val:
-                point["val_weight"] = share
+                point["val_weight"] = spec.val_weight
             if val is not None:
-                if share > 0:  # scored out of fold: head f never saw the validation rows of fold f
-                    point.update(held_out.cross_fitted_scores(heads, plan, rho, share, scoring), cross_fitted=True)
+                if spec.val_weight > 0:  # scored out of fold: head f never saw the validation rows of fold f
+                    point.update(held_out.cross_fitted_scores(heads, plan, spec, scoring), cross_fitted=True)
                 else:
                     point.update(validation_scores(heads[final], val, scoring))
             curve.append(point)
         best = min(range(len(curve)), key=lambda i: selection_key(curve[i], self.selection))
-        chosen = plan.candidates()[best][2]
+        chosen = plan.candidates()[best][1]
         final_gate = confidence_gate(sample, heads[chosen]["gate_weight"], heads[chosen]["gate_bias"], relu=relu)
         report: dict[str, Any] = {
             "rho": curve[best]["rho"], "rho_curve": curve, "epoch_seconds": history["seconds"],
@@ -280,6 +285,8 @@ class DisAlign(Calibrator):
         }
         if plan.mixes_val:
             report["val_weight"] = curve[best]["val_weight"]
+        if self.use_magnitude == "auto":
+            report["magnitude"] = curve[best]["magnitude"]
         if val is not None:
             report["validation"] = curve[best]
         warning = saturation_warning(report["gate"])
@@ -288,6 +295,13 @@ class DisAlign(Calibrator):
             print(f"warning: {warning}", file=sys.stderr)
         report["fit_seconds"] = time.perf_counter() - start
         return heads[chosen], report
+
+    def _magnitudes(self, has_val: bool) -> tuple[bool, ...]:
+        if self.use_magnitude == "auto":
+            return (True, False) if has_val else (True,)
+        if not isinstance(self.use_magnitude, bool):
+            raise InputError(f"use_magnitude should be True, False or 'auto', found {self.use_magnitude!r}.")
+        return (self.use_magnitude,)
 
     def _val_weights(self, has_val: bool) -> tuple[float, ...]:
         if isinstance(self.val_weight, str):
