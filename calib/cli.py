@@ -75,7 +75,9 @@ def add_fit_parser(subparsers) -> None:
     p.add_argument("--epochs", type=int, help="SGD epochs of disalign (10), lws (5) and crt (10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cosine", action="store_true", help="gate on L2-normalised features (cosine classifiers)")
-    p.add_argument("--no-magnitude", action="store_true", help="ablation: no magnitude term alpha")
+    p.add_argument("--no-magnitude", action="store_true", help="ablation: no magnitude term alpha (= --magnitude off)")
+    p.add_argument("--magnitude", choices=("auto", "on", "off"), default="auto",
+                   help="disalign magnitude term alpha; auto: chosen on --val for classification banks, on otherwise")
     p.add_argument("--no-margin", action="store_true", help="ablation: no margin term beta")
     p.add_argument("--no-grw", action="store_true", help="ablation: plain cross-entropy instead of GRW")
     p.add_argument("--max-memory", type=parse_bytes, help="stream the training bank when its rows exceed this (e.g. 512M)")
@@ -98,7 +100,8 @@ def run_fit(args: argparse.Namespace) -> int:
     cls = method_class(args.method)
     if cls is DisAlign:
         estimator = DisAlign(rho=args.rho, epochs=args.epochs or 10, seed=args.seed, cosine=args.cosine,
-                             use_magnitude=not args.no_magnitude, use_margin=not args.no_margin, use_grw=not args.no_grw,
+                             use_magnitude=False if args.no_magnitude else {"auto": "auto", "on": True, "off": False}[args.magnitude],
+                             use_margin=not args.no_margin, use_grw=not args.no_grw,
                              head_form=args.head_form, gate=args.gate, gate_standardize=not args.no_gate_standardize,
                              selection=args.selection, val_weight=args.val_weight)
         estimator.fit(args.train, val=args.val, max_memory=args.max_memory)

@@ -64,8 +64,8 @@ class DisAlign(Calibrator):
 
     Hyper-parameters: ``rho`` (float or "auto"), ``rho_grid``, the SGD recipe (``epochs``, ``batch_size``,
     ``lr``, ``momentum``, ``weight_decay``, ``seed``), ``cosine`` (gate on L2-normalised features, for
-    cosine classifiers), ablation switches ``use_magnitude`` (α), ``use_margin`` (β), ``use_grw``
-    (False = plain CE), ``count_smoothing`` (added to every class count before GRW), ``head_form``
+    cosine classifiers), ``use_magnitude`` (α; "auto": on classification banks the validation bank chooses
+    with or without, elsewhere with), ablation switches ``use_margin`` (β) and ``use_grw`` (False = plain CE), ``count_smoothing`` (added to every class count before GRW), ``head_form``
     ("auto", "residual" or "blend"), ``gate`` ("auto", "constant", "normal" or "bn-relu"),
     ``gate_standardize`` (train the gate on standardised features), ``selection`` ("nll" or "accuracy":
     what the validation bank picks by), ``val_weight`` (share λ of the loss carried by validation rows mixed
@@ -86,7 +86,7 @@ class DisAlign(Calibrator):
         weight_decay: float = 5e-4,
         seed: int = 0,
         cosine: bool = False,
-        use_magnitude: bool = True,
+        use_magnitude: bool | str = "auto",
         use_margin: bool = True,
         use_grw: bool = True,
         count_smoothing: float = 0.0,
@@ -217,7 +217,7 @@ class DisAlign(Calibrator):
         if self.selection not in SELECTIONS:
             raise InputError(f"selection should be one of {', '.join(SELECTIONS)}, found {self.selection!r}.")
         plan = HeadPlan.make(self._rho_grid(val is not None), self._val_weights(val is not None), self.val_folds,
-                             self._magnitudes(val is not None))
+                             self._magnitudes(val is not None, task))
         # (R, K) GRW weights; grw_weights validates every ρ before any time is spent on the fit.
         class_weights = {rho: grw_weights(class_counts, rho, background_index=background_index, count_smoothing=self.count_smoothing)
                          for rho in plan.rhos}
@@ -265,7 +265,7 @@ class DisAlign(Calibrator):
         curve = []
         for spec, final in plan.candidates():
             point: dict[str, Any] = {"rho": spec.rho, "train_loss": history["loss"][-1][final]}
-            if self.use_magnitude == "auto":
+            if not bool(magnitude.all()) and bool(magnitude.any()):  # both kinds of head are candidates
                 point["magnitude"] = spec.magnitude
             if plan.mixes_val:
                 point["val_weight"] = spec.val_weight
@@ -285,8 +285,7 @@ class DisAlign(Calibrator):
         }
         if plan.mixes_val:
             report["val_weight"] = curve[best]["val_weight"]
-        if self.use_magnitude == "auto":
-            report["magnitude"] = curve[best]["magnitude"]
+        report["magnitude"] = plan.candidates()[best][0].magnitude
         if val is not None:
             report["validation"] = curve[best]
         warning = saturation_warning(report["gate"])
@@ -296,9 +295,12 @@ class DisAlign(Calibrator):
         report["fit_seconds"] = time.perf_counter() - start
         return heads[chosen], report
 
-    def _magnitudes(self, has_val: bool) -> tuple[bool, ...]:
+    def _magnitudes(self, has_val: bool, task: str) -> tuple[bool, ...]:
         if self.use_magnitude == "auto":
-            return (True, False) if has_val else (True,)
+            # Classification: the validation bank decides whether α helps (it is K parameters fitted on logits
+            # the stage-1 model memorised). Pixel and RoI banks keep α, as the official heads: there the
+            # validation NLL is dominated by background and preferred no α while AP fell (docs/results.md).
+            return (True, False) if has_val and task == "classification" else (True,)
         if not isinstance(self.use_magnitude, bool):
             raise InputError(f"use_magnitude should be True, False or 'auto', found {self.use_magnitude!r}.")
         return (self.use_magnitude,)

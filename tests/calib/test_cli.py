@@ -105,12 +105,12 @@ def test_parse_bytes():
 def test_fit_flags_of_the_disalign_head(lt_banks, tmp_path, capsys):
     code, out, err = run(capsys, "fit", lt_banks["train"], "--val", lt_banks["val"], "--rho", "1", "--epochs", 1,
                          "--head-form", "blend", "--gate", "normal", "--no-gate-standardize", "--selection", "accuracy",
-                         "--val-weight", "0.2", "--out", tmp_path / "cal")
+                         "--val-weight", "0.2", "--magnitude", "on", "--out", tmp_path / "cal")
     assert code == 0, err
     meta = json.loads((tmp_path / "cal" / "calibration.json").read_text())
     hyper = meta["hyperparameters"]
-    assert (hyper["head_form"], hyper["gate"], hyper["gate_standardize"], hyper["selection"], hyper["val_weight"]) == (
-        "blend", "normal", False, "accuracy", 0.2)
+    assert (hyper["head_form"], hyper["gate"], hyper["gate_standardize"], hyper["selection"], hyper["val_weight"],
+            hyper["use_magnitude"]) == ("blend", "normal", False, "accuracy", 0.2, True)
     assert meta["report"]["head"] == {"form": "blend", "gate": "normal"} and '"val_weight": 0.2' in out
     with pytest.raises(SystemExit) as exit_info:  # argparse: usage + one error line, status 2
         main(["fit", str(lt_banks["train"]), "--val-weight", "2", "--out", str(tmp_path / "x")])

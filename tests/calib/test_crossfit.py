@@ -47,7 +47,8 @@ def test_held_out_rows_are_the_clean_labelled_rows_in_stratified_folds(tmp_path)
 
 
 def test_validation_rows_in_the_fit_are_scored_out_of_fold(lt_banks):
-    est = DisAlign(rho="auto", rho_grid=(0.5, 1.5), epochs=2, val_weight=0.3, val_folds=3).fit(lt_banks["train"], val=lt_banks["val"])
+    est = DisAlign(rho="auto", rho_grid=(0.5, 1.5), epochs=2, val_weight=0.3, val_folds=3, use_magnitude=True).fit(
+        lt_banks["train"], val=lt_banks["val"])
     report = est.meta_.report
     assert [(p["rho"], p["val_weight"], p["cross_fitted"]) for p in report["rho_curve"]] == [(0.5, 0.3, True), (1.5, 0.3, True)]
     assert report["val_weight"] == 0.3 and report["validation"]["cross_fitted"]
@@ -56,7 +57,7 @@ def test_validation_rows_in_the_fit_are_scored_out_of_fold(lt_banks):
     z = est.predict_logits(val.features.float(), val.logits)
     in_sample = float(torch.nn.functional.cross_entropy(z, val.labels))
     assert in_sample < report["validation"]["val_nll"]
-    auto = DisAlign(rho=1.0, epochs=2, val_weight="auto", val_folds=3).fit(lt_banks["train"], val=lt_banks["val"])
+    auto = DisAlign(rho=1.0, epochs=2, val_weight="auto", val_folds=3, use_magnitude=True).fit(lt_banks["train"], val=lt_banks["val"])
     assert [p["val_weight"] for p in auto.meta_.report["rho_curve"]] == [0.0, 0.1, 0.3]
     assert "cross_fitted" not in auto.meta_.report["rho_curve"][0]  # λ = 0 is scored on the validation bank directly
 

@@ -30,10 +30,11 @@ def test_fit_balances_a_biased_classifier(fitted, lt_banks):
 
 def test_rho_auto_records_the_curve_and_picks_the_best_validation_point(fitted):
     report = fitted.meta_.report
-    assert [p["rho"] for p in report["rho_curve"]] == [0.0, 1.0, 2.0]
-    best = max(report["rho_curve"], key=lambda p: (p["val_mean_class_accuracy"], -p["val_nll"]))
-    assert report["rho"] == best["rho"] and report["validation"] == best
-    assert report["rho"] > 0  # re-weighting must help on a long-tailed bank
+    # classification: every ρ with and without the magnitude term (use_magnitude="auto")
+    assert [(p["rho"], p["magnitude"]) for p in report["rho_curve"]] == [(r, m) for m in (True, False) for r in (0.0, 1.0, 2.0)]
+    best = min(report["rho_curve"], key=lambda p: (p["val_nll"], -p["val_mean_class_accuracy"]))
+    assert report["rho"] == best["rho"] and report["validation"] == best and report["magnitude"] == best["magnitude"]
+    assert report["selection"] == "nll" and report["rho"] > 0  # re-weighting must help on a long-tailed bank
 
 
 def test_rho_auto_without_validation_uses_documented_default(lt_banks):
@@ -136,9 +137,9 @@ def test_streaming_fit_under_a_memory_budget(lt_banks, tmp_path):
 
 
 def test_rho_grid_in_one_pass_equals_separate_fits(lt_banks):
-    grid = DisAlign(rho="auto", rho_grid=(0.0, 1.0, 2.5), epochs=3).fit(lt_banks["train"], val=lt_banks["val"])
+    grid = DisAlign(rho="auto", rho_grid=(0.0, 1.0, 2.5), epochs=3, use_magnitude=True).fit(lt_banks["train"], val=lt_banks["val"])
     for point in grid.meta_.report["rho_curve"]:
-        alone = DisAlign(rho=point["rho"], epochs=3).fit(lt_banks["train"], val=lt_banks["val"])
+        alone = DisAlign(rho=point["rho"], epochs=3, use_magnitude=True).fit(lt_banks["train"], val=lt_banks["val"])
         same = alone.meta_.report["rho_curve"][0]
         for key in ("train_loss", "val_nll", "val_mean_class_accuracy"):
             assert same[key] == pytest.approx(point[key], abs=1e-5), (point["rho"], key)
@@ -149,9 +150,9 @@ def test_rho_grid_in_one_pass_equals_separate_fits(lt_banks):
 
 def test_streamed_rho_grid_equals_streamed_separate_fits(lt_banks, tmp_path):
     small_chunks = write_synthetic_bank(tmp_path / "train.h5", LT_COUNTS // 10, feature_dim=32, separation=1.5, chunk_rows=128)
-    grid = DisAlign(rho="auto", rho_grid=(0.5, 1.5), epochs=2).fit(small_chunks, val=lt_banks["val"], max_memory=100_000)
+    grid = DisAlign(rho="auto", rho_grid=(0.5, 1.5), epochs=2, use_magnitude=True).fit(small_chunks, val=lt_banks["val"], max_memory=100_000)
     for point in grid.meta_.report["rho_curve"]:
-        alone = DisAlign(rho=point["rho"], epochs=2).fit(small_chunks, val=lt_banks["val"], max_memory=100_000)
+        alone = DisAlign(rho=point["rho"], epochs=2, use_magnitude=True).fit(small_chunks, val=lt_banks["val"], max_memory=100_000)
         assert alone.meta_.report["rho_curve"][0]["val_nll"] == pytest.approx(point["val_nll"], abs=1e-5)
 
 
@@ -255,7 +256,7 @@ def test_the_gate_does_not_collapse_on_held_out_rows(standardize):
     SGD on raw ReLU features drives σ(x) to 0 on every row and the head becomes the identity. The raw
     coordinates (gate_standardize=False, the code before the fix) still collapse; the standardised ones do not."""
     train, val = (load_bank(REPO / "examples" / "cifar10lt" / f"{split}.h5") for split in ("train", "val"))
-    est = DisAlign(rho=1.5, val_weight=0.5, val_folds=2, gate_standardize=standardize).fit(train, val=val)
+    est = DisAlign(rho=1.5, val_weight=0.5, val_folds=2, gate_standardize=standardize, use_magnitude=True).fit(train, val=val)
     gate = est.confidence(train.features.float())
     collapsed = float(((gate * (1 - gate)) < 1e-3).double().mean())
     assert (collapsed < 0.01) if standardize else (collapsed > 0.99)
