@@ -19,10 +19,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from calib.bank import Bank
 from calib.head import disalign_logits
-from calib.metrics import mean_class_accuracy, negative_log_likelihood
+from calib.metrics import mean_class_accuracy
 from calib.training import RowSource
 
 
@@ -104,7 +105,7 @@ class HeadPlan:
 
 @dataclass(frozen=True)
 class HeldOutRows:
-    """The clean, labelled validation rows: features (n, d), logits (n, K), labels (n,), fold (n,) int64."""
+    """The clean, labelled validation rows: features (n, d) float32, logits (n, K), labels (n,), fold (n,) int64."""
 
     features: torch.Tensor
     logits: torch.Tensor
@@ -116,12 +117,12 @@ class HeldOutRows:
         """Clean view, labelled rows; folds stratified by class (each class's rows dealt round-robin in random order)."""
         rows = torch.nonzero((val.labels >= 0) & (val.view == 0), as_tuple=True)[0]
         labels = val.labels[rows]
-        fold = torch.empty_like(labels)
-        for c in torch.unique(labels).tolist():
+        fold = torch.zeros_like(labels)
+        for c in torch.unique(labels).tolist() if folds > 1 else ():
             members = torch.nonzero(labels == c, as_tuple=True)[0]
             members = members[torch.randperm(members.numel(), generator=generator)]
             fold[members] = torch.arange(members.numel()) % folds
-        return cls(val.features[rows], val.logits[rows], labels, fold)
+        return cls(val.features[rows].float(), val.logits[rows], labels, fold)
 
     @property
     def count(self) -> int:
@@ -137,6 +138,11 @@ class HeldOutRows:
                     labels, sample_index, view, train.info)
         return RowSource(bank=both), labels, sample_index, view
 
+    def scores(self, head: dict[str, torch.Tensor], scoring: dict[str, Any]) -> dict[str, float]:
+        """Validation metrics of one head on these rows."""
+        z = disalign_logits(self.features, self.logits, head["alpha"], head["beta"], head["gate_weight"], head["gate_bias"], **scoring)
+        return logit_scores(z, self.labels)
+
     def cross_fitted_scores(self, heads: list[dict[str, torch.Tensor]], plan: HeadPlan, spec: HeadSpec,
                             scoring: dict[str, Any]) -> dict[str, float]:
         """Validation metrics of a choice (ρ, λ, …) from out-of-fold predictions: each row scored by the head
@@ -151,7 +157,9 @@ class HeldOutRows:
 
 
 def logit_scores(z: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Validation metrics of calibrated logits (N, K) against labels (N,)."""
-    return {"val_mean_class_accuracy": mean_class_accuracy(z.argmax(1), y, z.shape[1]),
-            "val_accuracy": float((z.argmax(1) == y).double().mean()),
-            "val_nll": negative_log_likelihood(z, y)}
+    """Validation metrics of calibrated logits (N, K) against labels (N,) (NLL in float32: scoring a 13-head
+    grid on 20,000 rows × 1,000 classes in float64 took longer than an epoch of the fit)."""
+    predicted = z.argmax(1)
+    return {"val_mean_class_accuracy": mean_class_accuracy(predicted, y, z.shape[1]),
+            "val_accuracy": float((predicted == y).double().mean()),
+            "val_nll": float(F.cross_entropy(z, y))}

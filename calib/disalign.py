@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from calib.bank import Bank, BankReader
-from calib.crossfit import HeadPlan, HeldOutRows, logit_scores
+from calib.crossfit import HeadPlan, HeldOutRows
 from calib.errors import InputError
 from calib.estimator import Calibrator, as_bank, check_banks_agree, require_shape
 from calib.grw import grw_weights
@@ -167,9 +167,10 @@ class DisAlign(Calibrator):
             if counts is None:
                 clean = (view == 0) & (labels >= 0)
                 counts = np.bincount(labels[clean].numpy(), minlength=info.num_classes).astype(np.int64)
-            # Two windows live at once (one trains while the next is read); keep room for one chunk read
-            # plus its indexed copy.
-            window_rows = max(info.chunk_rows, (int(max_memory // row_bytes) - 3 * info.chunk_rows) // 2)
+            # Two windows live at once (one trains while the next is read), beside the gate's float32 sample
+            # of training rows and one chunk being read (with its copy, and a margin of one more).
+            sample_bytes = min(GATE_SAMPLE_ROWS, info.num_rows) * info.feature_dim * 4
+            window_rows = max(info.chunk_rows, ((max_memory - sample_bytes) // row_bytes - 3 * info.chunk_rows) // 2)
             source = RowSource(reader=reader, window_rows=window_rows)
             params, report = self.fit_source(source, labels, sample_index, view, counts, info.background_index, val_bank, info.task)
             report["streamed"] = {"window_rows": window_rows, "max_memory": max_memory}
@@ -222,14 +223,15 @@ class DisAlign(Calibrator):
         class_weights = {rho: grw_weights(class_counts, rho, background_index=background_index, count_smoothing=self.count_smoothing)
                          for rho in plan.rhos}
         generator = torch.Generator().manual_seed(self.seed)
-        held_out = None
+        # The clean, labelled validation rows: what every head is scored on, and with val_weight trained on too.
+        folds = torch.Generator().manual_seed(self.seed)  # its own stream: the training draws do not depend on val
+        held_out = HeldOutRows.from_bank(val, self.val_folds if plan.mixes_val else 1, folds) if val is not None else None
         if plan.mixes_val:
             if source.bank is None:
                 raise InputError("val_weight > 0 mixes validation rows into the fit and needs the training bank in memory; "
                                  "raise --max-memory or use val_weight 0.")
-            held_out = HeldOutRows.from_bank(val, self.val_folds, generator)
             source, labels, sample_index, view = held_out.appended_to(source.bank)
-        row_weights = plan.row_weights(class_weights, labels, held_out)  # (R, N): loss weight of each row for each head
+        row_weights = plan.row_weights(class_weights, labels, held_out if plan.mixes_val else None)  # (R, N) loss weights
         sample = gate_input(source.sample_features(GATE_SAMPLE_ROWS, generator), cosine=self.cosine)
         coords = GateCoordinates.standardizing(sample) if self.gate_standardize else GateCoordinates.identity(source.feature_dim)
         init = initial_parameters(len(class_counts), source.feature_dim, form=form, gate=gate, generator=generator)
@@ -273,7 +275,7 @@ class DisAlign(Calibrator):
                 if spec.val_weight > 0:  # scored out of fold: head f never saw the validation rows of fold f
                     point.update(held_out.cross_fitted_scores(heads, plan, spec, scoring), cross_fitted=True)
                 else:
-                    point.update(validation_scores(heads[final], val, scoring))
+                    point.update(held_out.scores(heads[final], scoring))
             curve.append(point)
         best = min(range(len(curve)), key=lambda i: selection_key(curve[i], self.selection))
         chosen = plan.candidates()[best][1]
@@ -347,13 +349,6 @@ def raw_gates(params: dict[str, torch.Tensor], coords: GateCoordinates, sample: 
         return weight, bias
     a = linear_gate(sample, weight, bias)
     return fold_batch_norm(weight, bias, params["bn_weight"], params["bn_bias"], a.mean(1), a.var(1, unbiased=False))
-
-
-def validation_scores(head: dict[str, torch.Tensor], val: Bank, scoring: dict[str, Any]) -> dict[str, float]:
-    """Metrics of one head on the clean view (view 0) of the labelled validation rows, as the baselines and eval use."""
-    rows = (val.labels >= 0) & (val.view == 0)
-    z = disalign_logits(val.features[rows], val.logits[rows], head["alpha"], head["beta"], head["gate_weight"], head["gate_bias"], **scoring)
-    return logit_scores(z, val.labels[rows])
 
 
 def selection_key(point: dict[str, Any], selection: str) -> tuple[float, float]:

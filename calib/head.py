@@ -97,6 +97,11 @@ def disalign_logits(
     return align_logits(logits.to(alpha.dtype), gate, alpha, beta, blend=blend, background_index=background_index)
 
 
+# Heads are processed in groups whose (heads, B, K) temporaries stay within about this many floats (8 MB):
+# three such tensors then fit in a last-level cache, and a 26-head grid no longer streams 80 MB per batch.
+HEAD_GROUP_FLOATS = 1 << 21
+
+
 def grw_loss_and_grads(
     preactivation: torch.Tensor,
     logits: torch.Tensor,
@@ -123,6 +128,30 @@ def grw_loss_and_grads(
     over P is a batched matrix-vector product (P·β, (P⊙z)·α', (σg)ᵀP), so the (R, B, K) work is three
     written tensors (α'z + β, ẑ, P) and no autograd graph.
     """
+    group = max(1, HEAD_GROUP_FLOATS // max(1, logits.numel()))
+    if row_weights.shape[0] <= group:
+        return _grw_loss_and_grads_block(preactivation, logits, labels, alpha, beta, row_weights, blend=blend,
+                                         relu_gate=relu_gate, background_index=background_index)
+    parts = [_grw_loss_and_grads_block(preactivation[s : s + group], logits, labels, alpha[s : s + group], beta[s : s + group],
+                                       row_weights[s : s + group], blend=blend, relu_gate=relu_gate, background_index=background_index)
+             for s in range(0, row_weights.shape[0], group)]
+    grads = {name: torch.cat([g[name] for _, g in parts]) for name in parts[0][1]}
+    return torch.cat([loss for loss, _ in parts]), grads
+
+
+def _grw_loss_and_grads_block(
+    preactivation: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    row_weights: torch.Tensor,
+    *,
+    blend: bool = False,
+    relu_gate: bool = False,
+    background_index: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One group of heads of :func:`grw_loss_and_grads`."""
     num_heads, batch = row_weights.shape
     a_eff, b_eff = effective_alpha_beta(alpha, beta, blend=blend, background_index=background_index)
     gate = torch.sigmoid(preactivation.clamp_min(0) if relu_gate else preactivation)  # (R, B)

@@ -299,14 +299,13 @@ def run_stacked_sgd(
     """
     generator = torch.Generator().manual_seed(recipe.seed)
     trainable = {name: t for name, t in params.items() if name not in frozen}
-    optimizer = torch.optim.SGD(list(trainable.values()), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    momenta: dict[str, torch.Tensor] = {}
     per_epoch = steps_per_epoch(labels, sample_index, view, recipe.batch_size)
     total_steps = recipe.epochs * per_epoch
-    # Cosine decay to 0 over all steps, per iteration (as the official stage-2 schedulers).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
     history: dict[str, list] = {"loss": [], "seconds": []}
     bar = tqdm(total=total_steps, desc=description, unit="step", file=sys.stderr, leave=False, dynamic_ncols=True,
                disable=not (progress and sys.stderr.isatty()))
+    step = 0
     with bar, torch_threads(training_threads(recipe.batch_size, source.num_classes, source.feature_dim)), torch.no_grad():
         for epoch in range(recipe.epochs):
             start = time.perf_counter()
@@ -314,10 +313,8 @@ def run_stacked_sgd(
             total, count = None, 0
             for feats, logits, y, index in source.indexed_batches(rows, recipe.batch_size, generator):
                 losses, grads = loss_and_grads(params, feats, logits, y, index)
-                for name, t in trainable.items():
-                    t.grad = grads[name]
-                optimizer.step()
-                scheduler.step()
+                sgd_step(trainable, grads, momenta, cosine_lr(recipe.lr, step, total_steps), recipe.momentum, recipe.weight_decay)
+                step += 1
                 total = losses * y.numel() if total is None else total + losses * y.numel()
                 count += y.numel()
                 bar.update()
@@ -326,6 +323,26 @@ def run_stacked_sgd(
             history["seconds"].append(time.perf_counter() - start)
             if mean:
                 bar.set_postfix_str(f"epoch {epoch + 1}/{recipe.epochs} loss {min(mean):.4f} to {max(mean):.4f}")
-    for t in trainable.values():
-        t.grad = None
     return history
+
+
+def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
+    """Cosine decay to 0 over all steps, per iteration (as the official stage-2 schedulers)."""
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+def sgd_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], momenta: dict[str, torch.Tensor],
+             lr: float, momentum: float, weight_decay: float) -> None:
+    """One step of torch.optim.SGD (momentum, no dampening, weight decay added to the gradient), in place.
+
+    By hand because importing torch.optim costs ~3 s (it loads torch._dynamo), more than a small fit.
+    """
+    for name, p in params.items():
+        d = grads[name].add(p, alpha=weight_decay) if weight_decay else grads[name]
+        buf = momenta.get(name)
+        if buf is None:
+            buf = momenta[name] = d.clone()
+        else:
+            buf.mul_(momentum).add_(d)
+        p.add_(buf, alpha=-lr)
+

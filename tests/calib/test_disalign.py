@@ -128,10 +128,12 @@ def test_streaming_fit_under_a_memory_budget(lt_banks, tmp_path):
     in_memory = DisAlign(rho=1.0, epochs=3).fit(lt_banks["train"])
     same = DisAlign(rho=1.0, epochs=3).fit(lt_banks["train"], max_memory=1 << 30)  # fits: loaded, identical
     assert torch.equal(same.params_["alpha"], in_memory.params_["alpha"])
-    # 1,397 rows of 104 bytes in chunks of 128 rows; 100 kB leaves two windows (one training, one being read) of 2 chunks.
-    small_chunks = write_synthetic_bank(tmp_path / "train.h5", LT_COUNTS // 10, feature_dim=32, separation=1.5, chunk_rows=128)
-    streamed = DisAlign(rho=1.0, epochs=3).fit(small_chunks, max_memory=100_000)
-    assert streamed.meta_.report["streamed"]["window_rows"] == 288
+    # 13,987 rows of 104 bytes (1.45 MB) in chunks of 128 rows; of 1 MB, the gate's float32 sample takes
+    # 4,096 × 32 × 4 bytes and three chunks are kept free: two windows (one training, one being read) of
+    # ((1,000,000 − 524,288) // 104 − 384) // 2 rows.
+    small_chunks = write_synthetic_bank(tmp_path / "train.h5", LT_COUNTS, feature_dim=32, separation=1.5, chunk_rows=128)
+    streamed = DisAlign(rho=1.0, epochs=3).fit(small_chunks, max_memory=1_000_000)
+    assert streamed.meta_.report["streamed"]["window_rows"] == 2095
     test = load_bank(lt_banks["test"])
     assert mca(streamed, test) > mca(in_memory, test) - 0.03
 

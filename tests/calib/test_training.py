@@ -1,4 +1,5 @@
 import contextlib
+import math
 import os
 import pty
 import sys
@@ -11,7 +12,7 @@ import torch
 from calib.bank import BankReader
 from calib.errors import InputError
 from calib.synthetic import write_synthetic_bank
-from calib.training import RowSource, SGDRecipe, epoch_rows
+from calib.training import RowSource, SGDRecipe, cosine_lr, epoch_rows, sgd_step
 
 
 def test_one_random_view_per_image_and_no_unlabelled_rows():
@@ -83,3 +84,23 @@ def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch, capsys):
         shown = os.read(master, 1 << 16).decode()  # before the replica closes (then Linux answers EIO)
     os.close(master)
     assert "DisAlign fit, 1 heads" in shown and "epoch 1/1 loss" in shown
+
+
+def test_hand_written_sgd_step_equals_torch_sgd_with_the_cosine_schedule():
+    torch.manual_seed(0)
+    start = {"a": torch.randn(3, 4), "b": torch.randn(3)}
+    mine = {name: t.clone() for name, t in start.items()}
+    theirs = {name: t.clone().requires_grad_(True) for name, t in start.items()}
+    optimizer = torch.optim.SGD(list(theirs.values()), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    total = 7
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    momenta: dict = {}
+    for step in range(total):
+        grads = {name: torch.randn_like(t) for name, t in start.items()}
+        for name, t in theirs.items():
+            t.grad = grads[name].clone()
+        optimizer.step()
+        scheduler.step()
+        sgd_step(mine, grads, momenta, cosine_lr(0.1, step, total), 0.9, 5e-4)
+    for name in start:
+        assert torch.allclose(mine[name], theirs[name].detach(), atol=1e-6)
