@@ -248,8 +248,8 @@ class DisAlign(Calibrator):
             u = linear_gate(x, *coords.to_raw(p["gate_weight"], p["gate_bias"]))  # (R, B)
             if relu:
                 u, cache = batch_norm(u, p["bn_weight"], p["bn_bias"])
-            losses, grads = grw_loss_and_grads(u, logits, y, p["alpha"], p["beta"], row_weights[:, rows],
-                                               blend=blend, relu_gate=relu, background_index=background_index)
+            losses, grads = grw_loss_and_grads(u, logits, y, p["alpha"], p["beta"], row_weights[:, rows], blend=blend,
+                                               relu_gate=relu, background_index=background_index, magnitude=magnitude)
             # Heads without α keep it fixed: a gradient of −wd·α cancels SGD's weight decay exactly.
             grads["alpha"][~magnitude] = -self.weight_decay * p["alpha"][~magnitude]
             d_u = grads.pop("preactivation")

@@ -113,6 +113,7 @@ def grw_loss_and_grads(
     blend: bool = False,
     relu_gate: bool = False,
     background_index: int | None = None,
+    magnitude: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted cross-entropy of R stacked heads and its gradients, in one pass over the batch.
 
@@ -127,14 +128,23 @@ def grw_loss_and_grads(
     dα'_rk = Σ_b σ_rb g_rbk z_bk, dβ_rk = Σ_b σ_rb g_rbk, dσ_rb = Σ_k g_rbk (α'_rk z_bk + β_rk). Every sum
     over P is a batched matrix-vector product (P·β, (P⊙z)·α', (σg)ᵀP), so the (R, B, K) work is three
     written tensors (α'z + β, ẑ, P) and no autograd graph.
+
+    ``magnitude`` (R,) bool marks the heads that have the magnitude term; the others have α' = 0, skip
+    the P⊙z work and get dL/dα = 0 (α is not a parameter of theirs). Default: every head.
     """
+    num_heads = row_weights.shape[0]
+    flags = [True] * num_heads if magnitude is None else magnitude.tolist()
     group = max(1, HEAD_GROUP_FLOATS // max(1, logits.numel()))
-    if row_weights.shape[0] <= group:
-        return _grw_loss_and_grads_block(preactivation, logits, labels, alpha, beta, row_weights, blend=blend,
-                                         relu_gate=relu_gate, background_index=background_index)
-    parts = [_grw_loss_and_grads_block(preactivation[s : s + group], logits, labels, alpha[s : s + group], beta[s : s + group],
-                                       row_weights[s : s + group], blend=blend, relu_gate=relu_gate, background_index=background_index)
-             for s in range(0, row_weights.shape[0], group)]
+    blocks, start = [], 0
+    for end in range(1, num_heads + 1):  # runs of heads alike in magnitude, at most `group` long
+        if end == num_heads or flags[end] != flags[start] or end - start == group:
+            blocks.append((start, end, flags[start]))
+            start = end
+    parts = [_grw_loss_and_grads_block(preactivation[s:e], logits, labels, alpha[s:e], beta[s:e], row_weights[s:e], blend=blend,
+                                       relu_gate=relu_gate, background_index=background_index, magnitude=m)
+             for s, e, m in blocks]
+    if len(parts) == 1:
+        return parts[0]
     grads = {name: torch.cat([g[name] for _, g in parts]) for name in parts[0][1]}
     return torch.cat([loss for loss, _ in parts]), grads
 
@@ -150,14 +160,19 @@ def _grw_loss_and_grads_block(
     blend: bool = False,
     relu_gate: bool = False,
     background_index: int | None = None,
+    magnitude: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One group of heads of :func:`grw_loss_and_grads`."""
+    """One group of heads of :func:`grw_loss_and_grads`, all with or all without the magnitude term."""
     num_heads, batch = row_weights.shape
     a_eff, b_eff = effective_alpha_beta(alpha, beta, blend=blend, background_index=background_index)
     gate = torch.sigmoid(preactivation.clamp_min(0) if relu_gate else preactivation)  # (R, B)
-    t = torch.addcmul(b_eff.unsqueeze(1), a_eff.unsqueeze(1), logits)  # α'z + β (R, B, K)
-    z_hat = torch.addcmul(logits, gate.unsqueeze(2), t)
-    del t
+    if magnitude:
+        t = torch.addcmul(b_eff.unsqueeze(1), a_eff.unsqueeze(1), logits)  # α'z + β (R, B, K)
+        z_hat = torch.addcmul(logits, gate.unsqueeze(2), t)
+        del t
+    else:  # α' = 0: ẑ = z + σβ
+        a_eff = torch.zeros_like(a_eff)
+        z_hat = torch.addcmul(logits, gate.unsqueeze(2), b_eff.unsqueeze(1))
     prob = torch.softmax(z_hat, dim=2)  # (R, B, K)
     coef = row_weights / row_weights.sum(1, keepdim=True)  # (R, B)
     index = labels.expand(num_heads, batch).unsqueeze(2)
@@ -174,15 +189,19 @@ def _grw_loss_and_grads_block(
     # Row-vector products (R, 1, ·) @ (R, ·, ·): batched gemv this way round is ~10× faster than (R, B, K) @ (R, K, 1).
     p_beta = torch.bmm(b_eff.unsqueeze(1), prob.transpose(1, 2)).squeeze(1)  # Σ_k P β (R, B)
     d_beta = torch.bmm(sc.unsqueeze(1), prob).squeeze(1)  # Σ_b σ w P (R, K)
-    prob.mul_(logits)  # P ⊙ z from here on
-    pz_alpha = torch.bmm(a_eff.unsqueeze(1), prob.transpose(1, 2)).squeeze(1)  # Σ_k P z α'
-    d_alpha = torch.bmm(sc.unsqueeze(1), prob).squeeze(1)  # Σ_b σ w P z
-    del prob
     y = labels.expand(num_heads, batch)
     t_label = a_eff.gather(1, y) * z_label + b_eff.gather(1, y)  # (α'z + β) at the label (R, B)
-    d_gate = coef * (p_beta + pz_alpha - t_label)
+    if magnitude:
+        prob.mul_(logits)  # P ⊙ z from here on
+        pz_alpha = torch.bmm(a_eff.unsqueeze(1), prob.transpose(1, 2)).squeeze(1)  # Σ_k P z α'
+        d_alpha = torch.bmm(sc.unsqueeze(1), prob).squeeze(1)  # Σ_b σ w P z
+        d_alpha.scatter_add_(1, y, -sc * z_label)
+        d_gate = coef * (p_beta + pz_alpha - t_label)
+    else:
+        d_alpha = torch.zeros_like(alpha)
+        d_gate = coef * (p_beta - t_label)
+    del prob
     d_beta.scatter_add_(1, y, -sc)
-    d_alpha.scatter_add_(1, y, -sc * z_label)
     if background_index is not None:
         d_alpha[:, background_index] = 0.0
         d_beta[:, background_index] = 0.0

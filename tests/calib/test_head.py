@@ -211,3 +211,19 @@ def test_folded_batch_norm_is_batch_norm_in_evaluation_mode():
     folded_v, folded_c = fold_batch_norm(v, c, gamma, bias, mean, var)
     evaluation = F.batch_norm(a.T, mean, var, gamma, bias, training=False, eps=1e-5).T
     assert torch.allclose(linear_gate(x, folded_v, folded_c), evaluation, atol=1e-5)
+
+
+def test_heads_without_the_magnitude_term_skip_it_and_match_the_full_computation():
+    torch.manual_seed(0)
+    heads, rows, k = 5, 8, 6
+    z, y = torch.randn(rows, k, dtype=torch.float64) * 2, torch.randint(0, k, (rows,))
+    u, weights = torch.randn(heads, rows, dtype=torch.float64), torch.rand(heads, rows, dtype=torch.float64) + 0.1
+    alpha, beta = torch.randn(heads, k, dtype=torch.float64), torch.randn(heads, k, dtype=torch.float64)
+    magnitude = torch.tensor([True, True, False, False, True])
+    alpha[~magnitude] = 1.0  # blend heads without α: α = 1, i.e. α' = 0
+    loss, grads = grw_loss_and_grads(u, z, y, alpha, beta, weights, blend=True, background_index=0, magnitude=magnitude)
+    full_loss, full = grw_loss_and_grads(u, z, y, alpha, beta, weights, blend=True, background_index=0)
+    assert torch.allclose(loss, full_loss)
+    assert torch.allclose(grads["beta"], full["beta"]) and torch.allclose(grads["preactivation"], full["preactivation"])
+    assert torch.allclose(grads["alpha"][magnitude], full["alpha"][magnitude])
+    assert torch.equal(grads["alpha"][~magnitude], torch.zeros(2, k))
