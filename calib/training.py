@@ -121,6 +121,7 @@ class RowSource:
         self.bank, self.reader = bank, reader
         self.window_rows = window_rows
         self._validated: set[int] = set()  # first rows of the chunks whose values were checked (streaming)
+        self._windows: list[Batch] = []  # the two window buffers of a streamed source
         info = bank.info if bank is not None else reader.info
         self.num_classes, self.feature_dim = info.num_classes, info.feature_dim
 
@@ -175,10 +176,11 @@ class RowSource:
                 plans.append((ranges, order[torch.randperm(order.numel(), generator=generator)]))
         pending: Batch | None = None  # < batch_size rows left over by the previous window
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="disalign-prefetch") as pool:
-            future = pool.submit(self._read_window, plans[0][0]) if plans else None
+            future = pool.submit(self._read_window, plans[0][0], 0) if plans else None
             for i, (_, order) in enumerate(plans):
                 feats, logits, labels, row_ids = future.result()
-                future = pool.submit(self._read_window, plans[i + 1][0]) if i + 1 < len(plans) else None
+                # Window i + 1 goes into the other buffer; window i - 1's, which it reuses, is consumed.
+                future = pool.submit(self._read_window, plans[i + 1][0], (i + 1) % 2) if i + 1 < len(plans) else None
                 start, total = 0, order.numel()
                 if pending is not None:
                     start = min(batch_size - pending[2].numel(), total)
@@ -200,27 +202,27 @@ class RowSource:
         if pending is not None:
             yield pending
 
-    def _read_window(self, ranges: list[tuple[int, int]]) -> Batch:
-        """The rows of the chunks ``ranges`` (in file order), copied one chunk at a time into one preallocated
-        window (the only large allocation). Values are validated the first time a chunk is read in this fit."""
+    def _read_window(self, ranges: list[tuple[int, int]], slot: int) -> Batch:
+        """The rows of the chunks ``ranges`` (in file order), read one chunk at a time straight into window
+        buffer ``slot`` (0 or 1: one trains while the other is filled). The two buffers are allocated once per
+        source, so no epoch page-faults a fresh window in. Values are validated the first time a chunk is read."""
         reader = self.reader
         assert reader is not None
         total = sum(hi - lo for lo, hi in ranges)
-        feats = torch.empty((total, reader.info.feature_dim), dtype=getattr(torch, reader.info.feature_dtype))
-        logits = torch.empty((total, reader.info.num_classes), dtype=torch.float32)
-        labels = torch.empty((total,), dtype=torch.int64)
-        row_ids = torch.empty((total,), dtype=torch.int64)
+        if not self._windows or self._windows[0][0].shape[0] < total:
+            rows = max(total, (self.window_rows or 0) // reader.info.chunk_rows * reader.info.chunk_rows)
+            self._windows = [(torch.empty((rows, reader.info.feature_dim), dtype=getattr(torch, reader.info.feature_dtype)),
+                              torch.empty((rows, reader.info.num_classes), dtype=torch.float32),
+                              torch.empty((rows,), dtype=torch.int64), torch.empty((rows,), dtype=torch.int64)) for _ in range(2)]
+        feats, logits, labels, row_ids = (t[:total] for t in self._windows[slot])
+        arrays = {"features": feats.numpy(), "logits": logits.numpy(), "labels": labels.numpy()}
         pos = 0
         for lo, hi in ranges:
-            block = reader.read_rows(lo, hi, validate=lo not in self._validated)
-            self._validated.add(lo)
             end = pos + hi - lo
-            feats[pos:end] = torch.from_numpy(block["features"])
-            logits[pos:end] = torch.from_numpy(block["logits"])
-            labels[pos:end] = torch.from_numpy(block["labels"])
+            reader.read_rows_into(lo, hi, {name: array[pos:end] for name, array in arrays.items()}, validate=lo not in self._validated)
+            self._validated.add(lo)
             row_ids[pos:end] = torch.arange(lo, hi)
             pos = end
-            del block
         return feats, logits, labels, row_ids
 
 
