@@ -80,27 +80,52 @@ class HeadPlan:
     def index(self, spec: HeadSpec) -> int:
         return self.specs.index(spec)
 
-    def row_weights(self, class_weights: dict[float, torch.Tensor], labels: torch.Tensor, held_out: HeldOutRows | None) -> torch.Tensor:
-        """Loss weight (R, N) of every row for every head; the last ``held_out.count`` rows are validation rows.
+    def row_weights(self, class_weights: dict[float, torch.Tensor], labels: torch.Tensor, held_out: HeldOutRows | None) -> RowWeights:
+        """The loss weight of every row for every head, as a :class:`RowWeights` (O(R·K) memory, not O(R·N)).
 
         λ = 0: the GRW weight of the row's class, w_ρ(y). λ > 0: training rows (1 − λ)·w_ρ(y)·N_train/Σw_ρ and the
         validation rows the head may see λ·N_train/n_seen, so validation rows carry the share λ of the loss.
+        ``labels`` (N,): the training rows' labels, then the ``held_out.count`` validation rows'.
         """
-        classes = labels.clamp_min(0)  # unlabelled rows are never visited; any weight will do
         n_val = held_out.count if held_out is not None else 0
-        n_train = labels.numel() - n_val
-        table = torch.zeros(len(self.specs), labels.numel())
+        train_labels = labels[: labels.numel() - n_val]
+        labelled = train_labels[train_labels >= 0]
+        per_class = torch.zeros(len(self.specs), len(next(iter(class_weights.values()))))
+        val_weight, left_out = torch.zeros(len(self.specs)), torch.full((len(self.specs),), -1, dtype=torch.long)
         for r, spec in enumerate(self.specs):
-            train = class_weights[spec.rho][classes[:n_train]]
+            w = class_weights[spec.rho]
             if spec.val_weight == 0:
-                table[r, :n_train] = train
+                per_class[r] = w
                 continue
             assert held_out is not None
-            labelled = labels[:n_train] >= 0
-            table[r, :n_train] = (1 - spec.val_weight) * train * (int(labelled.sum()) / float(train[labelled].sum()))
-            seen = held_out.fold != spec.fold if spec.fold is not None else torch.ones(n_val, dtype=torch.bool)
-            table[r, n_train:] = seen * (spec.val_weight * int(labelled.sum()) / int(seen.sum()))
-        return table
+            per_class[r] = (1 - spec.val_weight) * w * (labelled.numel() / float(w[labelled].sum()))
+            seen = int((held_out.fold != spec.fold).sum()) if spec.fold is not None else n_val
+            val_weight[r] = spec.val_weight * labelled.numel() / seen
+            left_out[r] = -1 if spec.fold is None else spec.fold
+        fold = held_out.fold if held_out is not None else torch.zeros(0, dtype=torch.long)
+        return RowWeights(per_class, val_weight, left_out, train_labels.numel(), torch.cat([train_labels.clamp_min(0), fold]))
+
+
+@dataclass(frozen=True)
+class RowWeights:
+    """Loss weights of rows for R heads: a training row of class y weighs ``per_class[r, y]``; a validation row
+    (index ≥ ``num_train``) weighs ``val_weight[r]``, or 0 for the head that leaves its fold out."""
+
+    per_class: torch.Tensor  # (R, K)
+    val_weight: torch.Tensor  # (R,)
+    left_out: torch.Tensor  # (R,) the fold each head leaves out, -1 for none
+    num_train: int
+    key: torch.Tensor  # (N,) a training row's class, then a validation row's fold
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        """Weights (R, B) of the rows at indices ``rows`` (B,)."""
+        key = self.key[rows]
+        weights = self.per_class[:, key]  # right for training rows
+        is_val = rows >= self.num_train
+        if bool(is_val.any()):
+            fold = key[is_val]
+            weights[:, is_val] = self.val_weight.unsqueeze(1) * (fold.unsqueeze(0) != self.left_out.unsqueeze(1))
+        return weights
 
 
 @dataclass(frozen=True)

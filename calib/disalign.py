@@ -231,7 +231,7 @@ class DisAlign(Calibrator):
                 raise InputError("val_weight > 0 mixes validation rows into the fit and needs the training bank in memory; "
                                  "raise --max-memory or use val_weight 0.")
             source, labels, sample_index, view = held_out.appended_to(source.bank)
-        row_weights = plan.row_weights(class_weights, labels, held_out if plan.mixes_val else None)  # (R, N) loss weights
+        row_weights = plan.row_weights(class_weights, labels, held_out if plan.mixes_val else None)  # rows → (R, B) loss weights
         sample = gate_input(source.sample_features(GATE_SAMPLE_ROWS, generator), cosine=self.cosine)
         coords = GateCoordinates.standardizing(sample) if self.gate_standardize else GateCoordinates.identity(source.feature_dim)
         init = initial_parameters(len(class_counts), source.feature_dim, form=form, gate=gate, generator=generator)
@@ -248,7 +248,7 @@ class DisAlign(Calibrator):
             u = linear_gate(x, *coords.to_raw(p["gate_weight"], p["gate_bias"]))  # (R, B)
             if relu:
                 u, cache = batch_norm(u, p["bn_weight"], p["bn_bias"])
-            losses, grads = grw_loss_and_grads(u, logits, y, p["alpha"], p["beta"], row_weights[:, rows], blend=blend,
+            losses, grads = grw_loss_and_grads(u, logits, y, p["alpha"], p["beta"], row_weights[rows], blend=blend,
                                                relu_gate=relu, background_index=background_index, magnitude=magnitude)
             # Heads without α keep it fixed: a gradient of −wd·α cancels SGD's weight decay exactly.
             grads["alpha"][~magnitude] = -self.weight_decay * p["alpha"][~magnitude]

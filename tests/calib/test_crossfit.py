@@ -22,7 +22,7 @@ def test_row_weights_give_validation_rows_their_share_of_the_loss():
     class_weights = {1.0: torch.tensor([0.5, 1.5])}
     labels = torch.tensor([0, 0, 0, 1, -1, 0, 1, 1])  # 5 training rows (one unlabelled), then 3 validation rows
     held_out = HeldOutRows(torch.zeros(3, 2), torch.zeros(3, 2), labels[5:], fold=torch.tensor([0, 1, 0]))
-    table = plan.row_weights(class_weights, labels, held_out)
+    table = plan.row_weights(class_weights, labels, held_out)[torch.arange(8)]
     assert torch.allclose(table[0], torch.tensor([0.5, 0.5, 0.5, 1.5, 0.5, 0, 0, 0]))  # GRW weight, validation rows unused
     # λ = .25: 4 labelled training rows, Σw = 3 → training rows .75·w·4/3, every validation row .25·4/3
     assert torch.allclose(table[1, :4], 0.75 * torch.tensor([0.5, 0.5, 0.5, 1.5]) * 4 / 3)
