@@ -234,13 +234,8 @@ class DisAlign(Calibrator):
         row_weights = plan.row_weights(class_weights, labels, held_out if plan.mixes_val else None)  # rows → (R, B) loss weights
         sample = gate_input(source.sample_features(GATE_SAMPLE_ROWS, generator), cosine=self.cosine)
         coords = GateCoordinates.standardizing(sample) if self.gate_standardize else GateCoordinates.identity(source.feature_dim)
-        init = initial_parameters(len(class_counts), source.feature_dim, form=form, gate=gate, generator=generator)
-        raw_init = raw_gates({name: t.unsqueeze(0) for name, t in init.items()}, GateCoordinates.identity(source.feature_dim), sample)
-        init_gate = confidence_gate(sample, raw_init[0][0], raw_init[1][0], relu=relu)
-        init["gate_weight"], init["gate_bias"] = coords.from_raw(init["gate_weight"], init["gate_bias"])
-        params = {name: t.expand(len(plan), *t.shape).clone() for name, t in init.items()}  # (R, …)
+        params, init_gate = initial_heads(plan, len(class_counts), form, gate, coords, sample, generator)
         magnitude = plan.magnitudes  # (R,) heads without α: α' = 0 (ẑ = z + σβ), never trained
-        params["alpha"][~magnitude] = 1.0 if blend else 0.0
         frozen = tuple(name for name, on in (("alpha", bool(magnitude.any())), ("beta", self.use_margin)) if not on)
 
         def loss_and_grads(p, feats, logits, y, rows):
@@ -264,19 +259,7 @@ class DisAlign(Calibrator):
         heads = [{"alpha": params["alpha"][r], "beta": params["beta"][r], "gate_weight": raw_weight[r], "gate_bias": raw_bias[r]}
                  for r in range(len(plan))]
         scoring = {"cosine": self.cosine, "blend": blend, "relu_gate": relu, "background_index": background_index}
-        curve = []
-        for spec, final in plan.candidates():
-            point: dict[str, Any] = {"rho": spec.rho, "train_loss": history["loss"][-1][final]}
-            if not bool(magnitude.all()) and bool(magnitude.any()):  # both kinds of head are candidates
-                point["magnitude"] = spec.magnitude
-            if plan.mixes_val:
-                point["val_weight"] = spec.val_weight
-            if val is not None:
-                if spec.val_weight > 0:  # scored out of fold: head f never saw the validation rows of fold f
-                    point.update(held_out.cross_fitted_scores(heads, plan, spec, scoring), cross_fitted=True)
-                else:
-                    point.update(held_out.scores(heads[final], scoring))
-            curve.append(point)
+        curve = candidate_curve(plan, heads, history["loss"][-1], held_out, scoring)
         best = min(range(len(curve)), key=lambda i: selection_key(curve[i], self.selection))
         chosen = plan.candidates()[best][1]
         final_gate = confidence_gate(sample, heads[chosen]["gate_weight"], heads[chosen]["gate_bias"], relu=relu)
@@ -339,6 +322,40 @@ class DisAlign(Calibrator):
         k, d, where = self.meta_.num_classes, self.meta_.feature_dim, "disalign calibration"
         for name, shape in (("alpha", (k,)), ("beta", (k,)), ("gate_weight", (d,)), ("gate_bias", ())):
             require_shape(self.params_, name, shape, where)
+
+
+def initial_heads(plan: HeadPlan, num_classes: int, form: str, gate: str, coords: GateCoordinates, sample: torch.Tensor,
+                  generator: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The R heads of ``plan`` at their official initialisation, the gate in ``coords``; and the initial gate
+    on the ``sample`` of gate inputs (n,)."""
+    init = initial_parameters(num_classes, sample.shape[1], form=form, gate=gate, generator=generator)
+    raw_weight, raw_bias = raw_gates({name: t.unsqueeze(0) for name, t in init.items()}, GateCoordinates.identity(sample.shape[1]), sample)
+    init_gate = confidence_gate(sample, raw_weight[0], raw_bias[0], relu=gate == "bn-relu")
+    init["gate_weight"], init["gate_bias"] = coords.from_raw(init["gate_weight"], init["gate_bias"])
+    params = {name: t.expand(len(plan), *t.shape).clone() for name, t in init.items()}  # (R, …)
+    params["alpha"][~plan.magnitudes] = 1.0 if form == "blend" else 0.0  # α' = 0
+    return params, init_gate
+
+
+def candidate_curve(plan: HeadPlan, heads: list[dict[str, torch.Tensor]], final_losses: list[float], held_out: HeldOutRows | None,
+                    scoring: dict[str, Any]) -> list[dict[str, Any]]:
+    """One point per choice the validation bank makes: its ρ (and magnitude, val_weight), final training loss
+    and validation metrics — out of fold where the head trained on validation rows."""
+    both = len(set(plan.magnitudes.tolist())) > 1
+    curve = []
+    for spec, index in plan.candidates():
+        point: dict[str, Any] = {"rho": spec.rho, "train_loss": final_losses[index]}
+        if both:
+            point["magnitude"] = spec.magnitude
+        if plan.mixes_val:
+            point["val_weight"] = spec.val_weight
+        if held_out is not None:
+            if spec.val_weight > 0:  # scored out of fold: head f never saw the validation rows of fold f
+                point.update(held_out.cross_fitted_scores(heads, plan, spec, scoring), cross_fitted=True)
+            else:
+                point.update(held_out.scores(heads[index], scoring))
+        curve.append(point)
+    return curve
 
 
 def raw_gates(params: dict[str, torch.Tensor], coords: GateCoordinates, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
