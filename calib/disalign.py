@@ -400,5 +400,5 @@ def saturation_warning(stats: dict[str, float]) -> str | None:
     else:
         return None
     return (f"the DisAlign gate is {state} on {share:.1%} of the training rows (mean {stats['final_mean']:.4f}): "
-            "it no longer depends on the input; try gate_standardize=True or another gate init.")
+            "it no longer depends on the input; try another gate (--gate) or gate_standardize=True.")
 
