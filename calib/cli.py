@@ -33,28 +33,25 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * scale)
 
 
-def parse_rho(text: str) -> float | str:
+def parse_number_or_auto(text: str, *, high: float | None, expected: str) -> float | str:
+    """'auto', or a number in [0, high) ([0, ∞) without ``high``)."""
     if text == "auto":
         return text
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'auto', found {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'auto', found {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected} or 'auto', found {text!r}") from None
+    if value < 0 or (high is not None and value >= high):
+        raise argparse.ArgumentTypeError(f"expected {expected} or 'auto', found {text!r}")
     return value
+
+
+def parse_rho(text: str) -> float | str:
+    return parse_number_or_auto(text, high=None, expected="a number >= 0")
 
 
 def parse_val_weight(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1) or 'auto', found {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1) or 'auto', found {text!r}")
-    return value
+    return parse_number_or_auto(text, high=1.0, expected="a number in [0, 1)")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
