@@ -355,6 +355,15 @@ class BankReader:
             check_row_values(out, self.info.num_classes, self.path, row_offset=start)
         return out
 
+    def read_rows_into(self, start: int, stop: int, out: dict[str, np.ndarray], *, validate: bool = True) -> None:
+        """Rows [start, stop) of the datasets named in ``out`` read straight into its arrays (stop − start rows
+        each, C-contiguous; views of larger buffers are fine): no intermediate copy. ``validate`` needs
+        features, logits and labels among them."""
+        for name, array in out.items():
+            self._file[name].read_direct(array, np.s_[start:stop])
+        if validate:
+            check_row_values(out, self.info.num_classes, self.path, row_offset=start)
+
     def read_selected(self, rows: np.ndarray, names: tuple[str, ...] = ("features", "logits", "labels")) -> dict[str, np.ndarray]:
         """Rows at sorted indices ``rows`` (1-D int array) of the named datasets."""
         return {name: self._file[name][rows] for name in names}

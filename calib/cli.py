@@ -42,16 +42,33 @@ ALL_METHODS = ("joint", "disalign", "logit-adjust", "tau-norm", "lws", "crt", "n
 MAX_STEPS_HELP = "cap on the SGD steps of lws and crt (default: the full classifier-balancing recipe; epochs are shortened alike)"
 
 
-def parse_rho(text: str) -> float | str:
+def parse_number_or_auto(text: str, *, high: float | None, expected: str) -> float | str:
+    """'auto', or a number in [0, high) ([0, ∞) without ``high``)."""
     if text == "auto":
         return text
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'auto', found {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'auto', found {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected} or 'auto', found {text!r}") from None
+    if value < 0 or (high is not None and value >= high):
+        raise argparse.ArgumentTypeError(f"expected {expected} or 'auto', found {text!r}")
     return value
+
+
+def parse_rho(text: str) -> float | str:
+    return parse_number_or_auto(text, high=None, expected="a number >= 0")
+
+
+def parse_val_weight(text: str) -> float | str:
+    return parse_number_or_auto(text, high=1.0, expected="a number in [0, 1)")
+
+
+def parse_magnitude(text: str) -> bool | str:
+    """--magnitude auto|on|off → the estimator's use_magnitude ('auto', True, False)."""
+    values = {"auto": "auto", "on": True, "off": False}
+    if text not in values:
+        raise argparse.ArgumentTypeError(f"expected auto, on or off, found {text!r}")
+    return values[text]
 
 
 # -- fit ------------------------------------------------------------------------------------------
@@ -62,11 +79,20 @@ HYPERPARAMETER_FLAGS = (
     ("--epochs", "epochs", "epochs"),
     ("--seed", "seed", "seed"),
     ("--cosine", "cosine", "cosine"),
+    ("--magnitude", "magnitude", "use_magnitude"),
     ("--no-magnitude", "no_magnitude", "use_magnitude"),
     ("--no-margin", "no_margin", "use_margin"),
     ("--no-grw", "no_grw", "use_grw"),
     ("--max-steps", "max_steps", "max_steps"),
+    ("--head-form", "head_form", "head_form"),
+    ("--gate", "gate", "gate"),
+    ("--no-gate-standardize", "no_gate_standardize", "gate_standardize"),
+    ("--selection", "selection", "selection"),
+    ("--val-weight", "val_weight", "val_weight"),
 )
+# store_true flags that switch a hyper-parameter which is on by default off
+SWITCH_OFF_FLAGS = ("--no-magnitude", "--no-margin", "--no-grw", "--no-gate-standardize")
+BOOLEAN_FLAGS = (*SWITCH_OFF_FLAGS, "--cosine")
 
 
 def add_fit_parser(subparsers) -> None:
@@ -79,9 +105,19 @@ def add_fit_parser(subparsers) -> None:
     p.add_argument("--epochs", type=int, help="SGD epochs of disalign (default 10), lws (5) and crt (10)")
     p.add_argument("--seed", type=int, help="seed of the SGD methods (disalign, lws, crt; default 0)")
     p.add_argument("--cosine", action="store_true", help="disalign: gate on L2-normalised features (cosine classifiers)")
-    p.add_argument("--no-magnitude", action="store_true", help="disalign ablation: no magnitude term alpha")
+    p.add_argument("--magnitude", type=parse_magnitude, metavar="{auto,on,off}",
+                   help="disalign magnitude term alpha; auto (the default): chosen on --val for classification banks, on otherwise")
+    p.add_argument("--no-magnitude", action="store_true", help="disalign ablation: no magnitude term alpha (= --magnitude off)")
     p.add_argument("--no-margin", action="store_true", help="disalign ablation: no margin term beta")
     p.add_argument("--no-grw", action="store_true", help="disalign ablation: plain cross-entropy instead of GRW")
+    p.add_argument("--head-form", choices=("auto", "residual", "blend"),
+                   help="disalign head: residual (1+σα)z+σβ, blend σ(αz+β)+(1-σ)z (eq. 5); auto (the default): as the official code of the bank's task")
+    p.add_argument("--gate", choices=("auto", "constant", "normal", "bn-relu"),
+                   help="disalign gate init: constant v=0.1, normal N(0,0.01²), bn-relu sigmoid(ReLU(BN(conv))); auto (the default): by task")
+    p.add_argument("--no-gate-standardize", action="store_true", help="disalign: train the gate on raw features")
+    p.add_argument("--selection", choices=("nll", "accuracy"), help="disalign: what the validation bank picks rho by (default nll)")
+    p.add_argument("--val-weight", type=parse_val_weight,
+                   help="disalign: share of the loss carried by validation rows mixed into the fit (cross-fitted), or 'auto' (default 0)")
     p.add_argument("--max-memory", type=parse_bytes, help="disalign: stream the training bank when its rows exceed this (e.g. 512M)")
     p.add_argument("--out", type=Path, required=True,
                    help="calibration directory: new, empty or holding a calibration (a new version is published in it)")
@@ -94,7 +130,8 @@ def fit_hyperparameters(args: argparse.Namespace, cls) -> dict:
     """The hyper-parameters the user set on the command line; a flag the method does not have is refused."""
     accepted = cls().get_params()
     given = {flag: (name, getattr(args, dest)) for flag, dest, name in HYPERPARAMETER_FLAGS
-             if getattr(args, dest) is not None and getattr(args, dest) is not False}  # 0 is a value, not "unset"
+             if getattr(args, dest) is not None  # 0 and --magnitude off are values, not "unset"
+             and not (flag in BOOLEAN_FLAGS and getattr(args, dest) is False)}
     refused = [flag for flag, (name, _) in given.items() if name not in accepted]
     if args.max_memory is not None and cls.method != "disalign":
         refused.append("--max-memory")
@@ -104,13 +141,12 @@ def fit_hyperparameters(args: argparse.Namespace, cls) -> dict:
                          f"its settings are {', '.join(allowed) or 'none'} (and --val).")
     if args.no_grw and args.rho is not None:
         raise InputError("--rho does not apply with --no-grw: plain cross-entropy has no GRW exponent.")
-    # the store_true ablation flags switch a hyper-parameter that is on by default off
-    return {name: (False if name.startswith("use_") else value) for name, value in given.values()}
+    if "--magnitude" in given and "--no-magnitude" in given:
+        raise InputError("--no-magnitude and --magnitude set the same thing; give one of them.")
+    return {name: (False if flag in SWITCH_OFF_FLAGS else value) for flag, (name, value) in given.items()}
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    import inspect
-
     from calib.disalign import DEFAULT_RHO, DisAlign
     from calib.methods import method_class
     from calib.publish import check_publish_target
@@ -118,20 +154,17 @@ def run_fit(args: argparse.Namespace) -> int:
     cls = method_class(args.method)
     check_publish_target(args.out, role="--out")  # before the fit, and nothing but a calibration is ever replaced
     estimator = cls(**fit_hyperparameters(args, cls))
-    fit_kwargs = {}
-    if isinstance(estimator, DisAlign):
-        if args.max_memory is not None:
-            fit_kwargs["max_memory"] = args.max_memory
-        if "progress" in inspect.signature(DisAlign.fit).parameters:  # the fit's own bar (rho grid, epochs, loss)
-            fit_kwargs["progress"] = not args.quiet
-    estimator.fit(args.train, val=args.val, **fit_kwargs)
+    if isinstance(estimator, DisAlign):  # its own progress bar (heads, epochs, loss) and the streamed fit
+        estimator.fit(args.train, val=args.val, max_memory=args.max_memory, progress=not args.quiet)
+    else:
+        estimator.fit(args.train, val=args.val)
     estimator.save(args.out)
     if isinstance(estimator, DisAlign) and estimator.rho == "auto" and estimator.use_grw and args.val is None:
         # said once the fit succeeded, so that a bad input still gives exactly one error line
         print(f"warning: --rho auto chooses rho on a validation bank and no --val was given: used rho = {float(DEFAULT_RHO)}.",
               file=sys.stderr)
     report = estimator.meta_.report
-    summary = {k: report[k] for k in ("rho", "tau", "temperature", "validation", "fit_seconds") if k in report}
+    summary = {k: report[k] for k in ("rho", "val_weight", "tau", "temperature", "validation", "fit_seconds") if k in report}
     print(f"wrote {args.method} calibration to {args.out}: {json.dumps(summary)}")
     return 0
 

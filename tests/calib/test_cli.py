@@ -308,3 +308,26 @@ def test_eval_shows_a_bar_per_method_fit_on_a_terminal_only(lt_banks, calibratio
     assert code == 0 and terminal == ""
     piped = disalign_cli(*argv)
     assert piped.returncode == 0 and piped.stderr == ""  # stderr is a pipe here: no bar
+
+
+def test_fit_flags_of_the_disalign_head(lt_banks, tmp_path, capsys):
+    code, out, err = run(capsys, "fit", lt_banks["train"], "--val", lt_banks["val"], "--rho", "1", "--epochs", 1,
+                         "--head-form", "blend", "--gate", "normal", "--no-gate-standardize", "--selection", "accuracy",
+                         "--val-weight", "0.2", "--magnitude", "on", "--out", tmp_path / "cal")
+    assert code == 0, err
+    meta = json.loads((artifact_dir(tmp_path / "cal") / "calibration.json").read_text())
+    hyper = meta["hyperparameters"]
+    assert (hyper["head_form"], hyper["gate"], hyper["gate_standardize"], hyper["selection"], hyper["val_weight"],
+            hyper["use_magnitude"]) == ("blend", "normal", False, "accuracy", 0.2, True)
+    assert meta["report"]["head"] == {"form": "blend", "gate": "normal"} and '"val_weight": 0.2' in out
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage + one error line, status 2
+        main(["fit", str(lt_banks["train"]), "--val-weight", "2", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2 and "expected a number in [0, 1) or 'auto', found '2'" in capsys.readouterr().err
+
+
+def test_fit_magnitude_off_is_a_value_and_conflicts_with_no_magnitude(lt_banks, tmp_path, capsys):
+    code, _, err = run(capsys, "fit", lt_banks["train"], "--rho", "1", "--epochs", 1, "--magnitude", "off", "--out", tmp_path / "cal")
+    assert code == 0, err
+    assert json.loads((artifact_dir(tmp_path / "cal") / "calibration.json").read_text())["hyperparameters"]["use_magnitude"] is False
+    code, out, err = run(capsys, "fit", lt_banks["train"], "--magnitude", "on", "--no-magnitude", "--out", tmp_path / "cal2")
+    assert (code, out, err) == (2, "", "error: --no-magnitude and --magnitude set the same thing; give one of them.\n")

@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import torch
+
+from calib.bank import load_bank, write_bank
+from calib.crossfit import HeadPlan, HeadSpec, HeldOutRows
+from calib.disalign import DisAlign
+
+
+def test_plan_lists_one_kept_head_and_one_head_per_left_out_fold():
+    plan = HeadPlan.make((0.5, 1.0), (0.0, 0.3), folds=2, magnitudes=(True, False))
+    assert len(plan) == 2 * 2 * (1 + (1 + 2))  # magnitudes × ρ × (λ = 0: one head; λ = 0.3: kept head + 2 folds)
+    assert plan.specs[:4] == (HeadSpec(0.5, 0.0), HeadSpec(0.5, 0.3), HeadSpec(0.5, 0.3, 0), HeadSpec(0.5, 0.3, 1))
+    kept = [spec for spec, _ in plan.candidates()]
+    assert kept == [HeadSpec(r, w, None, m) for m in (True, False) for r in (0.5, 1.0) for w in (0.0, 0.3)]
+    assert plan.rhos == (0.5, 1.0) and plan.mixes_val
+    assert plan.magnitudes.tolist() == [True] * 8 + [False] * 8
+
+
+def test_row_weights_give_validation_rows_their_share_of_the_loss():
+    plan = HeadPlan.make((1.0,), (0.0, 0.25), folds=2)  # heads: λ=0, λ=.25 kept, λ=.25 without fold 0, without fold 1
+    class_weights = {1.0: torch.tensor([0.5, 1.5])}
+    labels = torch.tensor([0, 0, 0, 1, -1, 0, 1, 1])  # 5 training rows (one unlabelled), then 3 validation rows
+    held_out = HeldOutRows(torch.zeros(3, 2), torch.zeros(3, 2), labels[5:], fold=torch.tensor([0, 1, 0]))
+    table = plan.row_weights(class_weights, labels, held_out)[torch.arange(8)]
+    assert torch.allclose(table[0], torch.tensor([0.5, 0.5, 0.5, 1.5, 0.5, 0, 0, 0]))  # GRW weight, validation rows unused
+    # λ = .25: 4 labelled training rows, Σw = 3 → training rows .75·w·4/3, every validation row .25·4/3
+    assert torch.allclose(table[1, :4], 0.75 * torch.tensor([0.5, 0.5, 0.5, 1.5]) * 4 / 3)
+    assert torch.allclose(table[1, 5:], torch.full((3,), 0.25 * 4 / 3))
+    labelled = torch.tensor([True, True, True, True, False, True, True, True])
+    for r in (1, 2, 3):  # validation rows carry the share λ of the labelled rows' total weight
+        assert float(table[r, 5:].sum() / table[r, labelled].sum()) == pytest.approx(0.25)
+    assert table[2, 5:].tolist() == [0.0, pytest.approx(0.25 * 4), 0.0]  # without fold 0: only the fold-1 row
+    assert table[3, 6] == 0.0 and table[3, 5] == table[3, 7] > 0
+
+
+def test_held_out_rows_are_the_clean_labelled_rows_in_stratified_folds(tmp_path):
+    labels = np.repeat(np.arange(3), 10)
+    labels[0] = -1  # unlabelled
+    write_bank(tmp_path / "v.h5", np.random.default_rng(0).normal(size=(60, 4)), np.zeros((60, 3)), np.concatenate([labels, labels]),
+               sample_index=np.concatenate([np.arange(30)] * 2), view=np.repeat([0, 1], 30))
+    rows = HeldOutRows.from_bank(load_bank(tmp_path / "v.h5"), 3, torch.Generator().manual_seed(0))
+    assert rows.count == 29 and torch.equal(rows.labels, torch.from_numpy(labels[1:]))
+    for c in range(3):  # each class dealt round-robin: fold sizes differ by at most one
+        sizes = torch.bincount(rows.fold[rows.labels == c], minlength=3)
+        assert int(sizes.max() - sizes.min()) <= 1
+
+
+def test_validation_rows_in_the_fit_are_scored_out_of_fold(lt_banks):
+    est = DisAlign(rho="auto", rho_grid=(0.5, 1.5), epochs=2, val_weight=0.3, val_folds=3, use_magnitude=True).fit(
+        lt_banks["train"], val=lt_banks["val"])
+    report = est.meta_.report
+    assert [(p["rho"], p["val_weight"], p["cross_fitted"]) for p in report["rho_curve"]] == [(0.5, 0.3, True), (1.5, 0.3, True)]
+    assert report["val_weight"] == 0.3 and report["validation"]["cross_fitted"]
+    # the kept head trained on every validation row: it fits them better than its out-of-fold score says
+    val = load_bank(lt_banks["val"])
+    z = est.predict_logits(val.features.float(), val.logits)
+    in_sample = float(torch.nn.functional.cross_entropy(z, val.labels))
+    assert in_sample < report["validation"]["val_nll"]
+    auto = DisAlign(rho=1.0, epochs=2, val_weight="auto", val_folds=3, use_magnitude=True).fit(lt_banks["train"], val=lt_banks["val"])
+    assert [p["val_weight"] for p in auto.meta_.report["rho_curve"]] == [0.0, 0.1, 0.3]
+    assert "cross_fitted" not in auto.meta_.report["rho_curve"][0]  # λ = 0 is scored on the validation bank directly
+
+
+@pytest.mark.parametrize("form", ["residual", "blend"])
+def test_the_validation_bank_chooses_whether_the_magnitude_term_helps(lt_banks, form):
+    est = DisAlign(rho="auto", rho_grid=(1.0, 2.0), epochs=2, use_magnitude="auto", head_form=form).fit(lt_banks["train"], val=lt_banks["val"])
+    curve = est.meta_.report["rho_curve"]
+    assert [(p["rho"], p["magnitude"]) for p in curve] == [(1.0, True), (2.0, True), (1.0, False), (2.0, False)]
+    best = min(curve, key=lambda p: (p["val_nll"], -p["val_mean_class_accuracy"]))
+    assert (est.meta_.report["rho"], est.meta_.report["magnitude"]) == (best["rho"], best["magnitude"])
+    # each candidate equals the fit with that setting alone (where α is frozen, not trained: weight decay included)
+    for point in curve:
+        alone = DisAlign(rho=point["rho"], epochs=2, use_magnitude=point["magnitude"], head_form=form).fit(
+            lt_banks["train"], val=lt_banks["val"])
+        assert alone.meta_.report["validation"]["val_nll"] == pytest.approx(point["val_nll"], abs=1e-5)
+        if not point["magnitude"]:
+            assert torch.equal(alone.params_["alpha"], torch.full((10,), 1.0 if form == "blend" else 0.0))
