@@ -185,14 +185,14 @@ def test_artifact_fields_are_checked_on_read(field, value, match, tmp_path: Path
 # -- real data --------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_real_ir50_banks_forward_shift_is_closed_and_uniform_kept(tmp_path: Path):
-    """The committed CIFAR-10-LT IR50 banks: DisAlign (ρ = 1.75, as `fit --rho auto` chooses) with its BCTS on
-    val; a forward-shifted test subset (imbalance 10) gains most of the oracle's accuracy, balanced traffic
+    """The committed CIFAR-10-LT IR50 banks: the default DisAlign fit (ρ and the magnitude term chosen on val)
+    with its BCTS on val; a forward-shifted test subset (imbalance 10) gains most of the oracle's accuracy, balanced traffic
     is left alone."""
     from calib.adapt_cli import reference_probabilities
     from calib.bank import load_bank
     from calib.disalign import DisAlign
 
-    calibrator = DisAlign(rho=1.75).fit(EXAMPLES / "train.h5", val=EXAMPLES / "val.h5")
+    calibrator = DisAlign().fit(EXAMPLES / "train.h5", val=EXAMPLES / "val.h5")
     fitted = ls.ProbabilityCalibration.from_json(calibrator.meta_.probability_calibration)
     assert 1.1 < fitted.temperature < 1.4  # DisAlign's logits are over-confident on val
     test = load_bank(EXAMPLES / "test.h5")
@@ -211,7 +211,7 @@ def test_real_ir50_banks_forward_shift_is_closed_and_uniform_kept(tmp_path: Path
 
     balanced, oracle = accuracy(z), accuracy(ls.adjust_to_prior(z, true, fitted))
     adapted = accuracy(ls.adjust_to_prior(z, estimate.prior, fitted))
-    assert oracle - balanced > 0.025 and (adapted - balanced) / (oracle - balanced) > 0.6
+    assert oracle - balanced > 0.02 and (adapted - balanced) / (oracle - balanced) > 0.6
 
     uniform = ls.estimate_prior(reference_probabilities(calibrator, test.features, test.logits))  # all 9,800, balanced
     assert not uniform.adapt and 0.003 < uniform.statistic / uniform.num_samples < 2 * ls.DEFAULT_TOLERANCE
