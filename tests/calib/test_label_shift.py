@@ -137,12 +137,41 @@ def test_bcts_recovers_a_known_temperature_and_bias():
 
 def test_bcts_cross_validation_drops_biases_the_data_cannot_support():
     rng = np.random.default_rng(5)
-    logits = torch.from_numpy(rng.normal(scale=2.0, size=(200, 10)))
+    logits = torch.from_numpy(rng.normal(scale=2.0, size=(600, 10)))  # 60 rows per class, no true bias
     labels = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=torch.Generator().manual_seed(1)).squeeze(1)
     fitted = ls.fit_probability_calibration(logits, labels)
-    assert fitted.bias_penalty >= 1.0 and max(abs(b) for b in fitted.bias) < 0.05
+    _, unpenalised = ls.fit_temperature_bias(logits, labels)
+    assert fitted.bias_penalty > 0 and max(abs(b) for b in fitted.bias) < 0.5 * float(unpenalised.abs().max())
     with pytest.raises(InputError, match="at least 10 labelled rows"):
         ls.fit_probability_calibration(logits[:5], labels[:5])
+
+
+def test_below_50_rows_per_class_only_the_temperature_is_fitted():
+    rng = np.random.default_rng(5)
+    logits = torch.from_numpy(rng.normal(scale=2.0, size=(200, 10)))
+    labels = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=torch.Generator().manual_seed(1)).squeeze(1)
+    fitted = ls.fit_probability_calibration(logits * 2.0, labels)
+    assert fitted.bias_penalty is None and fitted.bias == (0.0,) * 10
+    # the temperature minimises the NLL: its derivative in log T is zero there
+    nll, grad_t, _ = ls.temperature_bias_nll(logits.float() * 2.0, labels, math.log(fitted.temperature), torch.zeros(10, dtype=torch.float64))
+    assert 1.5 < fitted.temperature < 2.7 and abs(grad_t) < 1e-5
+    raw = fitted.to_json()
+    assert raw["bias_penalty"] is None and ls.ProbabilityCalibration.from_json(json.loads(json.dumps(raw))) == fitted
+    ls.check_artifact_fields(raw, None, 10, "calibration.json")  # null is a valid bias_penalty
+
+
+def test_temperature_bias_nll_and_its_gradients_equal_autograd():
+    rng = np.random.default_rng(6)
+    z = torch.from_numpy(rng.normal(scale=3.0, size=(300, 7)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 7, size=300))
+    bias = torch.from_numpy(rng.normal(scale=0.2, size=7))
+    nll, grad_t, grad_bias = ls.temperature_bias_nll(z, y, 0.3, bias)
+    log_t, b = torch.tensor(0.3, dtype=torch.float64, requires_grad=True), bias.clone().requires_grad_(True)
+    reference = torch.nn.functional.cross_entropy(z.double() * torch.exp(-log_t) + b, y)
+    reference.backward()
+    assert nll == pytest.approx(float(reference.detach()), abs=1e-6) and grad_t == pytest.approx(float(log_t.grad), abs=1e-6)
+    torch.testing.assert_close(grad_bias, b.grad, atol=1e-6, rtol=0)
+    assert ls.fit_temperature(z * 3, y) == pytest.approx(ls.fit_temperature_bias(z * 3, y, 1e9)[0], rel=1e-4)
 
 
 # -- boundary checks --------------------------------------------------------------------------------
