@@ -268,7 +268,7 @@ class DisAlign(Calibrator):
         report["magnitude"] = plan.candidates()[best][0].magnitude
         if val is not None:
             report["validation"] = curve[best]
-        warning = saturation_warning(report["gate"])
+        warning = saturation_warning(report["gate"], standardized=self.gate_standardize)
         if warning:
             report["warnings"] = [warning]
             print(f"warning: {warning}", file=sys.stderr)
@@ -385,8 +385,9 @@ def gate_statistics(initial: torch.Tensor, final: torch.Tensor) -> dict[str, flo
             "final_saturated": saturated(final), "final_inactive": inactive(final)}
 
 
-def saturation_warning(stats: dict[str, float]) -> str | None:
-    """One sentence when the fitted gate is saturated, collapsed or inactive on more than 99 % of the rows."""
+def saturation_warning(stats: dict[str, float], *, standardized: bool = True) -> str | None:
+    """One sentence when the fitted gate is saturated, collapsed or inactive on more than 99 % of the rows;
+    it suggests standardised gate coordinates only to a fit that did not use them."""
     if stats["final_saturated"] > 0.99:
         state = "collapsed to 0" if stats["final_mean"] < 0.5 else "saturated at 1"
         share = stats["final_saturated"]
@@ -395,5 +396,6 @@ def saturation_warning(stats: dict[str, float]) -> str | None:
     else:
         return None
     return (f"the DisAlign gate is {state} on {share:.1%} of the training rows (mean {stats['final_mean']:.4f}): "
-            "it no longer depends on the input; try another gate (--gate) or gate_standardize=True.")
+            "it no longer depends on the input; try another gate (--gate)"
+            + ("." if standardized else " or standardised gate coordinates (without --no-gate-standardize)."))
 

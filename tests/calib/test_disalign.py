@@ -292,6 +292,10 @@ def test_saturation_warning_names_the_state_of_the_gate():
         "the DisAlign gate is collapsed to 0 on 99.5% of the training rows (mean 0.0001)")
     assert saturation_warning({**base, "final_mean": 0.5, "final_inactive": 1.0}).startswith(
         "the DisAlign gate is stuck at 0.5 (its ReLU is inactive) on 100.0% of the training rows")
+    saturated = {**base, "final_mean": 1.0, "final_saturated": 1.0}
+    assert saturation_warning(saturated).endswith("try another gate (--gate).")  # already standardised: no such advice
+    assert saturation_warning(saturated, standardized=False).endswith(
+        "try another gate (--gate) or standardised gate coordinates (without --no-gate-standardize).")
 
 
 def test_default_fit_beats_logit_adjustment_on_the_real_cifar10lt_banks():
