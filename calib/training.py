@@ -226,51 +226,6 @@ class RowSource:
         return feats, logits, labels, row_ids
 
 
-def run_sgd(
-    params: dict[str, torch.Tensor],
-    loss_fn: Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    source: RowSource,
-    labels: torch.Tensor,
-    sample_index: torch.Tensor,
-    view: torch.Tensor,
-    recipe: SGDRecipe,
-    frozen: tuple[str, ...] = (),
-) -> dict[str, list[float]]:
-    """Optimise ``params`` in place with SGD + cosine schedule; returns per-epoch loss and seconds.
-
-    ``loss_fn(params, features (B, d) float32, logits (B, K), labels (B,)) -> scalar``. Parameters named
-    in ``frozen`` keep their initial value (ablations).
-    """
-    generator = torch.Generator().manual_seed(recipe.seed)
-    trainable = [t.requires_grad_(True) for name, t in params.items() if name not in frozen]
-    optimizer = torch.optim.SGD(trainable, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    steps_per_epoch = max(1, math.ceil(int((labels >= 0).sum()) / recipe.batch_size))
-    if int(view.max()) > 0:
-        steps_per_epoch = max(1, math.ceil(int(torch.unique(sample_index[labels >= 0]).numel()) / recipe.batch_size))
-    total_steps = recipe.epochs * steps_per_epoch
-    # Cosine decay to 0 over all steps, per iteration (as the official stage-2 schedulers).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
-    history: dict[str, list[float]] = {"loss": [], "seconds": []}
-    with torch_threads(training_threads(recipe.batch_size, source.num_classes, source.feature_dim)):
-        for _epoch in range(recipe.epochs):
-            start = time.perf_counter()
-            rows = epoch_rows(labels, sample_index, view, recipe.sampling, generator)
-            total, count = 0.0, 0
-            for feats, logits, y in source.batches(rows, recipe.batch_size, generator):
-                loss = loss_fn(params, feats, logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total += float(loss.detach()) * y.numel()
-                count += y.numel()
-            history["loss"].append(total / max(count, 1))
-            history["seconds"].append(time.perf_counter() - start)
-    for t in params.values():
-        t.requires_grad_(False)
-    return history
-
-
 def steps_per_epoch(labels: torch.Tensor, sample_index: torch.Tensor, view: torch.Tensor, batch_size: int) -> int:
     """SGD steps in one epoch: labelled images (one view each) / batch size, rounded up."""
     labelled = labels >= 0
@@ -291,7 +246,8 @@ def run_stacked_sgd(
     progress: bool = False,
     description: str = "fit",
 ) -> dict[str, list]:
-    """SGD + cosine schedule (per step, as :func:`run_sgd`) on R stacked heads whose gradients are given.
+    """SGD + cosine schedule (decay to 0 over all steps, per step, as the official stage-2 schedulers) on R
+    stacked heads whose gradients are given.
 
     ``loss_and_grads(params, features (B, d), logits (B, K), labels (B,), rows (B,)) -> (losses (R,),
     grads)`` returns every head's loss and the gradient of each trainable parameter. Momentum and weight
