@@ -318,7 +318,7 @@ def write_report(report: dict, calibration, *, json_path: Path | str | None, plo
         from calib.plots import render_plots
 
         fit = calibration.meta_.report if calibration.method == "disalign" else {}
-        figures = render_plots(report, rho_curve=fit.get("rho_curve"), chosen_rho=fit.get("rho"))
+        figures = render_plots(report, rho_curve=fit.get("rho_curve"), chosen_rho=fit.get("rho"), fit_report=fit)
     if json_path:
         write_text_atomic(json_path, json.dumps(report, indent=2) + "\n")
     if plots_dir:

@@ -11,8 +11,9 @@
 - ``reliability.png``: one reliability diagram per method: accuracy per confidence bin (bars, hatched
   when the bin holds fewer than :data:`FEW_SAMPLES` rows) and the bin's mean confidence (dots) against the
   diagonal, ECE in the title; below each, the rows per bin on a log axis (a bin of one row is visible).
-- ``rho_curve.png``: DisAlign's validation mean-class accuracy (left axis) and NLL, the tie-breaker
-  (right axis), against ρ, the chosen ρ marked; skipped when the curve has no validation scores.
+- ``rho_curve.png``: DisAlign's validation mean-class accuracy (left axis) and NLL (right axis) against ρ,
+  one pair of lines per head family the fit tried (with / without α, validation share λ), the head it
+  kept starred; skipped when the curve has no validation scores.
 
 Figures are drawn on the Agg canvas directly (no pyplot, no global backend or state; fixed margins rather
 than constrained layout, which doubles the drawing time). :func:`render_plots` draws every figure to PNG
@@ -166,43 +167,80 @@ def _merged_names(counts: np.ndarray, names: list[str]) -> tuple[list[float], li
     return list(by_count), [", ".join(v) if len(v) <= 3 else f"{', '.join(v[:2])} +{len(v) - 2}" for v in by_count.values()]
 
 
-def rho_figure(rho_curve: list[dict], chosen_rho: float | None = None) -> Figure | None:
+def _series_name(point: dict) -> tuple:
+    """The family of heads a curve point belongs to: (has α, validation share λ); ρ varies within it."""
+    return (point.get("magnitude"), point.get("val_weight"))
+
+
+def _series_label(key: tuple, many: bool) -> str:
+    magnitude, val_weight = key
+    parts = [] if magnitude is None or not many else ["with α" if magnitude else "no α"]
+    if val_weight and many:
+        parts.append(f"λ = {val_weight:g}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def rho_figure(rho_curve: list[dict], chosen_rho: float | None = None, *, chosen: dict | None = None,
+               selection: str | None = None) -> Figure | None:
     """Validation mean-class accuracy and NLL against ρ (twin axes); None when the curve has no validation score.
 
-    ``chosen_rho``: the ρ the fit kept; unset, the fit's rule picks it (best mean-class accuracy, then lower NLL).
+    A fit that tried several head families (with and without the magnitude term α, several validation
+    shares λ) has one curve point per (family, ρ): each family is its own pair of lines. ``chosen``: the
+    point the fit kept (its report's ``validation``), starred; else ``chosen_rho`` on the first family;
+    else the best mean-class accuracy, then lower NLL. ``selection``: what chose it ("nll" or "accuracy").
     """
-    points = sorted((p for p in rho_curve if p.get("val_mean_class_accuracy") is not None), key=lambda p: p["rho"])
+    points = [p for p in rho_curve if p.get("val_mean_class_accuracy") is not None]
     if not points:
         return None
-    rho = np.array([p["rho"] for p in points], dtype=np.float64)
-    mca = 100 * np.array([p["val_mean_class_accuracy"] for p in points], dtype=np.float64)
-    nll = np.array([math.nan if p.get("val_nll") is None else p["val_nll"] for p in points], dtype=np.float64)
-    if chosen_rho is None or not np.isclose(rho, chosen_rho).any():
-        best = max(range(len(points)), key=lambda i: (mca[i], -(0.0 if math.isnan(nll[i]) else nll[i])))
-    else:
-        best = int(np.argmin(np.abs(rho - chosen_rho)))
+    families: dict[tuple, list[dict]] = {}
+    for point in points:
+        families.setdefault(_series_name(point), []).append(point)
+    many = len(families) > 1
     fig = Figure(figsize=(7, 4.6))
     fig.subplots_adjust(left=0.1, right=0.88, top=0.9, bottom=0.24)
     ax = fig.subplots()
-    ax.plot(rho, mca, marker="o", color="C0", label="val mean-class accuracy")
     ax.set_xlabel("ρ (GRW exponent)")
     ax.set_ylabel("val mean-class accuracy (%)", color="C0")
     ax.tick_params(axis="y", colors="C0")
-    handles = ax.get_lines()
-    if np.isfinite(nll).any():
-        right = ax.twinx()
-        right.plot(rho, nll, marker="s", linestyle="--", color="C3", markersize=4, label="val NLL (tie-breaker)")
+    has_nll = any(p.get("val_nll") is not None for p in points)
+    right = ax.twinx() if has_nll else None
+    nll_role = {"nll": " (selects)", "accuracy": " (tie-breaker)"}.get(selection or "accuracy", "")
+    handles = []
+    for index, (key, family) in enumerate(families.items()):
+        family = sorted(family, key=lambda p: p["rho"])
+        rho = [p["rho"] for p in family]
+        suffix = _series_label(key, many)
+        handles += ax.plot(rho, [100 * p["val_mean_class_accuracy"] for p in family], marker="o", color=("C0", "C9", "C4", "C8")[index % 4],
+                           linestyle="-" if index == 0 else "-.", label=f"val mean-class accuracy{suffix}")
+        if right is not None:
+            nll = [math.nan if p.get("val_nll") is None else p["val_nll"] for p in family]
+            handles += right.plot(rho, nll, marker="s", linestyle="--" if index == 0 else ":", color=("C3", "C1", "C5", "C6")[index % 4],
+                                  markersize=4, label=f"val NLL{nll_role}{suffix}")
+    if right is not None:
         right.set_ylabel("val NLL", color="C3")
         right.tick_params(axis="y", colors="C3")
-        handles = [*handles, *right.get_lines()]
-    ax.axvline(rho[best], color="0.3", linestyle=":", linewidth=1)
-    ax.plot([rho[best]], [mca[best]], marker="*", markersize=16, color="gold", markeredgecolor="0.2", linestyle="none", zorder=5)
-    chosen = ax.get_lines()[-1]
-    chosen.set_label(f"chosen ρ = {rho[best]:g}: {mca[best]:.1f}%" + ("" if math.isnan(nll[best]) else f", NLL {nll[best]:.3f}"))
-    fig.legend(handles=[*handles, chosen], fontsize="small", loc="lower center", ncols=2, frameon=False)
+    best = _chosen_point(points, families, chosen, chosen_rho)
+    best_nll = best.get("val_nll")
+    ax.axvline(best["rho"], color="0.3", linestyle=":", linewidth=1)
+    star = ax.plot([best["rho"]], [100 * best["val_mean_class_accuracy"]], marker="*", markersize=16, color="gold",
+                   markeredgecolor="0.2", linestyle="none", zorder=5)[0]
+    star.set_label(f"chosen ρ = {best['rho']:g}{_series_label(_series_name(best), many)}: {100 * best['val_mean_class_accuracy']:.1f}%"
+                   + ("" if best_nll is None else f", NLL {best_nll:.3f}"))
+    fig.legend(handles=[*handles, star], fontsize="small", loc="lower center", ncols=2, frameon=False)
     ax.grid(color="0.9", linewidth=0.6)
     ax.set_title("DisAlign: validation mean-class accuracy and NLL vs ρ")
     return fig
+
+
+def _chosen_point(points: list[dict], families: dict[tuple, list[dict]], chosen: dict | None, chosen_rho: float | None) -> dict:
+    if chosen is not None and chosen.get("val_mean_class_accuracy") is not None and "rho" in chosen:
+        return chosen
+    first = next(iter(families.values()))
+    if chosen_rho is not None:
+        near = [p for p in first if math.isclose(p["rho"], chosen_rho, abs_tol=1e-9)]
+        if near:
+            return near[0]
+    return max(points, key=lambda p: (p["val_mean_class_accuracy"], -(p.get("val_nll") or 0.0)))
 
 
 def reliability_figure(reliability: dict[str, dict]) -> Figure:
@@ -250,10 +288,13 @@ def reliability_figure(reliability: dict[str, dict]) -> Figure:
     return fig
 
 
-def render_plots(report: dict, *, rho_curve: list[dict] | None, chosen_rho: float | None = None) -> dict[str, bytes]:
-    """Every figure of the report as PNG bytes, by file name (nothing is written)."""
+def render_plots(report: dict, *, rho_curve: list[dict] | None, chosen_rho: float | None = None,
+                 fit_report: dict | None = None) -> dict[str, bytes]:
+    """Every figure of the report as PNG bytes, by file name (nothing is written). ``fit_report``: the
+    DisAlign calibration's report, whose ``validation`` and ``selection`` say which head it kept and why."""
     figures = {"per_class_accuracy.png": render_png(per_class_figure(report))}
-    rho = rho_figure(rho_curve, chosen_rho) if rho_curve else None
+    fit_report = fit_report or {}
+    rho = rho_figure(rho_curve, chosen_rho, chosen=fit_report.get("validation"), selection=fit_report.get("selection")) if rho_curve else None
     if rho is not None:
         figures["rho_curve.png"] = render_png(rho)
     if report.get("reliability"):
@@ -271,6 +312,6 @@ def write_pngs(directory: str | os.PathLike, figures: dict[str, bytes]) -> list[
 
 
 def write_plots(directory: str | os.PathLike, report: dict, *, rho_curve: list[dict] | None,
-                chosen_rho: float | None = None) -> list[Path]:
+                chosen_rho: float | None = None, fit_report: dict | None = None) -> list[Path]:
     """Draw the report's figures, then write them into ``directory``; returns the PNG paths written."""
-    return write_pngs(directory, render_plots(report, rho_curve=rho_curve, chosen_rho=chosen_rho))
+    return write_pngs(directory, render_plots(report, rho_curve=rho_curve, chosen_rho=chosen_rho, fit_report=fit_report))

@@ -136,6 +136,24 @@ def test_rho_curve_has_accuracy_and_nll_on_twin_axes_and_marks_the_chosen_rho():
     assert rho_figure(RHO_CURVE, chosen_rho=1.0).axes[0].get_lines()[-1].get_xdata()[0] == 1.0  # the fit's choice wins
 
 
+def test_rho_curve_of_two_head_families_draws_each_and_stars_the_head_the_fit_kept():
+    """A default classification fit scores every ρ with and without α: two families, not one zigzag line."""
+    with_alpha = [{**p, "magnitude": True} for p in RHO_CURVE]
+    without = [{**p, "magnitude": False, "val_mean_class_accuracy": p["val_mean_class_accuracy"] - 0.01,
+                "val_nll": p["val_nll"] - 0.01} for p in RHO_CURVE]
+    kept = without[2]  # ρ = 1.5 without α: what the validation NLL chose
+    fig = rho_figure(with_alpha + without, 1.5, chosen=kept, selection="nll")
+    left, right = fig.axes
+    accuracy_lines = left.get_lines()[:2]
+    assert [line.get_label() for line in accuracy_lines] == ["val mean-class accuracy (with α)", "val mean-class accuracy (no α)"]
+    assert all(list(line.get_xdata()) == [0.0, 1.0, 1.5, 1.75, 3.0] for line in accuracy_lines)  # each family sorted by ρ alone
+    assert np.allclose(accuracy_lines[1].get_ydata(), [69.0, 75.5, 80.0, 80.0, 65.0])
+    assert [line.get_label() for line in right.get_lines()] == ["val NLL (selects) (with α)", "val NLL (selects) (no α)"]
+    star = left.get_lines()[-1]
+    assert (star.get_xdata()[0], star.get_ydata()[0]) == (1.5, pytest.approx(80.0))
+    assert star.get_label() == "chosen ρ = 1.5 (no α): 80.0%, NLL 0.630"
+
+
 def test_rho_plot_is_skipped_without_a_validation_curve():
     # the ρ curve of a fit without a validation bank has no val_* scores
     assert rho_figure([]) is None and rho_figure([{"rho": 1.0, "train_loss": 0.5}]) is None
