@@ -146,10 +146,11 @@ def test_bcts_cross_validation_drops_biases_the_data_cannot_support():
         ls.fit_probability_calibration(logits[:5], labels[:5])
 
 
-def test_below_50_rows_per_class_only_the_temperature_is_fitted():
+def test_below_20_rows_per_class_only_the_temperature_is_fitted():
     rng = np.random.default_rng(5)
-    logits = torch.from_numpy(rng.normal(scale=2.0, size=(200, 10)))
+    logits = torch.from_numpy(rng.normal(scale=2.0, size=(199, 10)))  # 19.9 rows per class
     labels = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=torch.Generator().manual_seed(1)).squeeze(1)
+    assert ls.fit_probability_calibration(logits[:190].repeat(2, 1), labels[:190].repeat(2)).bias_penalty is not None  # 38 per class: CV
     fitted = ls.fit_probability_calibration(logits * 2.0, labels)
     assert fitted.bias_penalty is None and fitted.bias == (0.0,) * 10
     # the temperature minimises the NLL: its derivative in log T is zero there
