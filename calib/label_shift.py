@@ -198,14 +198,17 @@ def temperature_bias_nll(logits: torch.Tensor, labels: torch.Tensor, log_t: floa
     return nll, grad_t, grad_bias
 
 
-def fit_temperature_bias(logits: torch.Tensor, labels: torch.Tensor, bias_penalty: float = 0.0) -> tuple[float, torch.Tensor]:
+def fit_temperature_bias(logits: torch.Tensor, labels: torch.Tensor, bias_penalty: float = 0.0, *,
+                         start: tuple[float, torch.Tensor] | None = None) -> tuple[float, torch.Tensor]:
     """BCTS: (T, b (K,)) minimising mean NLL(softmax(z / T + b), y) + bias_penalty · ‖b‖² (L-BFGS over
     float64 parameters, minimised over log T so that T stays positive; the loss by :func:`temperature_bias_nll`).
 
-    logits (N, K) float, labels (N,) int64 in 0..K−1.
+    logits (N, K) float, labels (N,) int64 in 0..K−1; ``start``: (T, b) to start from (default T = 1, b = 0).
     """
     z, y = logits.detach().float().contiguous(), labels.detach()
     params = torch.zeros(1 + z.shape[1], dtype=torch.float64)  # [log T, b]
+    if start is not None:
+        params[0], params[1:] = math.log(start[0]), start[1]
     params.grad = torch.zeros_like(params)
     buffer = torch.empty_like(z)
     optimizer = torch.optim.LBFGS([params], lr=1.0, max_iter=100, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
@@ -270,16 +273,23 @@ def fit_probability_calibration(logits: torch.Tensor, labels: torch.Tensor, *,
         return ProbabilityCalibration(fit_temperature(logits, labels), (0.0,) * logits.shape[1], None)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     parts = order.chunk(folds)
-    best_penalty, best_nll = bias_penalties[0], math.inf
-    for penalty in bias_penalties:
+    totals = {}
+    starts: list[tuple[float, torch.Tensor] | None] = [None] * len(parts)
+    # Strongest ridge first, each fold's fit starting from its solution at the previous (stronger) ridge:
+    # a path of nearby optima, which L-BFGS reaches in a few iterations each.
+    for penalty in sorted(bias_penalties, reverse=True):
         total = 0.0
-        for held in parts:
+        for index, held in enumerate(parts):
             train = torch.ones(n, dtype=torch.bool)
             train[held] = False
-            t, b = fit_temperature_bias(logits[train], labels[train], penalty)
+            t, b = fit_temperature_bias(logits[train], labels[train], penalty, start=starts[index])
+            starts[index] = (t, b)
             total += float(F.cross_entropy(logits[held].double() / t + b, labels[held], reduction="sum"))
-        if total < best_nll - 1e-9:  # ties → the smaller penalty, listed first
-            best_penalty, best_nll = penalty, total
+        totals[penalty] = total
+    best_penalty, best_nll = bias_penalties[0], math.inf
+    for penalty in bias_penalties:
+        if totals[penalty] < best_nll - 1e-9:  # ties → the smaller penalty, listed first
+            best_penalty, best_nll = penalty, totals[penalty]
     temperature, bias = fit_temperature_bias(logits, labels, best_penalty)
     return ProbabilityCalibration(temperature, tuple(bias.tolist()), best_penalty)
 
