@@ -207,19 +207,21 @@ def test_kill_9_between_any_two_file_operations_leaves_a_complete_artifact(two, 
 
 
 def test_concurrent_readers_never_fail_during_repeated_saves(two, tmp_path):
-    """A writer process publishes 30 times, alternating two calibrations, while this process reads continuously:
-    every read gets one complete calibration (parameters and metadata of the same one)."""
+    """A writer process publishes, alternating two calibrations, while this process reads continuously (at
+    least 30 publishes and 60 reads, however the machine's load shares the time between them): every read
+    gets one complete calibration (parameters and metadata of the same one)."""
     target = tmp_path / "cal"
     two[0].save(target)
     sources = []
     for i, est in enumerate(two):
         sources.append(tmp_path / f"src{i}.json")
         sources[-1].write_text(json.dumps({name: data.hex() for name, data in files_of(est).items()}))
-    script = ("import json, sys\nfrom calib.publish import publish\n"  # no torch: the writer starts at once
-              "files = [{n: bytes.fromhex(h) for n, h in json.load(open(p)).items()} for p in sys.argv[2:]]\n"
-              "for i in range(30):\n    publish(sys.argv[1], files[(i + 1) % 2])\n")
+    stop = tmp_path / "stop"
+    script = ("import json, os, sys\nfrom calib.publish import publish\n"  # no torch: the writer starts at once
+              "files = [{n: bytes.fromhex(h) for n, h in json.load(open(p)).items()} for p in sys.argv[3:]]\n"
+              "i = 0\nwhile i < 30 or not os.path.exists(sys.argv[2]):\n    publish(sys.argv[1], files[(i + 1) % 2])\n    i += 1\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    writer = subprocess.Popen([sys.executable, "-c", script, str(target), *map(str, sources)], env=env)
+    writer = subprocess.Popen([sys.executable, "-c", script, str(target), str(stop), *map(str, sources)], env=env)
     reads, failures, seen = 0, [], set()
     try:
         while writer.poll() is None:
@@ -228,10 +230,13 @@ def test_concurrent_readers_never_fail_during_repeated_saves(two, tmp_path):
             except (ArtifactError, AssertionError) as exc:
                 failures.append(str(exc))
             reads += 1
+            if reads == 60:
+                stop.touch()
     finally:
+        stop.touch()
         writer.wait(60)
     assert writer.returncode == 0
-    assert reads > 30 and failures == [], f"{len(failures)} of {reads} reads failed: {failures[:3]}"
+    assert reads >= 60 and failures == [], f"{len(failures)} of {reads} reads failed: {failures[:3]}"
     assert seen == {0, 1}
 
 
