@@ -183,7 +183,6 @@ def temperature_bias_nll(logits: torch.Tensor, labels: torch.Tensor, log_t: floa
     inv_t = math.exp(-log_t)
     x = torch.empty_like(logits) if buffer is None else buffer
     torch.add(bias.float(), logits, alpha=inv_t, out=x)  # (N, K): z·e^(−t) + b
-    picked = x.gather(1, labels[:, None]).squeeze(1).double()  # x_y
     x.sub_(x.amax(dim=1, keepdim=True))
     shifted_picked = x.gather(1, labels[:, None]).squeeze(1).double()
     x.exp_()
@@ -193,7 +192,7 @@ def temperature_bias_nll(logits: torch.Tensor, labels: torch.Tensor, log_t: floa
     grad_bias = x.sum(dim=0).double() / n - torch.bincount(labels, minlength=logits.shape[1]).double() / n
     # dx/dt = −z·e^(−t): dL/dt = −e^(−t)·mean_i (Σ_k P_ik z_ik − z_i,y_i)
     expected_z = x.mul_(logits).sum(dim=1).double()
-    observed_z = (picked - bias.double()[labels]) / inv_t
+    observed_z = logits.gather(1, labels[:, None]).squeeze(1).double()  # z_y
     grad_t = -inv_t * float((expected_z - observed_z).mean())
     return nll, grad_t, grad_bias
 
