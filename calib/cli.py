@@ -164,7 +164,7 @@ def run_fit(args: argparse.Namespace) -> int:
         print(f"warning: --rho auto chooses rho on a validation bank and no --val was given: used rho = {float(DEFAULT_RHO)}.",
               file=sys.stderr)
     report = estimator.meta_.report
-    summary = {k: report[k] for k in ("rho", "val_weight", "tau", "temperature", "validation", "fit_seconds") if k in report}
+    summary = {k: report[k] for k in ("rho", "magnitude", "val_weight", "tau", "temperature", "validation", "fit_seconds") if k in report}
     print(f"wrote {args.method} calibration to {args.out}: {json.dumps(summary)}")
     return 0
 
