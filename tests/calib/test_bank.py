@@ -59,6 +59,37 @@ def test_streaming_blocks_cover_all_rows(tmp_path):
     assert np.array_equal(np.concatenate([b["logits"] for _, b in blocks]), z)
 
 
+def read_into(reader, start, stop):
+    out = {"features": np.full((stop - start, reader.info.feature_dim), np.nan, dtype=reader.info.feature_dtype),
+           "logits": np.full((stop - start, reader.info.num_classes), np.nan, dtype=np.float32),
+           "labels": np.full(stop - start, -7, dtype=np.int64)}
+    reader.read_rows_into(start, stop, out)
+    return out
+
+
+@pytest.mark.parametrize(("start", "stop"), [(0, 64), (64, 1000), (0, 1000), (960, 1000), (10, 300)])
+def test_chunks_read_from_the_file_directly_equal_hdf5s_read(start, stop, tmp_path):
+    """Whole chunks of an unfiltered bank are read with preadv (the partial last chunk included); a start
+    inside a chunk and a compressed copy go through h5py: every way gives HDF5's own values."""
+    rng = np.random.default_rng(0)
+    x, z, y = rng.normal(size=(1000, 24)).astype(np.float16), rng.normal(size=(1000, 7)).astype(np.float32), rng.integers(0, 7, 1000)
+    write_bank(tmp_path / "b.h5", x, z, y, chunk_rows=64, feature_dtype="float16")
+    with h5py.File(tmp_path / "b.h5") as src, h5py.File(tmp_path / "gz.h5", "w") as dst:
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+        for name in src:
+            if isinstance(src[name], h5py.Dataset) and src[name].ndim >= 1 and src[name].shape[0] == 1000:
+                dst.create_dataset(name, data=src[name][...], chunks=src[name].chunks, compression="gzip")
+            else:
+                src.copy(name, dst)
+    for path, direct in ((tmp_path / "b.h5", start % 64 == 0), (tmp_path / "gz.h5", False)):
+        with open_bank(path) as reader:
+            got = read_into(reader, start, stop)
+            assert (reader._fd is not None) == direct  # the file was opened for direct reads only when they apply
+        assert np.array_equal(got["features"], x[start:stop]) and np.array_equal(got["logits"], z[start:stop])
+        assert np.array_equal(got["labels"], y[start:stop])
+
+
 def test_writer_never_overwrites_and_leaves_nothing_on_failure(tmp_path):
     x, z, y = small_arrays()
     write_bank(tmp_path / "b.h5", x, z, y)
