@@ -212,6 +212,8 @@ def direct_chunk_rows(dataset: h5py.Dataset) -> int | None:
     rows, no filter (compression, shuffle, checksum), native byte order; else None."""
     if dataset.chunks is None or tuple(dataset.chunks[1:]) != tuple(dataset.shape[1:]) or not dataset.dtype.isnative:
         return None
+    if not hasattr(dataset.id, "get_chunk_info_by_coord"):  # h5py built against HDF5 < 1.10.5
+        return None
     if dataset.id.get_create_plist().get_nfilters() != 0:
         return None
     return int(dataset.chunks[0])
