@@ -15,7 +15,8 @@ no evaluated class). The report is plain JSON (floats, lists, None):
      "reliability": {name: {"count", "confidence", "accuracy": [num_bins values, None for empty bins], "ece"}},
      "bootstrap": {"resamples", "level", "seed", "mean_class_accuracy": {name: [low, high]},
                    "difference_to_best": {name: [low, high]}},             (with bootstrap_resamples > 0)
-     "validation": {"num_rows", "mean_class_accuracy": {name: float}, "nll": {name: float}, "best": name}}  (with val)
+     "validation": {"num_rows", "mean_class_accuracy": {name: float}, "nll": {name: float}, "best": name,
+                    "lowest_nll": name}}  (with val)
 
 Uncertainty: a stratified percentile bootstrap of the test rows (each class's rows resampled within the
 class, so every resample keeps the test bank's class sizes; 1,000 resamples, seed 0) gives a 95 %
@@ -126,6 +127,9 @@ def validation_scores(val: Bank, estimators: dict[str, Calibrator]) -> dict:
         scores["nll"][name] = negative_log_likelihood(calibrated, labels)
     best_key = {name: (scores["mean_class_accuracy"][name], -scores["nll"][name], -i) for i, name in enumerate(estimators)}
     scores["best"] = max(best_key, key=best_key.__getitem__) if estimators else None
+    # The NLL ranks on every row's probability, not on a few hundred argmaxes: on small validation banks it
+    # is the steadier of the two (what DisAlign's own selection uses), so the table names both when they differ.
+    scores["lowest_nll"] = min(estimators, key=lambda name: scores["nll"][name]) if estimators else None
     return scores
 
 
@@ -257,8 +261,11 @@ def format_table(report: dict) -> str:
     lines = [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
     if best is not None:
         val = report["validation"]
+        lowest = val.get("lowest_nll")
         lines.append(f"best on the validation bank: {best} (val mean-cls {100 * val['mean_class_accuracy'][best]:.1f} "
-                     f"on {val['num_rows']} rows)")
+                     f"on {val['num_rows']} rows)"
+                     + (f"; lowest val NLL: {lowest} ({val['nll'][lowest]:.3f} against {val['nll'][best]:.3f})"
+                        if lowest is not None and lowest != best else ""))
     return "\n".join(lines)
 
 

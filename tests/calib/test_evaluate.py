@@ -178,7 +178,23 @@ def test_eval_report_has_intervals_and_names_the_method_best_on_val(long_tailed_
     assert low < high < 0  # the stage-1 model is clearly worse on this bank
     table = format_table(report).splitlines()
     assert table[0].split()[-7:] == ["mean-cls", "95%", "CI", "vs", "logit-adjust", "95%", "CI"]
-    assert table[-1].startswith("best on the validation bank: logit-adjust (val mean-cls ") and table[-1].endswith(" on 210 rows)")
+    assert table[-1].startswith("best on the validation bank: logit-adjust (val mean-cls ")
+    lowest = min(val["nll"], key=val["nll"].get)
+    assert val["lowest_nll"] == lowest
+    assert table[-1].endswith(" on 210 rows)" if lowest == "logit-adjust" else
+                              f" on 210 rows); lowest val NLL: {lowest} ({val['nll'][lowest]:.3f} against {val['nll']['logit-adjust']:.3f})")
     json.dumps(report, allow_nan=False)
     plain = evaluate_methods(b.test, estimators, class_counts=b.counts, bootstrap_resamples=0)
     assert "bootstrap" not in plain and "validation" not in plain
+
+
+def test_table_names_the_lowest_validation_nll_when_it_is_not_the_most_accurate():
+    methods = {name: {"accuracy": 0.76, "mean_class_accuracy": 0.76, "many": None, "medium": None, "few": None, "ece": 0.05, "nll": 0.7}
+               for name in ("disalign", "logit-adjust")}
+    validation = {"num_rows": 200, "mean_class_accuracy": {"disalign": 0.80, "logit-adjust": 0.805},
+                  "nll": {"disalign": 0.616, "logit-adjust": 0.629}, "best": "logit-adjust", "lowest_nll": "disalign"}
+    last = format_table({"methods": methods, "validation": validation}).splitlines()[-1]
+    assert last == ("best on the validation bank: logit-adjust (val mean-cls 80.5 on 200 rows); "
+                    "lowest val NLL: disalign (0.616 against 0.629)")
+    validation.update(lowest_nll="logit-adjust")
+    assert format_table({"methods": methods, "validation": validation}).splitlines()[-1].endswith("on 200 rows)")
