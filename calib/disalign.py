@@ -6,8 +6,8 @@
 
 ``rho="auto"`` fits one head per ρ of the grid in a single pass over the training bank (stacked
 parameters, the same batches; each head's result is that of a fit of that ρ alone), scores each on the
-clean view of the validation bank (best mean-class accuracy, ties broken by lower NLL) and keeps that
-head; the whole curve is stored in the artifact. Without a validation bank, ``"auto"`` falls back to
+clean view of the validation bank (lowest NLL, ties broken by mean-class accuracy; ``selection="accuracy"``
+for the reverse) and keeps that head; the whole curve is stored in the artifact. Without a validation bank, ``"auto"`` falls back to
 :data:`DEFAULT_RHO`.
 
 The head follows the official code of each task (``head_form`` and ``gate`` "auto"): the residual form
@@ -256,7 +256,7 @@ class DisAlign(Calibrator):
         scoring = {"cosine": self.cosine, "blend": blend, "relu_gate": relu, "background_index": background_index}
         curve = candidate_curve(plan, heads, history["loss"][-1], held_out, scoring)
         best = min(range(len(curve)), key=lambda i: selection_key(curve[i], self.selection))
-        chosen = plan.candidates()[best][1]
+        chosen_spec, chosen = plan.candidates()[best]
         final_gate = confidence_gate(sample, heads[chosen]["gate_weight"], heads[chosen]["gate_bias"], relu=relu)
         report: dict[str, Any] = {
             "rho": curve[best]["rho"], "rho_curve": curve, "epoch_seconds": history["seconds"],
@@ -265,7 +265,7 @@ class DisAlign(Calibrator):
         }
         if plan.mixes_val:
             report["val_weight"] = curve[best]["val_weight"]
-        report["magnitude"] = plan.candidates()[best][0].magnitude
+        report["magnitude"] = chosen_spec.magnitude
         if val is not None:
             report["validation"] = curve[best]
         warning = saturation_warning(report["gate"], standardized=self.gate_standardize)

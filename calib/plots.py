@@ -167,7 +167,7 @@ def _merged_names(counts: np.ndarray, names: list[str]) -> tuple[list[float], li
     return list(by_count), [", ".join(v) if len(v) <= 3 else f"{', '.join(v[:2])} +{len(v) - 2}" for v in by_count.values()]
 
 
-def _series_name(point: dict) -> tuple:
+def _family_key(point: dict) -> tuple:
     """The family of heads a curve point belongs to: (has α, validation share λ); ρ varies within it."""
     return (point.get("magnitude"), point.get("val_weight"))
 
@@ -194,7 +194,7 @@ def rho_figure(rho_curve: list[dict], chosen_rho: float | None = None, *, chosen
         return None
     families: dict[tuple, list[dict]] = {}
     for point in points:
-        families.setdefault(_series_name(point), []).append(point)
+        families.setdefault(_family_key(point), []).append(point)
     many = len(families) > 1
     fig = Figure(figsize=(7, 4.6))
     fig.subplots_adjust(left=0.1, right=0.88, top=0.9, bottom=0.24)
@@ -224,7 +224,7 @@ def rho_figure(rho_curve: list[dict], chosen_rho: float | None = None, *, chosen
     ax.axvline(best["rho"], color="0.3", linestyle=":", linewidth=1)
     star = ax.plot([best["rho"]], [100 * best["val_mean_class_accuracy"]], marker="*", markersize=16, color="gold",
                    markeredgecolor="0.2", linestyle="none", zorder=5)[0]
-    star.set_label(f"chosen ρ = {best['rho']:g}{_series_label(_series_name(best), many)}: {100 * best['val_mean_class_accuracy']:.1f}%"
+    star.set_label(f"chosen ρ = {best['rho']:g}{_series_label(_family_key(best), many)}: {100 * best['val_mean_class_accuracy']:.1f}%"
                    + ("" if best_nll is None else f", NLL {best_nll:.3f}"))
     fig.legend(handles=[*handles, star], fontsize="small", loc="lower center", ncols=2, frameon=False)
     ax.grid(color="0.9", linewidth=0.6)

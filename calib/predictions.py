@@ -116,6 +116,7 @@ class _Writer:
             self.tmp.unlink(missing_ok=True)
 
     def _close(self) -> None:
+        """Flush and close the temporary file; each output format implements it."""
         raise NotImplementedError
 
 

@@ -142,6 +142,7 @@ class _Retrained(Baseline):
 
     def _logits(self, params: dict[str, torch.Tensor], features: torch.Tensor, logits: torch.Tensor,
                 background_index: int | None) -> torch.Tensor:
+        """The calibrated logits of ``params``; LWS and cRT each implement it."""
         raise NotImplementedError
 
     def _predict_logits(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
