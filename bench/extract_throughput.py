@@ -16,7 +16,7 @@ GPU, synthetic 256 px JPEGs and torchvision ResNet-50 with random weights (bf16 
         --model torchvision:resnet50 --device cuda --batch-size 256 --workers 14 [--decode torchvision]
 
 The pipeline rate counts decode + forward + parts + the final bank (``loop + assemble`` seconds of
-:class:`feature_extract.extract.ExtractResult`); model loading and list parsing are reported separately.
+:class:`disalign.feature_extract.extract.ExtractResult`); model loading and list parsing are reported separately.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from feature_extract.extract import ExtractConfig, extract_bank  # noqa: E402
-from feature_extract.models import load_model  # noqa: E402
-from feature_extract.preprocess import Preprocessing  # noqa: E402
+from disalign.feature_extract.extract import ExtractConfig, extract_bank  # noqa: E402
+from disalign.feature_extract.models import load_model  # noqa: E402
+from disalign.feature_extract.preprocess import Preprocessing  # noqa: E402
 
 SHARED = Path(os.environ.get("DISALIGN_SHARED_DIR", REPO / ".." / "shared")).resolve()
 CIFAR_MODEL = SHARED / "models" / "cifar10lt-ir50-resnet32.ts"

@@ -39,11 +39,11 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from calib.bank import load_bank  # noqa: E402
-from calib.cli import parse_bytes  # noqa: E402
-from calib.disalign import DisAlign  # noqa: E402
-from calib.synthetic import load_profile, write_synthetic_bank  # noqa: E402
-from calib.training import epoch_rows, torch_threads, training_threads  # noqa: E402
+from disalign.calib.core.training import epoch_rows, torch_threads, training_threads  # noqa: E402
+from disalign.calib.data.bank import load_bank  # noqa: E402
+from disalign.calib.data.synthetic import load_profile, write_synthetic_bank  # noqa: E402
+from disalign.calib.estimators.disalign import DisAlign  # noqa: E402
+from disalign.cli.common import parse_bytes  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -76,7 +76,7 @@ def floor_epoch_seconds(bank, batch_size: int, seed: int) -> float:
 
 def validation_bank(bank):
     """A balanced validation bank of 10 rows per class taken from the training bank (scoring, not accuracy, is timed)."""
-    from calib.bank import Bank
+    from disalign.calib.data.bank import Bank
 
     rows = torch.cat([torch.nonzero(bank.labels == c).squeeze(1)[:10] for c in range(bank.num_classes)])
     return Bank(bank.features[rows], bank.logits[rows], bank.labels[rows], rows, bank.view[rows], bank.info)

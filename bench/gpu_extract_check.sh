@@ -16,8 +16,8 @@ from pathlib import Path
 import torch, torchvision
 sys.path.insert(0, "bench"); sys.path.insert(0, ".")
 from extract_throughput import make_synthetic
-from calib.bank import load_bank
-from feature_extract.extract import ExtractConfig, extract_bank
+from disalign.calib.data.bank import load_bank
+from disalign.feature_extract.extract import ExtractConfig, extract_bank
 
 work = Path(sys.argv[1])
 print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.cuda.get_device_name()}, "

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calib import label_shift as ls
-from calib.adapt_cli import probability_calibration, reference_probabilities
-from calib.bank import Bank, load_bank
-from calib.evaluate import predict_in_blocks
-from calib.methods import load_calibration
+from disalign.calib.core import label_shift as ls
+from disalign.calib.data.bank import Bank, load_bank
+from disalign.calib.estimators.methods import load_calibration
+from disalign.calib.evaluation.evaluate import predict_in_blocks
+from disalign.cli.adapt import probability_calibration, reference_probabilities
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "cifar10lt"
@@ -103,8 +103,8 @@ def main() -> None:
     if not args.no_server:
         from fastapi.testclient import TestClient
 
-        from service.main import create_app
-        from service.settings import Settings
+        from disalign.service.main import create_app
+        from disalign.service.settings import Settings
 
         settings = Settings(model=str(EXAMPLES / "cifar10lt-ir50-resnet32.ts"), card=EXAMPLES / "cifar10lt-ir50-resnet32.json",
                             calibration=args.calibration, admin_token=ADMIN_TOKEN, torch_threads=1, prior="adaptive",

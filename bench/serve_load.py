@@ -3,7 +3,7 @@
     .venv/bin/python bench/serve_load.py [--seconds 8] [--clients 16] [--predict-clients 32] [--torch-threads N]
                                          [--load-generator python|wrk] [--no-predict]
 
-The server runs in its own process (``python -m service`` on a free 127.0.0.1 port). The load generator
+The server runs in its own process (``python -m disalign serve`` on a free 127.0.0.1 port). The load generator
 is this process (``--load-generator python``: asyncio workers, one keep-alive HTTP/1.1 connection each,
 sending pre-built requests and timing each answer) or, for the row phases, ``wrk`` (C, one thread;
 ``apt-get install wrk``) with a Lua script that sends the same request bytes and reports every latency.
@@ -219,7 +219,7 @@ def free_port() -> int:
 
 def start_server(model: Path, card: Path, calibration: Path, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    cmd = [sys.executable, "-m", "service", "--model", str(model), "--card", str(card), "--calibration", str(calibration),
+    cmd = [sys.executable, "-m", "disalign", "serve", "--model", str(model), "--card", str(card), "--calibration", str(calibration),
            "--host", "127.0.0.1", "--port", str(port), "--torch-threads", str(args.torch_threads),
            "--max-batch", str(args.max_batch), "--log-level", "warning"]
     if args.max_wait_ms is not None:
@@ -276,8 +276,8 @@ def fingerprint(path: Path) -> str:
 
 def fit_calibration(out: Path, bank_path: Path, model_fingerprint: str, num_classes: int, feature_dim: int,
                     class_names: list[str], seed: int = 0, head_count: int = 200) -> Path:
-    from calib.bank import write_bank
-    from calib.disalign import DisAlign
+    from disalign.calib.data.bank import write_bank
+    from disalign.calib.estimators.disalign import DisAlign
 
     rng = np.random.default_rng(seed)
     counts = np.maximum(2, (head_count * (0.01 ** (np.arange(num_classes) / max(1, num_classes - 1))))).astype(np.int64)
@@ -319,8 +319,8 @@ class OfflineBaseline:
     """The shared model in this process: decode + preprocess + forward in batches, timed like a phase."""
 
     def __init__(self, blobs: list[bytes], batch_size: int, threads: int):
-        from feature_extract.models import load_model
-        from feature_extract.preprocess import Preprocessing
+        from disalign.feature_extract.models import load_model
+        from disalign.feature_extract.preprocess import Preprocessing
 
         torch.set_num_threads(threads)
         self.blobs, self.batch_size = blobs, batch_size
@@ -329,14 +329,14 @@ class OfflineBaseline:
         self._forward(self.fixed)  # warm-up
 
     def _decode(self, i: int) -> torch.Tensor:
-        from feature_extract.preprocess import clean_view, decode_image
+        from disalign.feature_extract.preprocess import clean_view, decode_image
 
         n = self.batch_size
         batch = [self.blobs[(i * n + j) % len(self.blobs)] for j in range(n)]
         return torch.stack([clean_view(decode_image(b, draft_size=self.prep.draft_size), self.prep) for b in batch])
 
     def _forward(self, images: torch.Tensor) -> None:
-        from feature_extract.preprocess import normalize
+        from disalign.feature_extract.preprocess import normalize
 
         self.model.features_and_logits(normalize(images, self.prep))
 

@@ -3,7 +3,7 @@ send ``/calibrate`` and ``/predict``; prints the 5xx count, the responses mixing
 
     .venv/bin/python bench/soak.py [--seconds 60] [--clients 32] [--reload-every 0.1]
 
-The server runs in its own process (``python -m service`` with the shared CIFAR ResNet-32, on a free
+The server runs in its own process (``python -m disalign serve`` with the shared CIFAR ResNet-32, on a free
 loopback port); this process drives it. Artifacts: two valid DisAlign calibrations fitted for the model
 and corrupted copies of them, each the defect of one reported reload bug — ``background_index`` 50 or
 ``"3"``, ``cosine: "no"``, ``created: null``, ``alpha[0] = 3e38``, bf16 tensors, a truncated
@@ -142,10 +142,10 @@ class Expected:
 
 
 def expected_answers(valid: list[Variant], rows: dict, blobs: list[bytes]) -> dict[str, Expected]:
-    from calib.methods import load_calibration
-    from feature_extract.models import load_model
-    from feature_extract.preprocess import Preprocessing, clean_view, decode_image, normalize
-    from service.runtime import calibration_version
+    from disalign.calib.estimators.methods import load_calibration
+    from disalign.feature_extract.models import load_model
+    from disalign.feature_extract.preprocess import Preprocessing, clean_view, decode_image, normalize
+    from disalign.service.runtime import calibration_version
 
     model, prep = load_model(str(MODEL)), Preprocessing.from_card(CARD)
     batch = torch.stack([clean_view(decode_image(b, draft_size=prep.draft_size), prep) for b in blobs])

@@ -1,6 +1,6 @@
 """disalign.calib — fit DisAlign and its baselines on cached stage-1 tensors (feature banks)."""
 
-from calib.errors import ArtifactError, BankError, DisalignError, InputError, NotFittedError
+from disalign.calib.errors import ArtifactError, BankError, DisalignError, InputError, NotFittedError
 
 __version__ = "0.1.0"
 

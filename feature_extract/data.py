@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from feature_extract.errors import ExtractError, ImageDecodeError
-from feature_extract.preprocess import Preprocessing, check_pixels, decode_image, make_view
+from disalign.feature_extract.errors import ExtractError, ImageDecodeError
+from disalign.feature_extract.preprocess import Preprocessing, check_pixels, decode_image, make_view
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".gif", ".tif", ".tiff")
 

@@ -1,9 +1,9 @@
 """RoI banks: COCO / LVIS annotated images + a frozen two-stage detector → one bank row per sampled RoI.
 
-    disalign extract --task detection --model feature_extract.detectors:compact_faster_rcnn --weights det.pt \\
+    disalign extract --task detection --model disalign.feature_extract.detectors:compact_faster_rcnn --weights det.pt \\
         --card det.json --root DIR --annotations train.json --out train.h5 [--rois-per-image 512] [--fg-fraction 0.25]
 
-The detector (torchvision's Faster / Mask R-CNN, or any builder of :mod:`feature_extract.detectors`) is
+The detector (torchvision's Faster / Mask R-CNN, or any builder of :mod:`disalign.feature_extract.detectors`) is
 rebuilt from the card's ``model`` / ``model_kwargs`` (``--model`` overrides the card's ``model``) and a
 state_dict loaded with ``weights_only=True``. A row is one RoI: ``features`` = the box head's
 representation (the input of ``box_predictor``), ``logits`` = the K+1 class scores with background at
@@ -30,44 +30,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from calib.bank import FEATURE_DTYPES, BankReader, BankWriter
-from calib.progress import progress_bar
-from feature_extract.detectors import build_detector
-from feature_extract.errors import ExtractError
-from feature_extract.models import _apply_weights, _load_state_dict, file_fingerprint
-from feature_extract.preprocess import decode_image
+from disalign.calib.data.annotations import read_coco, sorted_categories
+from disalign.calib.data.bank import FEATURE_DTYPES, BankReader, BankWriter
+from disalign.calib.estimators.base import Calibrator
+from disalign.calib.evaluation.detection import (
+    DETECTIONS_PER_IMAGE,
+    SCORE_THRESHOLD,
+    check_detector_calibration,
+    detections_to_coco,
+    run_heads,
+)
+from disalign.calib.files import file_fingerprint
+from disalign.calib.progress import progress_bar
+from disalign.feature_extract.detectors import build_detector
+from disalign.feature_extract.errors import ExtractError
+from disalign.feature_extract.models import _apply_weights, _load_state_dict
+from disalign.feature_extract.preprocess import decode_image
 
 logger = logging.getLogger("feature_extract")
 BACKGROUND = "__background__"
 
 
-# -- annotations ----------------------------------------------------------------------------------
-def read_coco(path: str | Path) -> dict:
-    """A COCO / LVIS JSON with ``images``, ``annotations`` and ``categories``, checked for what we use."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ExtractError(f"--annotations {path} is not readable JSON ({exc}).") from exc
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise ExtractError(f"--annotations {path}: field '{key}' should be a list, found {type(data.get(key)).__name__}.")
-    if not data["categories"]:
-        raise ExtractError(f"--annotations {path} has no categories.")
-    image_ids = {img["id"] for img in data["images"]}
-    category_ids = {c["id"] for c in data["categories"]}
-    for ann in data["annotations"]:
-        if ann.get("image_id") not in image_ids or ann.get("category_id") not in category_ids:
-            raise ExtractError(f"--annotations {path}: annotation {ann.get('id')} names an unknown image or category.")
-        if not (isinstance(ann.get("bbox"), list) and len(ann["bbox"]) == 4):
-            raise ExtractError(f"--annotations {path}: annotation {ann.get('id')} should have a bbox [x, y, w, h].")
-    return data
-
-
-def sorted_categories(coco: dict) -> list[dict]:
-    return sorted(coco["categories"], key=lambda c: c["id"])
-
-
+# -- annotations (read by disalign.calib.data.annotations) -----------------------------------------
 def instance_counts(coco: dict) -> np.ndarray:
     """(K+1,) int64: background 0, then the number of (non-crowd) instances of each category in id order."""
     index = {c["id"]: i + 1 for i, c in enumerate(sorted_categories(coco))}
@@ -286,3 +270,28 @@ def extract_detection_bank(cfg: DetectionExtractConfig) -> Path:
     except BaseException:
         writer.abort()
         raise
+
+
+# -- evaluation: the detector over the test images, one result list per calibrated head ---------------
+def detect(detector, coco: dict, root: str | Path, heads: dict[str, Calibrator | None], *, batch_size: int = 8,
+           score_threshold: float = SCORE_THRESHOLD, detections_per_image: int = DETECTIONS_PER_IMAGE,
+           progress: bool = False) -> dict[str, list[dict]]:
+    """COCO result dicts for every image of ``coco``, per named head (a calibrator, or None for the stage-1 head):
+    the backbone and RPN run once per image, the RoI heads once per method; ``progress``: a bar on a terminal's stderr.
+    The AP of the results is :func:`disalign.calib.evaluation.detection.detection_ap`."""
+    for calibrator in heads.values():
+        if calibrator is not None:
+            check_detector_calibration(detector, calibrator)
+    category_ids = [c["id"] for c in detector.categories]
+    results: dict[str, list[dict]] = {name: [] for name in heads}
+    images = coco["images"]
+    with progress_bar(total=len(images), enabled=progress, desc="detecting", unit="image") as bar:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            outputs = run_heads(detector.module, [load_image(Path(root), img).to(detector.device) for img in batch], heads,
+                                score_threshold=score_threshold, detections_per_image=detections_per_image)
+            for name, per_image in outputs.items():
+                for img, out in zip(batch, per_image, strict=True):
+                    results[name].extend(detections_to_coco(img["id"], out, category_ids))
+            bar.update(len(batch))
+    return results

@@ -2,12 +2,12 @@
 
 A detector is rebuilt from its card (``model`` + ``model_kwargs``) and a state_dict, never unpickled:
 
-    card = {"task": "detection", "model": "feature_extract.detectors:compact_faster_rcnn",
+    card = {"task": "detection", "model": "disalign.feature_extract.detectors:compact_faster_rcnn",
             "model_kwargs": {"num_classes": 11, "image_size": 128}, "categories": [{"id": 1, "name": "airplane"}, …]}
     model = build_detector(card["model"], card["model_kwargs"])
 
 ``model`` is ``torchvision:<arch>`` (any Faster / Mask R-CNN builder of ``torchvision.models.detection``,
-built with ``weights=None, weights_backbone=None``) or ``feature_extract.detectors:compact_faster_rcnn``.
+built with ``weights=None, weights_backbone=None``) or ``disalign.feature_extract.detectors:compact_faster_rcnn``.
 torchvision is an optional extra: it is imported when a detector is built, never at import.
 
 The compact model is what the CIFAR detection mosaics need and a CPU can train: a 6-layer conv backbone
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from feature_extract.errors import ExtractError
+from disalign.feature_extract.errors import ExtractError
 
 TORCHVISION_PREFIX = "torchvision:"
-COMPACT = "feature_extract.detectors:compact_faster_rcnn"
+COMPACT = "disalign.feature_extract.detectors:compact_faster_rcnn"
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from feature_extract.errors import ExtractError, ImageDecodeError
-from feature_extract.preprocess import Preprocessing, clean_geometry, decode_image, make_view
+from disalign.feature_extract.errors import ExtractError, ImageDecodeError
+from disalign.feature_extract.preprocess import Preprocessing, clean_geometry, decode_image, make_view
 
 DECODERS = ("pil", "torchvision")
 

@@ -5,12 +5,12 @@ chunk and then its own shard bank; after a barrier rank 0 assembles the shards i
 concatenation or as an HDF5 virtual dataset. All ranks need the same filesystem for ``--out``::
 
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
-        -m feature_extract --model model.ts --card card.json --root DIR --list train.txt \\
+        -m disalign extract --model model.ts --card card.json --root DIR --list train.txt \\
         --out /shared/fs/train.h5 --device cuda
 
 On one machine, two CPU processes (what the tests run)::
 
-    python -m torch.distributed.run --nproc-per-node 2 --master-port 29511 -m feature_extract ... --device cpu
+    python -m torch.distributed.run --nproc-per-node 2 --master-port 29511 -m disalign extract ... --device cpu
 
 The process group uses gloo on CPU and nccl on CUDA; small Python objects (an error found by rank 0)
 travel over an extra gloo group so they never need a GPU.

@@ -1,4 +1,4 @@
-"""Exceptions raised by feature_extract; all are :class:`calib.errors.DisalignError` subclasses.
+"""Exceptions raised by feature_extract; all are :class:`disalign.calib.errors.DisalignError` subclasses.
 
 - :class:`ExtractError` — a bad argument, list file, model, or work directory (one clear sentence).
 - :class:`ImageDecodeError` — an image file is missing, truncated or not an image.
@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from calib.errors import DisalignError
+from disalign.calib.errors import DisalignError
 
 
 class ExtractError(DisalignError):

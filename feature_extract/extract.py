@@ -5,7 +5,7 @@ CUDA; the batch travels to the device as uint8 and is normalised there; on CUDA 
 autocast, channels-last, and results come back one batch late so the GPU never waits for the host.
 Rows are grouped in chunks of ``chunk_size`` list rows; batches never cross a chunk boundary, so the
 batches (and therefore the values) are the same whether a run is resumed or split across ranks.
-See :mod:`feature_extract.workdir` for the resume and assembly rules.
+See :mod:`disalign.feature_extract.workdir` for the resume and assembly rules.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from calib.bank import FEATURE_DTYPES, BankReader
-from calib.defaults import DEFAULT_MAX_PIXELS
-from feature_extract import device_decode
-from feature_extract.data import ImageList, ViewDataset, collate_views, read_list, scan_folder
-from feature_extract.device_decode import DECODERS, decode_batch_on_device
-from feature_extract.distributed import DistContext, chunk_range
-from feature_extract.errors import ExtractError, ImageDecodeError
-from feature_extract.models import LoadedModel, load_model
-from feature_extract.preprocess import Preprocessing, normalize
-from feature_extract.workdir import BankHeader, PartsAssembler, WorkDir, write_virtual_bank
+from disalign.calib.data.bank import FEATURE_DTYPES, BankReader
+from disalign.calib.defaults import DEFAULT_MAX_PIXELS
+from disalign.feature_extract import device_decode
+from disalign.feature_extract.data import ImageList, ViewDataset, collate_views, read_list, scan_folder
+from disalign.feature_extract.device_decode import DECODERS, decode_batch_on_device
+from disalign.feature_extract.distributed import DistContext, chunk_range
+from disalign.feature_extract.errors import ExtractError, ImageDecodeError
+from disalign.feature_extract.models import LoadedModel, load_model
+from disalign.feature_extract.preprocess import Preprocessing, normalize
+from disalign.feature_extract.workdir import BankHeader, PartsAssembler, WorkDir, write_virtual_bank
 
 logger = logging.getLogger("feature_extract")
 ASSEMBLY_MODES = ("concat", "virtual")

@@ -24,19 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from feature_extract.errors import ExtractError
+from disalign.calib.files import file_fingerprint
+from disalign.feature_extract.errors import ExtractError
 
 CLASSIFIER_NAMES = ("fc", "classifier", "head", "heads")
 TORCHVISION_PREFIX = "torchvision:"
-
-
-def file_fingerprint(path: str | Path) -> str:
-    """``sha256:<hex>`` of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
 
 
 def state_fingerprint(module: nn.Module) -> str:

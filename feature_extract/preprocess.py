@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from feature_extract.errors import ExtractError, ImageDecodeError, ImageTooLargeError
+from disalign.feature_extract.errors import ExtractError, ImageDecodeError, ImageTooLargeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -186,44 +186,22 @@ def decode_image(
 def declared_pixels(data: bytes) -> int | None:
     """Width x height that an image file's header declares (no pixel is decoded), or None when unreadable.
 
-    PNG and JPEG headers are read here in a few microseconds (the size is what Pillow will decode: the
-    IHDR chunk; the largest frame header before the first scan); other formats through ``Image.open``.
+    The service calls this on the event loop to decide where to decode, so it must stay cheap whatever the
+    file declares: ``Image.open`` is lazy, it reads the header (the same one :func:`decode_image` trusts)
+    and stops. Pillow's own bomb guard (``Image.MAX_IMAGE_PIXELS``) is kept out of the answer: its warning
+    is silenced, as in :func:`decode_image`; its error, for a header beyond twice the limit, means "larger
+    than anything Pillow will decode", so the smallest such count is returned instead of None.
     """
-    if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
-        return int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
-    if data[:2] == b"\xff\xd8":
-        return _jpeg_pixels(data)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            width, height = Image.open(io.BytesIO(data)).size
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: the caller decides what is too large
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
         return width * height
+    except Image.DecompressionBombError:
+        return 2 * Image.MAX_IMAGE_PIXELS + 1 if Image.MAX_IMAGE_PIXELS is not None else None
     except Exception:  # noqa: BLE001 — any unreadable header: the caller treats it as large, decode_image reports it
         return None
-
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0..SOF15 (C4, C8, CC are not frames)
-
-
-def _jpeg_pixels(data: bytes) -> int | None:
-    """The largest frame (SOFn) size among the markers before the first scan; None if the markers are malformed."""
-    pixels, at = None, 2
-    while at + 4 <= len(data):
-        if data[at] != 0xFF:
-            return None
-        marker = data[at + 1]
-        if marker == 0xFF:  # fill byte
-            at += 1
-            continue
-        if marker == 0xDA:  # start of scan: the frame headers are all behind us
-            break
-        length = int.from_bytes(data[at + 2:at + 4], "big")
-        if marker in JPEG_FRAME_MARKERS and at + 9 <= len(data):
-            height, width = int.from_bytes(data[at + 5:at + 7], "big"), int.from_bytes(data[at + 7:at + 9], "big")
-            pixels = max(pixels or 0, width * height)
-        at += 2 + length
-    return pixels
 
 
 _OBJECT_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
@@ -291,7 +269,16 @@ def _rng(seed: int, row: int, view: int) -> np.random.Generator:
 
 
 def _random_resized_crop_box(rng: np.random.Generator, w: int, h: int) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop parameters (scale 0.08–1, ratio 3/4–4/3) as a (left, top, right, bottom) box."""
+    """torchvision's RandomResizedCrop parameters (scale 0.08–1, ratio 3/4–4/3) as a (left, top, right, bottom) box.
+
+    Kept here rather than calling ``RandomResizedCrop.get_params``, for two reasons: torchvision is an
+    optional extra, and the data path must run without it (module docstring); and ``get_params`` draws
+    from torch's global RNG, whose state depends on the DataLoader worker and on which rows it decoded
+    before, while these draws come from ``rng``, seeded by (seed, row, view), so a view is the same
+    whatever the worker count, the order or a resume. The steps and the order of the draws are
+    torchvision's, line for line: tests/feature_extract/test_preprocess.py feeds both the same draws and
+    compares the boxes.
+    """
     area = w * h
     log_ratio = (math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]))
     for _ in range(10):

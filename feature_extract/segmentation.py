@@ -37,12 +37,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from calib.bank import FEATURE_DTYPES, BankReader, BankWriter
-from calib.dense_metrics import IGNORE_INDEX
-from calib.progress import progress_bar
-from feature_extract.errors import ExtractError
-from feature_extract.models import TORCHVISION_PREFIX, file_fingerprint
-from feature_extract.preprocess import Preprocessing, decode_image, normalize
+from disalign.calib.data.annotations import read_mask, read_pairs
+from disalign.calib.data.bank import FEATURE_DTYPES, BankReader, BankWriter
+from disalign.calib.defaults import IGNORE_INDEX
+from disalign.calib.files import file_fingerprint
+from disalign.calib.progress import progress_bar
+from disalign.feature_extract.errors import ExtractError
+from disalign.feature_extract.models import TORCHVISION_PREFIX
+from disalign.feature_extract.preprocess import Preprocessing, decode_image, normalize
 
 logger = logging.getLogger("feature_extract")
 RATIO_SCALE = 10**9  # class-stats ratios become integer "pixel counts" ratio × 1e9 (GRW only uses their ratios)
@@ -115,7 +117,7 @@ def _load_torchvision(arch: str, weights: str | Path | None, dev: torch.device) 
         from torchvision.models import segmentation
     except ImportError as exc:
         raise ExtractError(f"--model torchvision:{arch} needs the optional dependency torchvision; install it with pip install 'disalign[torchvision]'.") from exc
-    from feature_extract.models import _apply_weights, _load_state_dict
+    from disalign.feature_extract.models import _apply_weights, _load_state_dict
 
     choices = sorted(n for n in dir(segmentation) if n.startswith(("fcn_", "deeplabv3_")) and callable(getattr(segmentation, n)))
     if arch not in choices:
@@ -138,43 +140,6 @@ def _load_torchvision(arch: str, weights: str | Path | None, dev: torch.device) 
 
 
 # -- lists, labels, counts ------------------------------------------------------------------------
-def read_pairs(list_file: str | Path) -> list[tuple[str, str]]:
-    """``image mask`` pairs of a list file (paths relative to the root; blank lines and # comments skipped)."""
-    list_file = Path(list_file)
-    try:
-        text = list_file.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ExtractError(f"--list file {list_file} is not a readable text file ({exc}).") from exc
-    pairs = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        fields = line.split()
-        if not fields or fields[0].startswith("#"):
-            continue
-        if len(fields) != 2:
-            raise ExtractError(f"{list_file} line {number}: expected 'image mask' (2 fields), found {len(fields)}: {line.strip()!r:.120}.")
-        pairs.append((fields[0], fields[1]))
-    if not pairs:
-        raise ExtractError(f"--list file {list_file} has no 'image mask' lines.")
-    return pairs
-
-
-def read_mask(path: Path, num_classes: int) -> np.ndarray:
-    """(H, W) int64 class ids, IGNORE_INDEX kept; any other id ≥ K is an error."""
-    try:
-        with Image.open(path) as img:
-            if img.mode not in ("L", "P", "I", "I;16"):
-                raise ExtractError(f"mask {path} should be a single-channel image of class ids, found mode {img.mode}.")
-            mask = np.asarray(img).astype(np.int64)
-    except FileNotFoundError as exc:
-        raise ExtractError(f"mask {path} does not exist.") from exc
-    except OSError as exc:
-        raise ExtractError(f"mask {path} could not be decoded ({exc}).") from exc
-    bad = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= num_classes))
-    if bad.any():
-        raise ExtractError(f"mask {path} has class id {int(mask[bad][0])}; ids should be 0..{num_classes - 1} or {IGNORE_INDEX} (ignore).")
-    return mask
-
-
 def cell_labels(mask: np.ndarray, h: int, w: int) -> np.ndarray:
     """(h, w) labels of a feature map: the mask value at each cell's centre (IGNORE_INDEX → -1)."""
     height, width = mask.shape

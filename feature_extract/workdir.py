@@ -1,15 +1,15 @@
 """The resumable work directory of one extraction, and the assembly of banks from it.
 
 HDF5 is not crash-safe, so rows are first written as small numpy files, one per completed chunk of list
-rows, each written under a temporary name and renamed into place: a part either exists complete or not
-at all (after the process is killed; a power cut is not covered, there is no fsync). ``BANK.h5.parts/`` holds::
+rows, each with :func:`disalign.calib.files.write_atomic` (temporary name, fsync, rename, fsync of the
+directory): a part either exists complete or not at all, after a kill or a power cut. ``BANK.h5.parts/`` holds::
 
     manifest.json        what determines the rows (model fingerprint, list digest, preprocessing, views,
                          seed, batch and chunk sizes, device type, …); a restart with other values is refused
     chunk-000000.npz     features, logits, labels, sample_index, view, skipped (list rows that failed)
     chunk-000001.npz     …
 
-When every chunk is there, the parts are assembled into the bank with :class:`calib.bank.BankWriter`
+When every chunk is there, the parts are assembled into the bank with :class:`disalign.calib.data.bank.BankWriter`
 (a temporary name, renamed when complete) and the directory is deleted. Under torchrun with
 ``--assemble virtual`` each rank first writes its shard bank into ``BANK.h5.shards/`` and rank 0 writes
 the final bank as HDF5 virtual datasets that point at the shards (which must stay beside it).
@@ -27,22 +27,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from calib.bank import REQUIRED_DATASETS, BankReader, BankWriter, temporary_sibling
-from feature_extract.errors import ExtractError
+from disalign.calib.data.bank import REQUIRED_DATASETS, BankReader, BankWriter
+from disalign.calib.files import replace_with, temporary_sibling, write_atomic
+from disalign.feature_extract.errors import ExtractError
 
 PART_COLUMNS = ("features", "logits", "labels", "sample_index", "view")
 MANIFEST_VERSION = 1
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(fh)`` into a temporary sibling, then rename into place: the file is complete or absent.
-
-    No fsync: this survives the process being killed (the page cache outlives it), not a power cut.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-    os.replace(tmp, path)
 
 
 class WorkDir:
@@ -68,7 +58,7 @@ class WorkDir:
                 )
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(manifest_path, lambda fh: fh.write((json.dumps(manifest, indent=1) + "\n").encode()))
+        write_atomic(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
 
     def part_path(self, chunk: int) -> Path:
         return self.path / f"chunk-{chunk:06d}.npz"
@@ -77,7 +67,7 @@ class WorkDir:
         return self.part_path(chunk).exists()
 
     def write_part(self, chunk: int, arrays: dict[str, np.ndarray]) -> None:
-        _atomic_write(self.part_path(chunk), lambda fh: np.savez(fh, **arrays))
+        write_atomic(self.part_path(chunk), lambda fh: np.savez(fh, **arrays))
 
     def read_part(self, chunk: int) -> dict[str, np.ndarray]:
         path = self.part_path(chunk)
@@ -186,7 +176,7 @@ def write_virtual_bank(shards: list[Path], out: Path, *, overwrite: bool) -> Pat
             f.attrs["assembly"] = "virtual"
             f.attrs["shards"] = json.dumps([os.path.relpath(s, out.parent) for s in shards])
             f.attrs["complete"] = True
-        os.replace(tmp, out)
+        replace_with(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out

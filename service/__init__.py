@@ -1,8 +1,8 @@
 """disalign.service — serve a stage-1 model with its DisAlign calibration over REST (FastAPI).
 
-Layout: :mod:`service.main` assembles the app from one router per area (:mod:`service.routers`);
-:mod:`service.schemas` holds the request/response bodies, :mod:`service.runtime` the domain objects
-(model, calibration snapshot, inference), :mod:`service.batcher` the micro-batcher,
-:mod:`service.settings` the ``DISALIGN_*`` settings, :mod:`service.cli` the ``serve`` command.
+Layout: :mod:`disalign.service.main` assembles the app from one router per area (:mod:`disalign.service.routers`);
+:mod:`disalign.service.schemas` holds the request/response bodies, :mod:`disalign.service.runtime` the domain objects
+(model, calibration snapshot, inference), :mod:`disalign.service.batcher` the micro-batcher,
+:mod:`disalign.service.settings` the ``DISALIGN_*`` settings, :mod:`disalign.cli.serve` the ``serve`` command.
 Spec and examples: ``docs/service.md``.
 """

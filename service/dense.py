@@ -1,9 +1,9 @@
 """Serving segmentation models and detectors: the dense runtime, its ``/predict`` answer and schemas.
 
 The model card's ``task`` field picks the runtime (:func:`make_runtime`): ``"segmentation"`` or
-``"detection"`` here, anything else the classification :class:`~service.runtime.Runtime`. A
-:class:`DenseRuntime` is a Runtime whose model is a :class:`~feature_extract.segmentation.SegmentationModel`
-or a :class:`~feature_extract.detection.Detector`, so ``/calibrate``, ``/v2`` metadata and feature rows,
+``"detection"`` here, anything else the classification :class:`~disalign.service.runtime.Runtime`. A
+:class:`DenseRuntime` is a Runtime whose model is a :class:`~disalign.feature_extract.segmentation.SegmentationModel`
+or a :class:`~disalign.feature_extract.detection.Detector`, so ``/calibrate``, ``/v2`` metadata and feature rows,
 ``/admin/reload`` and the metrics work unchanged (a row is a pixel or a RoI); ``/predict`` answers:
 
 - segmentation: per image the calibrated label map (PNG of class ids, base64, at the image's own size:
@@ -31,11 +31,13 @@ import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from calib.errors import InputError
-from service.batcher import MicroBatcher
-from service.metrics import ServiceMetrics
-from service.runtime import INLINE_LOGITS, CalibrationState, Runtime, check_calibration, read_calibration
-from service.settings import Settings
+from disalign.calib.errors import InputError
+from disalign.service.batcher import MicroBatcher
+from disalign.service.metrics import ServiceMetrics
+from disalign.service.offload import decode_images
+from disalign.service.runtime import INLINE_LOGITS, Runtime, check_calibration, read_calibration
+from disalign.service.settings import Settings
+from disalign.service.state import CalibrationState
 
 log = logging.getLogger("service")
 DENSE_TASKS = ("segmentation", "detection")
@@ -144,13 +146,13 @@ class DenseRuntime(Runtime):
         if s.prior != "balanced":
             raise InputError(f"DISALIGN_PRIOR={s.prior} applies to classifiers; a {self.task} model is served balanced.")
         if self.task == "segmentation":
-            from feature_extract.preprocess import Preprocessing
-            from feature_extract.segmentation import load_segmentation_model
+            from disalign.feature_extract.preprocess import Preprocessing
+            from disalign.feature_extract.segmentation import load_segmentation_model
 
             self.preprocessing = Preprocessing.from_card(s.card)
             self.model = load_segmentation_model(s.model, s.weights, device=s.device)
         else:
-            from feature_extract.detection import load_detector
+            from disalign.feature_extract.detection import load_detector
 
             self.model = load_detector(s.model, s.weights, card=s.card, device=s.device)
         self.calibration = check_calibration(read_calibration(s.calibration), self.model, s.model_name)
@@ -168,11 +170,11 @@ class DenseRuntime(Runtime):
 
     def decode(self, blobs: list[bytes]) -> list[np.ndarray]:
         """Decode a request's images → RGB (H, W, 3) uint8; raises ImageDecodeError / ImageTooLargeError."""
-        from feature_extract.preprocess import decode_image
+        from disalign.feature_extract.preprocess import decode_image
 
         return [np.array(decode_image(blob, max_pixels=self.settings.max_pixels)) for blob in blobs]
 
-    async def classify(self, images):  # /v2 image input
+    async def classify(self, images, use_prior=True):  # /v2 image input
         raise InputError(f"this server serves a {self.task} model: send images to /predict (the /v2 image input is for classifiers).")
 
     async def predict(self, request: DenseRequest) -> DenseResult:
@@ -196,7 +198,7 @@ class DenseRuntime(Runtime):
 
     def _segment(self, images: list[np.ndarray], state: CalibrationState, want_raw: bool) -> tuple[list, list]:
         """Label maps (H, W) of the calibrated and (if wanted) stage-1 logits, upsampled as the model does."""
-        from feature_extract.preprocess import normalize
+        from disalign.feature_extract.preprocess import normalize
 
         prep, model = self.preprocessing, self.model
         h_in, w_in = prep.crop
@@ -220,7 +222,7 @@ class DenseRuntime(Runtime):
 
     def _detect(self, images: list[np.ndarray], state: CalibrationState, want_raw: bool) -> tuple[list, list]:
         """Detections with the calibrated head inside the detector's post-processing (and the stage-1 head if wanted)."""
-        from calib.detection_eval import run_heads
+        from disalign.calib.evaluation.detection import run_heads
 
         det = self.model
         x = [torch.from_numpy(image).permute(2, 0, 1).float().div(255).to(det.device) for image in images]
@@ -231,7 +233,7 @@ class DenseRuntime(Runtime):
 
 def detections(output: dict[str, torch.Tensor], class_names: list[str]) -> list[Detection]:
     """torchvision outputs of one image → schema objects (masks as COCO RLE)."""
-    from calib.detection_eval import encode_mask
+    from disalign.calib.evaluation.detection import encode_mask
 
     masks = output.get("masks")
     return [Detection(box=[round(v, 2) for v in box], label=class_names[label], index=label, score=score,
@@ -242,8 +244,6 @@ def detections(output: dict[str, torch.Tensor], class_names: list[str]) -> list[
 
 async def predict_dense(runtime: DenseRuntime, blobs: list[bytes], raw: bool) -> DensePredictResponse:
     """The ``/predict`` answer of a dense runtime for a request's image files."""
-    from service.routers.common import decode_images
-
     images = await decode_images(runtime.decode, blobs)
     result = await runtime.predict(DenseRequest(images, raw))
     names = result.calibration.class_names

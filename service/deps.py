@@ -11,8 +11,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.runtime import Runtime
-from service.settings import Settings
+from disalign.service.runtime import Runtime
+from disalign.service.settings import Settings
 
 
 async def get_settings(request: Request) -> Settings:

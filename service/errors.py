@@ -17,7 +17,7 @@ model not loaded yet / shutting down  503
 too many bodies in flight             503
 ====================================  ======
 
-408, 413, 431 and the in-flight 503 come from :mod:`service.limits`, most of them before the app runs.
+408, 413, 431 and the in-flight 503 come from :mod:`disalign.service.limits`, most of them before the app runs.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from calib.errors import DisalignError
-from feature_extract.preprocess import ImageDecodeError, ImageTooLargeError
-from service.batcher import BatcherStopped
-from service.messages import validation_sentence
-from service.runtime import IncompatibleCalibration
+from disalign.calib.errors import DisalignError
+from disalign.feature_extract.preprocess import ImageDecodeError, ImageTooLargeError
+from disalign.service.batcher import BatcherStopped
+from disalign.service.checks import InvalidBase64
+from disalign.service.messages import validation_sentence
+from disalign.service.runtime import IncompatibleCalibration
 
 log = logging.getLogger("service")
 
@@ -47,7 +48,7 @@ def disalign_status(exc: DisalignError) -> int:
     """The HTTP status of a library error."""
     if isinstance(exc, ImageTooLargeError):
         return 413
-    if isinstance(exc, ImageDecodeError):
+    if isinstance(exc, ImageDecodeError | InvalidBase64):
         return 400
     if isinstance(exc, IncompatibleCalibration):
         return 409

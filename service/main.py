@@ -20,16 +20,16 @@ import torch
 from fastapi import FastAPI
 from starlette.types import Message, Receive, Scope, Send
 
-from calib import __version__
-from calib.errors import DisalignError
-from calib.publish import current_version
-from service.dense import make_runtime
-from service.errors import install_error_handlers
-from service.limits import BodyLimitMiddleware
-from service.metrics import MetricsMiddleware, ServiceMetrics
-from service.reloader import CalibrationReloader
-from service.routers import admin, calibrate, health, metrics, predict, prior, v2
-from service.settings import Settings
+from disalign.calib import __version__
+from disalign.calib.artifact.publish import current_version
+from disalign.calib.errors import DisalignError
+from disalign.service.dense import make_runtime
+from disalign.service.errors import install_error_handlers
+from disalign.service.limits import BodyLimitMiddleware
+from disalign.service.metrics import MetricsMiddleware, ServiceMetrics
+from disalign.service.reloader import CalibrationReloader
+from disalign.service.routers import admin, calibrate, health, metrics, predict, prior, v2
+from disalign.service.settings import Settings
 
 log = logging.getLogger("service")
 

@@ -5,7 +5,8 @@
 - ``disalign_batch_size``: images per forward pass of the micro-batcher;
 - ``disalign_calibration_reloads_total{outcome}``;
 - ``disalign_model_info`` and ``disalign_calibration_info``: model fingerprint, calibration version;
-- ``disalign_prior_*``: the served class prior and its estimate from the traffic (:class:`service.prior.PriorMetrics`).
+- ``disalign_prior_*``: the served class prior and its estimate from the traffic (:class:`PriorMetrics`, set by
+  :class:`disalign.service.prior.PriorTracker`).
 - the standard collectors: ``process_*`` (CPU, resident memory, open files, start time), ``python_info``
   and ``python_gc_*``.
 
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     GCCollector,
     Histogram,
     Info,
@@ -31,14 +33,27 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.prior import PriorMetrics
-
 if TYPE_CHECKING:
-    from feature_extract.models import LoadedModel
-    from service.runtime import CalibrationState
+    from disalign.feature_extract.models import LoadedModel
+    from disalign.service.state import CalibrationState
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class PriorMetrics:
+    """The ``disalign_prior_*`` metrics, in the app's registry."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.info = Info("disalign_prior", "The class prior served: mode, version, source, frozen.", registry=registry)
+        self.distance = Gauge("disalign_prior_distance", "L1 distance of the latest estimated prior from a reference prior "
+                              "(uniform or the training prior; 0 before any estimate).", ("reference",), registry=registry)
+        self.window_rows = Gauge("disalign_prior_window_rows", "Rows of traffic in the adaptive prior's window.", registry=registry)
+        self.last_update = Gauge("disalign_prior_last_update_timestamp_seconds", "Unix time of the latest prior estimate.",
+                                 registry=registry)
+        self.p_value = Gauge("disalign_prior_test_p_value", "p-value of the latest estimate's test against the balanced "
+                             "reference (adapted when below the significance level).", registry=registry)
+        self.estimates = Counter("disalign_prior_estimates", "Prior estimates by the test's decision.", ("decision",), registry=registry)
 
 
 class ServiceMetrics:
@@ -54,7 +69,7 @@ class ServiceMetrics:
         self.reloads = Counter("disalign_calibration_reloads", "Calibration reloads by outcome.", ("outcome",), registry=r)
         self.model_info = Info("disalign_model", "The served stage-1 model.", registry=r)
         self.calibration_info = Info("disalign_calibration", "The calibration currently served.", registry=r)
-        self.prior = PriorMetrics(r)  # disalign_prior_*: service.prior
+        self.prior = PriorMetrics(r)  # disalign_prior_*, set by disalign.service.prior
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)

@@ -17,9 +17,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from calib.errors import ArtifactError, InputError
-from feature_extract.errors import ExtractError
-from feature_extract.preprocess import Preprocessing
+from disalign.calib.errors import ArtifactError, InputError
+from disalign.feature_extract.errors import ExtractError
+from disalign.feature_extract.preprocess import Preprocessing
 
 # (name in the record, attribute of Preprocessing, name in a model card)
 FIELDS = (("resize", "resize", "input.resize"), ("crop", "crop", "input.size"), ("mean", "mean", "input.mean"),

@@ -5,19 +5,23 @@
 - ``adaptive``: the server keeps a sliding window of the calibrated, balanced probabilities it served
   (``prior_window`` rows × K float32: bounded memory), and every ``prior_update_every`` requests, once the
   window holds ``prior_min_rows`` rows, re-estimates the traffic's prior on a thread of its own (MAP-EM
-  with the likelihood-ratio test of :mod:`calib.label_shift`). The estimate is applied only when the test
+  with the likelihood-ratio test of :mod:`disalign.calib.core.label_shift`). The estimate is applied only when the test
   rejects the balanced reference; until then, and whenever it does not, the server stays balanced.
 
 Aligned predictions are p_π(y|x) ∝ softmax(z / T + b)_y · π_y (z: the calibration's logits, T and b: the
 probability calibration stored in the artifact, T = 1 and b = 0 without one); their logits are
-z / T + b + log π + const. A request may ask for ``prior=balanced``; every response names the prior
-version it used: ``balanced``, or ``<source>-<12 hex>`` with source ``estimate``, ``file`` or ``admin``.
+z / T + b + log π + const, computed by :func:`disalign.calib.core.label_shift.adjust_to_prior` (the math of
+``disalign adapt`` and ``eval --target-prior``). The runtime applies the prior to every batch it computes,
+rows and images alike (:meth:`PriorTracker.apply`). A request may ask for ``prior=balanced``; every
+response names the prior version it used: ``balanced``, or ``<source>-<12 hex>`` with source
+``estimate``, ``file`` or ``admin``.
 
 The current prior is one immutable :class:`PriorState`, swapped by assignment (a batch takes one
 snapshot). A new calibration (a reload) resets the window and the estimate: the first batch computed
 with it, or the next ``/admin/prior``, notices. ``POST /admin/prior`` freezes, unfreezes, resets or sets the prior
-(:mod:`service.routers.prior`). A calibration that already carries a target prior (``disalign adapt
---out``) is served as it is: the server's prior does not apply to it.
+(:mod:`disalign.service.routers.prior`). A calibration that already carries a target prior (``disalign adapt
+--out``) is served as it is: the server's prior does not apply to it. The metrics this sets are
+:class:`disalign.service.metrics.PriorMetrics`.
 """
 
 from __future__ import annotations
@@ -32,42 +36,35 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 
-from calib import label_shift
-from calib.errors import InputError
+from disalign.calib.core import label_shift
 
 if TYPE_CHECKING:
-    from service.runtime import CalibrationState
-    from service.settings import Settings
+    from disalign.service.metrics import PriorMetrics
+    from disalign.service.settings import Settings
+    from disalign.service.state import CalibrationState
 
 log = logging.getLogger("service")
 
 BALANCED = "balanced"
 ADAPTIVE = "adaptive"
-REQUEST_CHOICES = ("served", BALANCED)  # the values of a request's ``prior`` parameter
 
 
-def use_served_prior(value: object) -> bool:
-    """A request's ``prior`` parameter (query or v2 parameter) → whether to apply the served prior."""
-    if value is None or value == "served":
-        return True
-    if value == BALANCED:
-        return False
-    raise InputError(f"prior should be one of {', '.join(REQUEST_CHOICES)}, found {value!r:.40}.")
+def probability_calibration(calibration: CalibrationState) -> label_shift.ProbabilityCalibration | None:
+    """The calibration's fitted T and b (None: T = 1, b = 0), as the calibration core takes them."""
+    fitted = calibration.meta.probability_calibration
+    return label_shift.ProbabilityCalibration.from_json(fitted) if fitted else None
 
 
 @dataclass(frozen=True)
 class PriorState:
-    """One prior the server applies: ``shift`` (K,) = log π − log π_ref on z / T + b; None = balanced."""
+    """One prior the server applies, ``prior`` (K,) on z / T + b; None = balanced."""
 
     version: str
     source: str  # balanced | estimate | file | admin
     prior: np.ndarray | None  # (K,) float64
     calibration_version: str
-    temperature: float = 1.0
-    bias: torch.Tensor | None = None  # (K,) float32
-    shift: torch.Tensor | None = None  # (K,) float32
+    probability_calibration: label_shift.ProbabilityCalibration | None = None
 
     def version_for(self, use_prior: bool) -> str:
         """The version a request names: this one, or ``balanced`` for a request that asked for it."""
@@ -75,10 +72,9 @@ class PriorState:
 
     def adjust(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits (N, K) float32 of p_π(y|x); the logits themselves when balanced."""
-        if self.shift is None:
+        if self.prior is None:
             return logits
-        adjusted = logits / self.temperature + self.shift
-        return adjusted + self.bias if self.bias is not None else adjusted
+        return label_shift.adjust_to_prior(logits, torch.from_numpy(self.prior), self.probability_calibration).float()
 
 
 def make_state(source: str, prior: np.ndarray | None, calibration: CalibrationState) -> PriorState:
@@ -87,27 +83,7 @@ def make_state(source: str, prior: np.ndarray | None, calibration: CalibrationSt
         return PriorState(BALANCED, BALANCED, None, calibration.version)
     prior = np.asarray(prior, dtype=np.float64)
     digest = hashlib.sha256(prior.tobytes() + calibration.version.encode()).hexdigest()[:12]
-    k = prior.size
-    shift = torch.from_numpy(np.log(np.maximum(prior, label_shift.PRIOR_FLOOR)) - np.log(1.0 / k)).float()
-    fitted = calibration.meta.probability_calibration
-    temperature = float(fitted["temperature"]) if fitted else 1.0
-    bias = torch.tensor(fitted["bias"], dtype=torch.float32) if fitted else None
-    return PriorState(f"{source}-{digest}", source, prior, calibration.version, temperature, bias, shift)
-
-
-class PriorMetrics:
-    """The ``disalign_prior_*`` metrics, in the app's registry."""
-
-    def __init__(self, registry: CollectorRegistry):
-        self.info = Info("disalign_prior", "The class prior served: mode, version, source, frozen.", registry=registry)
-        self.distance = Gauge("disalign_prior_distance", "L1 distance of the latest estimated prior from a reference prior "
-                              "(uniform or the training prior; 0 before any estimate).", ("reference",), registry=registry)
-        self.window_rows = Gauge("disalign_prior_window_rows", "Rows of traffic in the adaptive prior's window.", registry=registry)
-        self.last_update = Gauge("disalign_prior_last_update_timestamp_seconds", "Unix time of the latest prior estimate.",
-                                 registry=registry)
-        self.p_value = Gauge("disalign_prior_test_p_value", "p-value of the latest estimate's test against the balanced "
-                             "reference (adapted when below the significance level).", registry=registry)
-        self.estimates = Counter("disalign_prior_estimates", "Prior estimates by the test's decision.", ("decision",), registry=registry)
+    return PriorState(f"{source}-{digest}", source, prior, calibration.version, probability_calibration(calibration))
 
 
 @dataclass(frozen=True)
@@ -140,7 +116,7 @@ class PriorTracker:
         self._file_prior: np.ndarray | None = None
         self._state: PriorState | None = None  # set by start()
         self._window: np.ndarray | None = None
-        self._reference: PriorState | None = None
+        self._reference: label_shift.ProbabilityCalibration | None = None  # T and b of the calibration the window holds
         self._filled = 0
         self._next = 0
         self._requests = 0
@@ -182,7 +158,7 @@ class PriorTracker:
         self._filled = self._next = self._requests = 0
         k = calibration.meta.num_classes
         self._window = np.empty((self.window_capacity, k), np.float32) if self.adaptive else None
-        self._reference = make_state("reference", np.full(k, 1.0 / k), calibration)  # z / T + b: what the window holds
+        self._reference = probability_calibration(calibration)  # softmax(z / T + b): what the window holds
         self.frozen = False
         self.last_estimate = None
         self._publish(make_state("file", self._file_prior, calibration) if self._file_prior is not None
@@ -224,11 +200,14 @@ class PriorTracker:
 
     # -- the hot path -------------------------------------------------------------------------
     def apply(self, logits: torch.Tensor, use_prior: torch.Tensor | bool, calibration: CalibrationState,
-              observe: bool = True, requests: int = 1) -> tuple[torch.Tensor, PriorState]:
+              requests: int = 1) -> tuple[torch.Tensor, PriorState]:
         """Align a batch's calibrated logits (N, K) to the served prior on the rows with ``use_prior`` (N,) and
-        (adaptive mode, ``observe``) add the rows to the window → (logits (N, K) float32, the state used)."""
+        (adaptive mode) add the rows to the window → (logits (N, K) float32, the state used).
+
+        Called once per batch by the runtime, for rows and images alike: ``requests`` counts towards
+        ``prior_update_every``."""
         state = self._state
-        if state is None or (state.shift is None and not self.adaptive):
+        if state is None or (state.prior is None and not self.adaptive):
             return logits, state or make_state(BALANCED, None, calibration)
         if calibration.meta.target_prior is not None:
             return logits, make_state(BALANCED, None, calibration)  # aligned by the artifact itself (module docstring)
@@ -236,9 +215,9 @@ class PriorTracker:
             if self._current_calibration().version != calibration.version:
                 return logits, make_state(BALANCED, None, calibration)  # a batch of the old calibration, after a reload
             state = self._follow(calibration)  # the first batch of a reloaded calibration
-        if self.adaptive and observe:
+        if self.adaptive:
             self._observe(logits, calibration, requests)
-        if state.shift is None or use_prior is False:
+        if state.prior is None or use_prior is False:
             return logits, state
         adjusted = state.adjust(logits)
         if isinstance(use_prior, torch.Tensor) and not bool(use_prior.all()):
@@ -253,7 +232,7 @@ class PriorTracker:
             return self.state
 
     def _observe(self, logits: torch.Tensor, calibration: CalibrationState, requests: int) -> None:
-        probabilities = torch.softmax(self._reference.adjust(logits), dim=1).numpy()  # (N, K): softmax(z / T + b)
+        probabilities = torch.softmax(label_shift.calibrated_logits(logits, self._reference), dim=1).numpy()  # (N, K)
         with self._lock:
             window = self._window
             assert window is not None
@@ -312,10 +291,3 @@ class PriorTracker:
                                                            "p_value": estimate.p_value, "adapt": estimate.adapt,
                                                            "rows": estimate.rows, "time": estimate.time}}
 
-
-def row_flags(requests: list) -> torch.Tensor | bool:
-    """The per-row ``use_prior`` of a batch of row requests: one bool when all agree, else (N,) bool."""
-    flags = [r.use_prior for r in requests]
-    if all(flags) or not any(flags):
-        return flags[0]
-    return torch.from_numpy(np.repeat(np.array(flags), [r.features.shape[0] for r in requests]))

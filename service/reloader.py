@@ -1,14 +1,14 @@
 """Swapping in a new calibration: one validated path for ``POST /admin/reload`` and for the directory watcher.
 
 A reload reads the current version of the calibration directory and checks it completely off the event
-loop — typed metadata, tensors, the canary (:mod:`calib.artifact`), K, d, the model fingerprint and the
-preprocessing against the served model (:func:`service.runtime.check_calibration`). Only then comes the
+loop — typed metadata, tensors, the canary (:mod:`disalign.calib.artifact.format`), K, d, the model fingerprint and the
+preprocessing against the served model (:func:`disalign.service.runtime.check_calibration`). Only then comes the
 swap, the last step and one that cannot fail: the runtime's calibration reference, ``/metrics`` and the
 ``/v2`` metadata change together, with no ``await`` in between. On any failure the old calibration keeps
 serving and ``disalign_calibration_reloads_total{outcome}`` counts it (``unreadable`` or ``incompatible``).
 
 Several replicas on one directory: each polls ``DIR/current`` every ``watch_interval_s`` (one readlink,
-:func:`calib.publish.current_version`) and reloads when it points elsewhere, so all of them serve a newly
+:func:`disalign.calib.artifact.publish.current_version`) and reloads when it points elsewhere, so all of them serve a newly
 published version within about one interval. A new version that fails the checks is logged and counted
 once; the replica keeps serving the old one and tries again only when another version is published.
 """
@@ -20,9 +20,10 @@ import logging
 
 from starlette.concurrency import run_in_threadpool
 
-from calib.errors import ArtifactError, DisalignError
-from calib.publish import current_version
-from service.runtime import CalibrationState, IncompatibleCalibration, Runtime
+from disalign.calib.artifact.publish import current_version
+from disalign.calib.errors import ArtifactError, DisalignError
+from disalign.service.runtime import IncompatibleCalibration, Runtime
+from disalign.service.state import CalibrationState
 
 log = logging.getLogger("service")
 

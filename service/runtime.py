@@ -1,9 +1,11 @@
 """The serving runtime: the loaded model, the current calibration, and the inference functions.
 
 Domain objects only (no HTTP): the routers turn requests into tensors, call these, and turn results
-into response schemas. The current calibration is one immutable :class:`CalibrationState`; a reload
-swaps the reference atomically, and every request or batch takes one snapshot of it, so a response is
-always computed with a single calibration version, which it reports.
+into response schemas. The current calibration is one immutable :class:`~disalign.service.state.CalibrationState`;
+a reload swaps the reference atomically, and every request or batch takes one snapshot of it, so a response is
+always computed with a single calibration version, which it reports. Each batch, of rows or of images, is
+aligned here to the served class prior (:mod:`disalign.service.prior`), on the rows of the requests that
+did not ask for ``prior=balanced``; the result names the prior version it used.
 
 Shapes: features (N, d), logits (N, K), images (N, 3, H, W) uint8 before normalisation.
 
@@ -19,22 +21,28 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from calib.errors import ArtifactError, DisalignError, InputError
-from calib.estimator import CalibrationMeta, Calibrator
-from calib.methods import load_calibration
-from feature_extract.models import LoadedModel, load_model
-from feature_extract.preprocess import Preprocessing, clean_view, decode_image, normalize
-from service.batcher import MicroBatcher
-from service.metrics import ServiceMetrics
-from service.preprocessing import check_same_preprocessing, recorded_preprocessing, serving_preprocessing
-from service.prior import PriorTracker, row_flags
-from service.settings import Settings
+from disalign.calib.errors import ArtifactError, DisalignError, InputError
+from disalign.calib.estimators.base import Calibrator
+from disalign.calib.estimators.methods import load_calibration
+from disalign.feature_extract.models import LoadedModel, load_model
+from disalign.feature_extract.preprocess import Preprocessing, clean_view, decode_image, normalize
+from disalign.service.batcher import MicroBatcher
+from disalign.service.metrics import ServiceMetrics
+from disalign.service.preprocessing import (
+    check_same_preprocessing,
+    recorded_preprocessing,
+    serving_preprocessing,
+)
+from disalign.service.prior import PriorTracker
+from disalign.service.settings import Settings
+from disalign.service.state import CalibrationState
 
 log = logging.getLogger("service")
 
@@ -49,28 +57,21 @@ class IncompatibleCalibration(ArtifactError):
 
 
 @dataclass(frozen=True)
-class CalibrationState:
-    """One loaded calibration and its version; never mutated (a reload makes a new one)."""
+class ImageRequest:
+    """One request's images (n, 3, H, W) uint8, decoded and resized."""
 
-    calibrator: Calibrator
-    version: str
-
-    @property
-    def meta(self) -> CalibrationMeta:
-        return self.calibrator.meta_
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.calibrator.meta_.class_names
+    images: torch.Tensor
+    use_prior: bool = True  # False: the request asked for prior=balanced
 
 
 @dataclass(frozen=True)
 class ImageResult:
-    """What one request's images give: stage-1 and calibrated logits (n, K), and the version used."""
+    """What one request's images give: stage-1 and calibrated logits (n, K), the calibration and prior versions used."""
 
     raw_logits: torch.Tensor
-    calibrated_logits: torch.Tensor  # balanced: the routers align them to the served prior (service.prior)
+    calibrated_logits: torch.Tensor  # aligned to the served prior, unless the request asked for prior=balanced
     calibration: CalibrationState
+    prior_version: str = "balanced"
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,13 @@ def check_calibration(calibrator: Calibrator, model: LoadedModel, model_name: st
     return CalibrationState(calibrator, calibration_version(calibrator))
 
 
+def row_flags(use_prior: Sequence[bool], rows: Sequence[int]) -> torch.Tensor | bool:
+    """The per-row ``use_prior`` of a batch from its requests' flags and row counts: one bool when all agree, else (N,) bool."""
+    if all(use_prior) or not any(use_prior):
+        return use_prior[0]
+    return torch.from_numpy(np.repeat(np.array(use_prior), rows))
+
+
 class Runtime:
     """The model, its preprocessing, the current calibration and the micro-batcher of one server."""
 
@@ -143,7 +151,7 @@ class Runtime:
         self.preprocessing: Preprocessing
         self.calibration: CalibrationState
         self.batcher = MicroBatcher(self._forward_batch, max_batch=settings.max_batch,
-                                    max_wait_ms=settings.max_wait_ms, rows=lambda images: int(images.shape[0]),
+                                    max_wait_ms=settings.max_wait_ms, rows=lambda request: int(request.images.shape[0]),
                                     on_batch=metrics.batch_size.observe)
         self.row_batcher = MicroBatcher(self._calibrate_batch, max_batch=settings.max_rows, max_wait_ms=0.0,
                                         rows=lambda request: request.features.shape[0], thread_name="disalign-calibrate",
@@ -181,7 +189,7 @@ class Runtime:
     def warm_up(self) -> None:
         """One forward pass and one calibration on a blank image, so the first request is not slow."""
         h, w = self.preprocessing.crop
-        self._forward_batch([torch.zeros((1, 3, h, w), dtype=torch.uint8)])
+        self._forward_batch([ImageRequest(torch.zeros((1, 3, h, w), dtype=torch.uint8))])
         k, d = self.model.num_classes, self.model.feature_dim
         self._calibrate_batch([RowRequest(np.zeros((1, d), np.float32), np.zeros((1, k), np.float32), 1)])
 
@@ -202,7 +210,8 @@ class Runtime:
         with torch.inference_mode():
             # Not validated again: each request's rows were checked (shapes, finite) by its router.
             calibrated = state.calibrator.predict_logits(torch.from_numpy(features), torch.from_numpy(logits), validate=False)  # (N, K)
-            calibrated, prior = self.prior.apply(calibrated, row_flags(requests), state, requests=len(requests))
+            flags = row_flags([r.use_prior for r in requests], [r.features.shape[0] for r in requests])
+            calibrated, prior = self.prior.apply(calibrated, flags, state, requests=len(requests))
             probabilities = torch.softmax(calibrated, dim=1)
             top_p, top_i = probabilities.topk(k, dim=1)  # (N, k), k = 0 included
         out, start = [], 0
@@ -220,15 +229,15 @@ class Runtime:
         views = [clean_view(decode_image(blob, max_pixels=limit, draft_size=prep.draft_size), prep) for blob in blobs]
         return torch.stack(views)
 
-    async def classify(self, images: torch.Tensor) -> ImageResult:
-        """Run a request's images (n, 3, H, W) uint8 through the micro-batcher."""
-        return await self.batcher.submit(images)
+    async def classify(self, images: torch.Tensor, use_prior: bool = True) -> ImageResult:
+        """Run a request's images (n, 3, H, W) uint8 through the micro-batcher (``use_prior``: align to the served prior)."""
+        return await self.batcher.submit(ImageRequest(images, use_prior))
 
-    def _forward_batch(self, requests: list[torch.Tensor]) -> list[ImageResult]:
+    def _forward_batch(self, requests: list[ImageRequest]) -> list[ImageResult]:
         """Inference thread: one forward pass (in chunks of max_batch) for all requests of a batch."""
         state = self.calibration  # one snapshot for the whole batch
-        sizes = [int(images.shape[0]) for images in requests]
-        batch = torch.cat(requests)  # (B, 3, H, W) uint8
+        sizes = [int(r.images.shape[0]) for r in requests]
+        batch = torch.cat([r.images for r in requests])  # (B, 3, H, W) uint8
         raw_parts, feature_parts = [], []
         with torch.inference_mode():
             for chunk in batch.split(self.settings.max_batch):
@@ -240,5 +249,7 @@ class Runtime:
         if not torch.isfinite(raw).all() or not torch.isfinite(features).all():
             raise InputError("the model produced NaN or inf for an image.")
         calibrated = state.calibrator.predict_logits(features, raw)
-        self.prior.apply(calibrated, False, state, requests=len(requests))  # observed here, aligned in the routers
-        return [ImageResult(r, c, state) for r, c in zip(raw.split(sizes), calibrated.split(sizes), strict=True)]
+        calibrated, prior = self.prior.apply(calibrated, row_flags([r.use_prior for r in requests], sizes), state,
+                                             requests=len(requests))
+        return [ImageResult(r, c, state, prior.version_for(request.use_prior))
+                for r, c, request in zip(raw.split(sizes), calibrated.split(sizes), requests, strict=True)]

@@ -1,4 +1,4 @@
-"""Request and response bodies of the REST API (pydantic); the domain objects live in :mod:`service.runtime`.
+"""Request and response bodies of the REST API (pydantic); the domain objects live in :mod:`disalign.service.runtime`.
 
 The ``/v2`` bodies follow the Open Inference Protocol (KServe v2) JSON tensors: ``data`` is the
 row-major flattened tensor, ``shape`` its shape.

@@ -1,4 +1,4 @@
-"""Server settings, read from the environment (prefix ``DISALIGN_``) or passed to :func:`service.main.create_app`.
+"""Server settings, read from the environment (prefix ``DISALIGN_``) or passed to :func:`disalign.service.main.create_app`.
 
     DISALIGN_MODEL=/models/model.ts DISALIGN_CALIBRATION=/calibration disalign serve
 
@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from calib.defaults import DEFAULT_MAX_PIXELS
-from calib.sizes import parse_bytes
+from disalign.calib.defaults import DEFAULT_MAX_PIXELS
+from disalign.calib.sizes import parse_bytes
 
 MiB = 1024 * 1024
 
@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     # (measured with 32 clients on 2 CPUs: 227 images/s at 0 ms, 167 at 2 ms).
     max_wait_ms: float = Field(0.0, ge=0.0, le=1000.0, description="how long the first image of a batch may wait for others")
     device: str = Field("cpu", description="torch device of the model")
-    # Label shift (service.prior): the class prior the predictions are aligned to, and the adaptive mode's window.
+    # Label shift (disalign.service.prior): the class prior the predictions are aligned to, and the adaptive mode's window.
     prior: str = Field("balanced", min_length=1, description="balanced, adaptive (estimated from the traffic) or a prior file (JSON)")
     prior_window: int = Field(5000, ge=10, le=1_000_000, description="adaptive prior: rows of recent traffic kept (x K float32)")
     prior_update_every: int = Field(100, ge=1, description="adaptive prior: requests between two estimates")

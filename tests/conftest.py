@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calib.synthetic import write_synthetic_bank
+from disalign.calib.data.synthetic import write_synthetic_bank
 
 REPO = Path(__file__).resolve().parents[1]
 # CI clones the repository with shared/ beside it; a developer checkout has it at ../shared as well.

@@ -96,7 +96,7 @@ def det_scenes(root: Path, n: int, *, size: int = 64, seed: int = 0, name: str =
 
 def tiny_detector(path: Path, seed: int = 0) -> Path:
     """An untrained compact Faster R-CNN (K = 3 categories) for 64 x 64 inputs: state_dict + card."""
-    from feature_extract.detectors import COMPACT, build_detector
+    from disalign.feature_extract.detectors import COMPACT, build_detector
 
     torch.manual_seed(seed)
     kwargs = {"num_classes": 4, "channels": [8, 8, 16], "representation": 32, "image_size": 64, "anchor_sizes": [12, 24]}

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from calib.cli import main
+from disalign.cli import main
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate the CIFAR-10-LT (IR50) demo banks train.h5 / val.h5 / test.h5 beside this script with the
-# feature_extract CLI, from the shared model and lists. The CIFAR JPEGs are unpacked to a temporary
+# `disalign extract`, from the shared model and lists. The CIFAR JPEGs are unpacked to a temporary
 # directory (or taken from $DISALIGN_CIFAR_DIR) and never copied into the repository.
 #   usage: examples/cifar10lt/make_banks.sh [extra extract flags, e.g. --workers 2]
 set -euo pipefail
@@ -21,7 +21,7 @@ fi
 for split in train val test; do
   counts=()
   [ "$split" = train ] || counts=(--class-counts-from "$rel/train.h5")
-  "$python" -m feature_extract \
+  "$python" -m disalign extract \
     --model "$rel/cifar10lt-ir50-resnet32.ts" --card "$rel/cifar10lt-ir50-resnet32.json" \
     --root "$cifar" --list "$shared/data/cifar10lt-ir50/$split.txt" \
     --out "$rel/$split.h5" --overwrite --quiet "${counts[@]}" "$@"

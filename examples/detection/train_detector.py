@@ -13,7 +13,7 @@ train splits of seeds 0-3 (8,000 scenes) on one H100:
     # 5 epochs ran (45 s each) before the time limit; the learning rate decays by time under --time-limit.
     # Needs torchvision (pip install 'disalign[torchvision]'); on 2 CPU cores one epoch takes over an hour.
 
-The detector is :func:`feature_extract.detectors.compact_faster_rcnn` (the shared CIFAR-10-LT ResNet-32
+The detector is :func:`disalign.feature_extract.detectors.compact_faster_rcnn` (the shared CIFAR-10-LT ResNet-32
 trunk at stride 4, square anchors of 16-64 px, RoIAlign 6x6, a 256-wide two-layer box head) trained with
 torchvision's own losses (RPN + Fast R-CNN heads: 512 RoIs per image, 25 % foreground, plain softmax
 cross-entropy), so its box classifier is biased towards the frequent categories like any stage-1
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from feature_extract.detectors import COMPACT, build_detector
+from disalign.feature_extract.detectors import COMPACT, build_detector
 
 
 def load_split(root: Path, split: str) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]], dict]:

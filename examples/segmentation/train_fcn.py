@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from calib.dense_metrics import IGNORE_INDEX, confusion_matrix, per_class_iou
-from feature_extract.detectors import ResNet32Trunk
+from disalign.calib.core.dense_metrics import IGNORE_INDEX, confusion_matrix, per_class_iou
+from disalign.feature_extract.detectors import ResNet32Trunk
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MEAN = (0.4914, 0.4822, 0.4465)

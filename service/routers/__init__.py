@@ -1,1 +1,1 @@
-"""One router per area of the REST API; :mod:`service.main` assembles them."""
+"""One router per area of the REST API; :mod:`disalign.service.main` assembles them."""

@@ -1,6 +1,6 @@
 """``POST /admin/reload`` (Bearer token): re-read the calibration directory and swap it in atomically.
 
-The reload goes through :class:`service.reloader.CalibrationReloader`, the same path the directory
+The reload goes through :class:`disalign.service.reloader.CalibrationReloader`, the same path the directory
 watcher uses: the current version is read and checked completely off the event loop (typed metadata,
 tensors, a canary, K, d, fingerprint and preprocessing against the served model), and the swap is the
 last step. On failure the old calibration keeps serving and the answer says why: 422 for an unreadable
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from service.deps import AdminDep, RuntimeDep
-from service.reloader import CalibrationReloader
-from service.schemas import ReloadResponse, error_responses
+from disalign.service.deps import AdminDep, RuntimeDep
+from disalign.service.reloader import CalibrationReloader
+from disalign.service.schemas import ReloadResponse, error_responses
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
 

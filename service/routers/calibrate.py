@@ -11,22 +11,20 @@ from dataclasses import replace
 
 from fastapi import APIRouter, Request, Response
 
-from calib.errors import InputError
-from service.deps import get_runtime
-from service.prior import use_served_prior
-from service.routers.common import (
+from disalign.calib.errors import InputError
+from disalign.service.checks import check_count, finite_float32, finite_or_raise
+from disalign.service.deps import get_runtime
+from disalign.service.offload import off_loop_if_large
+from disalign.service.routers.common import (
     DirectRoute,
-    check_count,
-    finite_float32,
-    finite_or_raise,
     json_bytes,
     json_response,
-    off_loop_if_large,
     resolve_top_k,
     top_k_lists,
+    use_served_prior,
 )
-from service.runtime import RowRequest
-from service.schemas import (
+from disalign.service.runtime import RowRequest
+from disalign.service.schemas import (
     CalibrateRequest,
     CalibrateResponse,
     CalibrateRow,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Request
 
-from service.schemas import Live, Ready, error_responses
+from disalign.service.schemas import Live, Ready, error_responses
 
 router = APIRouter(prefix="/v2/health", tags=["health"])
 

@@ -15,20 +15,26 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from calib.errors import InputError
-from service.dense import DensePredictResponse, DenseRuntime, predict_dense
-from service.deps import get_runtime
-from service.routers.common import (
+from disalign.calib.errors import InputError
+from disalign.service.checks import check_count, decode_base64
+from disalign.service.dense import DensePredictResponse, DenseRuntime, predict_dense
+from disalign.service.deps import get_runtime
+from disalign.service.offload import decode_images
+from disalign.service.routers.common import (
     DirectRoute,
-    check_count,
-    decode_base64,
-    decode_images,
     json_response,
     read_json,
     resolve_top_k,
     top_k_lists,
+    use_served_prior,
 )
-from service.schemas import PredictJSON, PredictQuery, PredictResponse, error_responses, query_parameters
+from disalign.service.schemas import (
+    PredictJSON,
+    PredictQuery,
+    PredictResponse,
+    error_responses,
+    query_parameters,
+)
 
 router = APIRouter(tags=["predict"], route_class=DirectRoute)
 
@@ -80,10 +86,10 @@ def parse_query(request: Request) -> PredictQuery:
              openapi_extra={**REQUEST_BODY, "parameters": query_parameters(PredictQuery)},
              responses=error_responses(400, 413, 415, 422, 503))
 async def predict(request: Request) -> Response:
-    """Classify one or more images with the calibrated model (segment or detect, for a dense model: service.dense).
+    """Classify one or more images with the calibrated model (segment or detect, for a dense model: disalign.service.dense).
 
     Query parameters: ``top_k`` (classes per image, default min(5, K)), ``raw`` (also the stage-1 top-k) and
-    ``prior`` (``balanced`` ignores the server's class prior, service.prior).
+    ``prior`` (``balanced`` ignores the server's class prior, disalign.service.prior).
     """
     runtime = await get_runtime(request)
     query = parse_query(request)
@@ -92,20 +98,19 @@ async def predict(request: Request) -> Response:
         return Response(dense.model_dump_json(), media_type="application/json")
     k = resolve_top_k(query.top_k, runtime.model.num_classes)
     blobs = await read_images(request, runtime.settings.max_images)
-    result = await runtime.classify(await decode_images(runtime.image_tensor, blobs))  # (n, 3, H, W) uint8
+    images = await decode_images(runtime.image_tensor, blobs)  # (n, 3, H, W) uint8
+    result = await runtime.classify(images, use_served_prior(query.prior))  # aligned to the served prior unless balanced
     names = result.calibration.class_names
-    use_prior = query.prior != "balanced"
-    aligned, prior = runtime.prior.apply(result.calibrated_logits, use_prior, result.calibration, observe=False)
 
     def tops(logits: torch.Tensor) -> list[list[dict]]:
         probabilities, indices = torch.softmax(logits, dim=1).topk(k, dim=1)  # (n, k)
         return top_k_lists(indices.numpy(), probabilities.numpy(), names)
 
-    calibrated = tops(aligned)
+    calibrated = tops(result.calibrated_logits)
     stage1 = tops(result.raw_logits) if query.raw else [None] * len(calibrated)
     return await json_response({
         "model_name": runtime.settings.model_name,
         "calibration_version": result.calibration.version,
-        "prior_version": prior.version_for(use_prior),
+        "prior_version": result.prior_version,
         "predictions": [{"top_k": c, "raw_top_k": r} for c, r in zip(calibrated, stage1, strict=True)],
     }, approx_values=4 * k * len(calibrated))

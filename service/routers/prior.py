@@ -5,7 +5,7 @@
 
 Actions: ``freeze`` (keep the current prior; the adaptive window still fills), ``unfreeze``, ``reset``
 (empty window, no estimate, back to balanced or the prior file) and ``set`` (serve the given K numbers,
-normalised, frozen). Both routes answer the status (:meth:`service.prior.PriorTracker.status`).
+normalised, frozen). Both routes answer the status (:meth:`disalign.service.prior.PriorTracker.status`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Literal
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from calib.errors import InputError
-from service.deps import AdminDep, RuntimeDep
-from service.schemas import error_responses
+from disalign.calib.errors import InputError
+from disalign.service.deps import AdminDep, RuntimeDep
+from disalign.service.schemas import error_responses
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
 

@@ -10,11 +10,12 @@ a versioned path must name it, and its answer is computed by that calibration or
 Inputs: ``features`` [N, d] and ``logits`` [N, K] (FP32, FP16, FP64 or BF16, converted to float32), or
 ``image`` [N] (BYTES: image files, base64 strings in JSON). Outputs: ``probabilities`` and ``logits``
 (calibrated), both when ``outputs`` is absent; each as JSON ``data`` or, on request (``binary_data``
-per output, ``binary_data_output`` for the request), as binary data (:mod:`service.v2_tensors`).
-An invalid request answers 400, the protocol's status (the other routes answer 422).
-``parameters.calibration_version`` names the calibration that computed every output of the response and
-``parameters.prior_version`` the class prior it is aligned to (:mod:`service.prior`; request
-``parameters: {"prior": "balanced"}`` to ignore the server's).
+per output, ``binary_data_output`` for the request), as binary data. The wire format — framing, tensors,
+the response body — is :mod:`disalign.service.wire_v2`; this router only reads the HTTP request, calls the
+runtime and writes the HTTP response. An invalid request answers 400, the protocol's status (the other
+routes answer 422). ``parameters.calibration_version`` names the calibration that computed every output
+of the response and ``parameters.prior_version`` the class prior it is aligned to (:mod:`disalign.service.prior`;
+request ``parameters: {"prior": "balanced"}`` to ignore the server's).
 """
 
 from __future__ import annotations
@@ -28,15 +29,16 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
-from calib import __version__
-from calib.errors import DisalignError, InputError
-from service.deps import check_model_name, get_runtime
-from service.errors import disalign_status, error_response
-from service.messages import validation_sentence
-from service.prior import use_served_prior
-from service.routers.common import JSON_BYTES_PER_NUMBER, decode_images, finite_or_raise, off_loop_if_large
-from service.runtime import RowRequest, Runtime
-from service.schemas import (
+from disalign.calib import __version__
+from disalign.calib.errors import DisalignError, InputError
+from disalign.service.checks import finite_or_raise
+from disalign.service.deps import check_model_name, get_runtime
+from disalign.service.errors import disalign_status, error_response
+from disalign.service.messages import validation_sentence
+from disalign.service.offload import JSON_BYTES_PER_NUMBER, decode_images, off_loop_if_large
+from disalign.service.routers.common import use_served_prior
+from disalign.service.runtime import RowRequest, Runtime
+from disalign.service.schemas import (
     InferRequest,
     InferResponse,
     ModelMetadata,
@@ -46,20 +48,22 @@ from service.schemas import (
     error_responses,
     json_body,
 )
-from service.v2_tensors import (
+from disalign.service.wire_v2 import (
+    EXTENSIONS,
     HEADER_LENGTH,
+    HEADER_NAME,
+    OUTPUT_NAMES,
     InferBody,
     OutputTensor,
+    binary_padding,
     byte_elements,
-    check_parameters,
     encode_response,
     float_rows,
-    json_length,
+    requested_outputs,
+    split_body,
     split_inputs,
 )
 
-OUTPUT_NAMES = ("probabilities", "logits")
-EXTENSIONS = ["binary_tensor_data"]
 BODY_TYPES = ("application/json", "application/octet-stream", "")
 
 
@@ -102,8 +106,8 @@ async def read_body(request: Request) -> tuple[bytes | bytearray, memoryview | N
     """The JSON part of the body and the binary part after it (None without Inference-Header-Content-Length).
 
     415 unless the body is JSON or octet-stream, uncompressed. With binary data the body is read into a
-    buffer that starts early by the padding that lands the binary part 8-byte aligned: its tensors are
-    then used where they lie, without a copy.
+    buffer that starts early by the padding that lands the binary part 8-byte aligned
+    (:func:`~disalign.service.wire_v2.binary_padding`): its tensors are then used where they lie, without a copy.
     """
     headers = dict(request.scope["headers"])  # raw names are lower-case bytes
     media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
@@ -113,13 +117,8 @@ async def read_body(request: Request) -> tuple[bytes | bytearray, memoryview | N
     if encoding != "identity":
         raise HTTPException(415, f"the body is {encoding}-encoded; send it uncompressed.")
     declared = headers.get(HEADER_LENGTH)
-    pad = -int(declared) % 8 if declared is not None and declared.isdigit() else 0
-    buffer = await body_into(request, pad, headers.get(b"content-length", b""))
-    header_length = json_length(None if declared is None else declared.decode("latin-1"), len(buffer) - pad)
-    if header_length is None:
-        return buffer, None
-    view = memoryview(buffer)
-    return bytes(view[pad:pad + header_length]), view[pad + header_length:]
+    pad = binary_padding(declared)
+    return split_body(await body_into(request, pad, headers.get(b"content-length", b"")), pad, declared)
 
 
 async def body_into(request: Request, pad: int, content_length: bytes) -> bytearray:
@@ -156,25 +155,8 @@ def row_request(runtime: Runtime, parsed: InferBody, use_prior: bool = True) -> 
     return RowRequest(features, logits, use_prior=use_prior)
 
 
-def requested_outputs(request: InferRequest) -> dict[str, bool]:
-    """Output name → whether it is sent as binary data; every output when none is named."""
-    default = request.parameters.binary_data_output if request.parameters else False
-    if not request.outputs:
-        return dict.fromkeys(OUTPUT_NAMES, default)
-    outputs: dict[str, bool] = {}
-    for out in request.outputs:
-        if out.name not in OUTPUT_NAMES:
-            raise InputError(f"output '{out.name}' does not exist; the outputs are {', '.join(OUTPUT_NAMES)}.")
-        if out.name in outputs:
-            raise InputError(f"output '{out.name}' is requested twice.")
-        params = out.parameters
-        check_parameters(params.model_extra if params else None, f"output '{out.name}'")
-        outputs[out.name] = default if params is None or params.binary_data is None else params.binary_data
-    return outputs
-
-
 INFER_DOC: dict[str, Any] = {
-    "parameters": [{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
+    "parameters": [{"name": HEADER_NAME, "in": "header", "required": False,
                     "description": "length of the JSON part when binary tensors follow it (binary tensor data extension)",
                     "schema": {"type": "integer", "minimum": 1}}],
     **json_body(InferRequest),
@@ -183,7 +165,7 @@ INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     **error_responses(400, 404, 413, 415, 503),
     200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
           "description": "JSON, or with binary outputs the JSON part followed by their bytes",
-          "headers": {"Inference-Header-Content-Length": {"description": "length of the JSON part (binary outputs only)",
+          "headers": {HEADER_NAME: {"description": "length of the JSON part (binary outputs only)",
                                                           "schema": {"type": "integer"}}}},
 }
 
@@ -215,9 +197,8 @@ async def run_inference(request: Request, name: str, version: str | None) -> Res
         state, arrays, prior_version = result.calibration, {"logits": result.logits, "probabilities": result.probabilities}, result.prior_version
     elif set(parsed.inputs) == {"image"}:
         blobs = byte_elements(parsed.inputs["image"], parsed.binary.get("image"), runtime.settings.max_images)
-        images = await runtime.classify(await decode_images(runtime.image_tensor, blobs))
-        calibrated, prior = runtime.prior.apply(images.calibrated_logits, use_prior, images.calibration, observe=False)
-        prior_version = prior.version_for(use_prior)
+        images = await runtime.classify(await decode_images(runtime.image_tensor, blobs), use_prior)
+        calibrated, prior_version = images.calibrated_logits, images.prior_version
         state, arrays = images.calibration, {"logits": calibrated.numpy(), "probabilities": torch.softmax(calibrated, dim=1).numpy()}
     else:
         raise InputError(f"inputs should be 'features' and 'logits' (floats) or 'image' (BYTES), found {sorted(parsed.inputs)}.")
@@ -231,7 +212,7 @@ async def run_inference(request: Request, name: str, version: str | None) -> Res
     content, json_size = await off_loop_if_large(JSON_BYTES_PER_NUMBER * json_values, encode_response, payload, tensors)
     if json_size is None:
         return Response(content, media_type="application/json")
-    return Response(content, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(json_size)})
+    return Response(content, media_type="application/octet-stream", headers={HEADER_NAME: str(json_size)})
 
 
 # -- metadata and readiness -----------------------------------------------------------------------------

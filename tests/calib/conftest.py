@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calib.bank import Bank, load_bank, write_bank
+from disalign.calib.data.bank import Bank, load_bank, write_bank
 
 LONG_TAIL_COUNTS = np.array([400, 200, 100, 50, 25, 12, 6], dtype=np.int64)  # many: 2, medium: 3, few: 2 classes
 

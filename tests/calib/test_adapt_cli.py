@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from calib.bank import load_bank, write_bank
-from calib.cli import main
-from calib.methods import load_calibration
-from calib.publish import artifact_dir
+from disalign.calib.artifact.publish import artifact_dir
+from disalign.calib.data.bank import load_bank, write_bank
+from disalign.calib.estimators.methods import load_calibration
+from disalign.cli import main
 
 FORWARD = np.round(200 * 20 ** (-np.arange(10) / 9)).astype(int)  # rows per class of a shifted bank (imbalance 20)
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from calib.disalign import DisAlign
-from calib.errors import ArtifactError
-from calib.methods import load_calibration
-from calib.publish import artifact_dir
+from disalign.calib.artifact.publish import artifact_dir
+from disalign.calib.errors import ArtifactError
+from disalign.calib.estimators.disalign import DisAlign
+from disalign.calib.estimators.methods import load_calibration
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_float16_parameters_load_as_float32(good, tmp_path):
 
 
 def test_the_artifact_records_the_training_banks_preprocessing_and_model(good, lt_banks):
-    from calib.bank import load_bank
+    from disalign.calib.data.bank import load_bank
 
     meta = load_calibration(good).meta_
     info = load_bank(lt_banks["train"]).info

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from calib.bank import BankWriter, load_bank, open_bank, write_bank
-from calib.errors import BankError
+from disalign.calib.data.bank import BankWriter, load_bank, open_bank, write_bank
+from disalign.calib.errors import BankError
 from tests.conftest import REPO
 
 
@@ -98,6 +98,24 @@ def test_writer_never_overwrites_and_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(BankError, match=r"column 'logits' should have shape \(5, 3\), found \(5, 2\)"):
         write_bank(tmp_path / "c.h5", x, z[:, :2], y, class_names=["a", "b", "c"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.h5"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"class_counts": [5, 3]}, r"^class_counts has 2 entries, expected K=3\.$"),
+        ({"class_counts": [5, -3, 1]}, r"^class_counts should be counts >= 0, found -3\.$"),
+        ({"classifier_weight": np.zeros((3, 5))}, r"^classifier_weight should have shape \(3, 4\), found \(3, 5\)\.$"),
+        ({"classifier_weight": np.zeros((3, 4)), "classifier_bias": np.zeros(2)},
+         r"^classifier_bias should have shape \(3,\), found \(2,\)\.$"),
+    ],
+)
+def test_a_refused_writer_creates_no_file_and_no_directory(tmp_path, kwargs, message):
+    """Everything is validated before the temporary file (and the bank's folder) is created: a refused
+    construction has nothing to clean up, not even a ``.partial`` file the caller never got a writer for."""
+    with pytest.raises(BankError, match=message):
+        BankWriter(tmp_path / "banks" / "b.h5", feature_dim=4, class_names=["a", "b", "c"], **kwargs)
+    assert list(tmp_path.rglob("*")) == []
 
 
 def test_unfinished_bank_is_not_readable_as_complete(tmp_path):
@@ -205,7 +223,7 @@ def crafted_bank(path, rows: int, *, virtual_source=None):
 
 
 def test_a_small_file_declaring_1e11_rows_is_refused_before_any_allocation(tmp_path, capsys):
-    from calib.cli import main
+    from disalign.cli import main
 
     path = crafted_bank(tmp_path / "huge.h5", 10**11)
     assert path.stat().st_size < 64 * 1024  # a few KB that declare 15 TB of rows
@@ -217,7 +235,7 @@ def test_a_small_file_declaring_1e11_rows_is_refused_before_any_allocation(tmp_p
 
 
 def test_a_bank_larger_than_the_available_memory_is_refused_with_a_sentence(tmp_path):
-    from calib.bank import available_memory
+    from disalign.calib.data.bank import available_memory
 
     path = crafted_bank(tmp_path / "virtual.h5", 10**11, virtual_source=tmp_path / "absent-shard.h5")
     with open_bank(path) as reader:  # a virtual bank's rows live in other files: the header alone is fine
@@ -232,7 +250,7 @@ def test_a_bank_larger_than_the_available_memory_is_refused_with_a_sentence(tmp_
 def test_a_fifo_given_as_a_bank_is_refused_at_once(tmp_path):
     fifo = tmp_path / "train.h5"
     os.mkfifo(fifo)  # opening it for reading would wait for a writer for ever
-    result = subprocess.run([sys.executable, "-m", "calib.cli", "fit", str(fifo), "--out", str(tmp_path / "calib")],
+    result = subprocess.run([sys.executable, "-m", "disalign", "fit", str(fifo), "--out", str(tmp_path / "calib")],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: bank file {fifo} is a FIFO, not a regular file."

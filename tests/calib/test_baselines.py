@@ -9,14 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from calib.bank import load_bank, write_bank
-from calib.baselines import BASELINES, CRT, LWS, NCM, TDE, Joint, LogitAdjustment, TauNorm
-from calib.baselines.ncm import ABSENT_LOGIT
-from calib.errors import ArtifactError, InputError, NotFittedError
-from calib.estimator import PARAMETERS_FILE
-from calib.methods import METHODS, load_calibration
-from calib.metrics import mean_class_accuracy, negative_log_likelihood
-from calib.publish import artifact_dir
+from disalign.calib.artifact.publish import PARAMETERS_FILE, artifact_dir
+from disalign.calib.core.metrics import mean_class_accuracy, negative_log_likelihood
+from disalign.calib.data.bank import load_bank, write_bank
+from disalign.calib.errors import ArtifactError, InputError, NotFittedError
+from disalign.calib.estimators.baselines import CRT, LWS, NCM, TDE, Joint, LogitAdjustment, TauNorm
+from disalign.calib.estimators.baselines.ncm import ABSENT_LOGIT
+from disalign.calib.estimators.methods import BASELINE_NAMES, METHODS, load_calibration
+
+BASELINES = {name: METHODS[name] for name in BASELINE_NAMES}
 
 
 def tiny_bank(path, features, logits, labels, **kwargs):
@@ -40,7 +41,8 @@ def fitted(long_tailed_banks):
 
 def test_all_baselines_are_registered():
     assert set(BASELINES) == {"joint", "logit-adjust", "tau-norm", "lws", "crt", "ncm", "tde"}
-    assert all(METHODS[name] is cls for name, cls in BASELINES.items())
+    assert all(METHODS[name].method == name for name in METHODS)  # each class's name is its key in the one list
+    assert tuple(METHODS) == ("joint", "disalign", *BASELINE_NAMES[1:])
 
 
 # -- known answers on hand cases ------------------------------------------------------------------

@@ -9,9 +9,10 @@ import h5py
 import numpy as np
 import pytest
 
-from calib.bank import write_bank
-from calib.cli import main, parse_bytes
-from calib.publish import artifact_dir
+from disalign.calib.artifact.publish import artifact_dir
+from disalign.calib.data.bank import write_bank
+from disalign.cli import main
+from disalign.cli.common import parse_bytes
 from tests.conftest import REPO
 
 
@@ -82,7 +83,7 @@ def bad_banks(tmp_path, lt_banks):
         (["fit", "{missing}", "--out", "{tmp}/out"], r"required dataset 'view' is missing\."),
         (["fit", "{train}", "--val", "{k5}", "--out", "{tmp}/out"], r"val bank .*k5.h5 has K=5 classes but the training bank has K=10\."),
         (["fit", "{nolabels}", "--out", "{tmp}/out"], r"has no labelled rows"),
-        (["fit", "{train}", "--method", "svm", "--out", "{tmp}/out"], r"method should be one of disalign, joint, .*found 'svm'\."),
+        (["fit", "{train}", "--method", "svm", "--out", "{tmp}/out"], r"method should be one of joint, disalign, .*found 'svm'\."),
         (["eval", "{k5}", "--calibration", "{cal}"], r"the calibration has K=10 classes but the test bank .* has K=5\."),
         (["eval", "{test}", "--calibration", "{tmp}"], r"is not a calibration directory"),
         (["eval", "{test}", "--calibration", "{cal}", "--methods", "joint,lws"], r"--train is needed to fit lws"),
@@ -106,7 +107,7 @@ def test_bad_input_is_one_sentence_exit_2_and_writes_nothing(argv, message, bad_
 
 
 def test_console_script_exit_code_and_no_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "calib.cli", "fit", str(tmp_path / "x.h5"), "--out", str(tmp_path / "o")],
+    result = subprocess.run([sys.executable, "-m", "disalign", "fit", str(tmp_path / "x.h5"), "--out", str(tmp_path / "o")],
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: bank file {tmp_path / 'x.h5'} does not exist."
@@ -150,7 +151,7 @@ def test_fit_out_replaces_a_calibration_with_a_new_version(lt_banks, tmp_path, c
     for seed in (0, 1):
         code, _, err = run(capsys, "fit", lt_banks["train"], "--rho", 1, "--epochs", 1, "--seed", seed, "--out", tmp_path / "cal")
         assert code == 0, err
-    from calib.methods import load_calibration
+    from disalign.calib.estimators.methods import load_calibration
 
     assert load_calibration(tmp_path / "cal").meta_.hyperparameters["seed"] == 1
     assert len(list((tmp_path / "cal" / "versions").iterdir())) == 2
@@ -165,7 +166,7 @@ def test_fit_out_replaces_a_calibration_with_a_new_version(lt_banks, tmp_path, c
 def test_eval_on_an_invalid_artifact_is_one_sentence_exit_2(mutate, message, lt_banks, tmp_path, capsys):
     import re
 
-    from calib.publish import artifact_dir
+    from disalign.calib.artifact.publish import artifact_dir
 
     assert main(["fit", str(lt_banks["train"]), "--rho", "1", "--epochs", "1", "--out", str(tmp_path / "cal")]) == 0
     meta_path = artifact_dir(tmp_path / "cal") / "calibration.json"
@@ -235,7 +236,7 @@ def test_eval_json_dash_writes_the_report_to_stdout_and_the_table_to_stderr(lt_b
 def test_eval_report_says_how_to_reproduce_it(lt_banks, calibration, tmp_path, capsys):
     import hashlib
 
-    from calib import __version__
+    from disalign.calib import __version__
 
     argv = ["eval", str(lt_banks["test"]), "--calibration", str(calibration), "--methods", "joint,disalign", "--json", str(tmp_path / "r.json")]
     code, _, err = run(capsys, *argv)

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from calib.bank import load_bank, write_bank
-from calib.crossfit import HeadPlan, HeadSpec, HeldOutRows
-from calib.disalign import DisAlign
+from disalign.calib.core.crossfit import HeadPlan, HeadSpec, HeldOutRows
+from disalign.calib.data.bank import load_bank, write_bank
+from disalign.calib.estimators.disalign import DisAlign
 
 
 def test_plan_lists_one_kept_head_and_one_head_per_left_out_fold():

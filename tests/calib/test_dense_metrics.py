@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from calib.dense_metrics import (
+from disalign.calib.core.dense_metrics import (
     class_groups,
     confusion_matrix,
     nanmean,
@@ -19,7 +19,7 @@ from calib.dense_metrics import (
     ratio_groups,
     segmentation_report,
 )
-from calib.errors import InputError
+from disalign.calib.errors import InputError
 
 # 3 classes on a 3x4 image; 255 = ignore.
 LABELS = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 255], [2, 2, 2, 255]])
@@ -113,7 +113,7 @@ def test_errors_name_the_problem():
 # -- ADE20K's official groups ---------------------------------------------------------------------
 def ade20k_counts() -> np.ndarray:
     """Training 'pixel counts' of a bank extracted with --class-stats on the real objectInfo150 table."""
-    from feature_extract.segmentation import read_class_stats
+    from disalign.feature_extract.segmentation import read_class_stats
     from tests.conftest import SHARED
 
     return read_class_stats(SHARED / "profiles" / "ade20k_objectInfo150.txt", 150)

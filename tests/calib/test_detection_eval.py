@@ -18,7 +18,8 @@ from pycocotools import mask as mask_utils  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 
-from calib.detection_eval import (  # noqa: E402
+from disalign.calib.errors import InputError  # noqa: E402
+from disalign.calib.evaluation.detection import (  # noqa: E402
     CalibratedBoxPredictor,
     _lvis_compatible,
     coco_ap,
@@ -26,7 +27,6 @@ from calib.detection_eval import (  # noqa: E402
     encode_mask,
     is_lvis,
 )
-from calib.errors import InputError  # noqa: E402
 
 CATEGORIES = [{"id": 1, "name": "a", "frequency": "f"}, {"id": 2, "name": "b", "frequency": "r"}, {"id": 3, "name": "c", "frequency": "c"}]
 
@@ -173,8 +173,8 @@ class _Predictor(torch.nn.Module):
 
 
 def test_calibrated_predictor_keeps_the_background_logit(long_tailed_banks, tmp_path):
-    from calib.bank import write_bank
-    from calib.disalign import DisAlign
+    from disalign.calib.data.bank import write_bank
+    from disalign.calib.estimators.disalign import DisAlign
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 400)
@@ -194,11 +194,12 @@ def test_calibrated_predictor_keeps_the_background_logit(long_tailed_banks, tmp_
 
 def test_detector_runs_with_the_calibrated_head(tmp_path, capsys):
     pytest.importorskip("torchvision")
-    from calib.dense_cli import add_parsers
-    from calib.detection_eval import calibrated_head, detect
-    from calib.disalign import DisAlign
-    from feature_extract.detection import (
+    from disalign.calib.estimators.disalign import DisAlign
+    from disalign.calib.evaluation.detection import calibrated_head
+    from disalign.cli.evaluate_dense import add_parsers
+    from disalign.feature_extract.detection import (
         DetectionExtractConfig,
+        detect,
         extract_detection_bank,
         load_detector,
         read_coco,
@@ -219,7 +220,7 @@ def test_detector_runs_with_the_calibrated_head(tmp_path, capsys):
     assert (heads.box_predictor, heads.score_thresh, heads.detections_per_img) == before  # restored
     # The shared backbone / RPN pass gives exactly what the detector's own forward gives with each head.
     with calibrated_head(detector.module, None) as module, torch.no_grad():
-        from feature_extract.detection import load_image
+        from disalign.feature_extract.detection import load_image
 
         own = module([load_image(tmp_path, read_coco(coco_path)["images"][0])])[0]
     first = [r for r in both["joint"] if r["image_id"] == 1]
@@ -256,9 +257,8 @@ def test_detector_runs_with_the_calibrated_head(tmp_path, capsys):
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools' RLE code under numpy 2
 def test_mask_head_gives_rle_masks_and_segm_ap(tmp_path):
     pytest.importorskip("torchvision")
-    from calib.detection_eval import detect
-    from feature_extract.detection import load_detector, read_coco
-    from feature_extract.detectors import COMPACT, build_detector
+    from disalign.feature_extract.detection import detect, load_detector, read_coco
+    from disalign.feature_extract.detectors import COMPACT, build_detector
     from tests.dense_data import det_scenes
 
     coco_path = det_scenes(tmp_path, 3)

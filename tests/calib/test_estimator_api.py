@@ -13,10 +13,10 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 from sklearn.utils.validation import check_is_fitted
 
-from calib.baselines import LWS, NCM, LogitAdjustment
-from calib.disalign import DEFAULT_RHO_GRID, DisAlign
-from calib.errors import InputError, NotFittedError
-from calib.methods import METHODS
+from disalign.calib.errors import InputError, NotFittedError
+from disalign.calib.estimators.baselines import LWS, NCM, LogitAdjustment
+from disalign.calib.estimators.disalign import DEFAULT_RHO_GRID, DisAlign
+from disalign.calib.estimators.methods import METHODS
 
 
 @pytest.fixture(scope="module")

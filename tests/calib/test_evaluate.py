@@ -1,4 +1,4 @@
-"""calib.evaluate: the report on hand cases and a synthetic bank, fit_baselines, format_table."""
+"""disalign.calib.evaluation.evaluate: the report on hand cases and a synthetic bank, fit_baselines, format_table."""
 
 from __future__ import annotations
 
@@ -8,10 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from calib.bank import load_bank, write_bank
-from calib.baselines import CRT, Joint, LogitAdjustment
-from calib.errors import ArtifactError, InputError
-from calib.evaluate import bootstrap_mean_class_accuracy, evaluate_methods, fit_baselines, format_table
+from disalign.calib.data.bank import load_bank, write_bank
+from disalign.calib.errors import ArtifactError, InputError
+from disalign.calib.estimators.baselines import CRT, Joint, LogitAdjustment
+from disalign.calib.evaluation.evaluate import (
+    bootstrap_mean_class_accuracy,
+    evaluate_methods,
+    fit_baselines,
+    format_table,
+)
 
 # K = 4; class 3 is absent from the test rows. Predictions 0 0 1 1 2 2 for labels 0 0 0 1 1 2 (as test_metrics).
 HAND_PREDICTIONS = np.array([0, 0, 1, 1, 2, 2])
@@ -117,12 +122,12 @@ def test_format_table_is_aligned_with_percentages_and_dashes():
 
 
 def test_predictions_in_blocks_give_the_same_report(long_tailed_banks, monkeypatch):
-    import calib.evaluate
+    import disalign.calib.evaluation.evaluate
 
     b = long_tailed_banks
     estimators = {"logit-adjust": LogitAdjustment().fit(b.train)}
     whole = evaluate_methods(b.test, estimators, class_counts=b.counts)
-    monkeypatch.setattr(calib.evaluate, "PREDICT_BLOCK_ROWS", 64)  # 700 rows → 11 blocks
+    monkeypatch.setattr(disalign.calib.evaluation.evaluate, "PREDICT_BLOCK_ROWS", 64)  # 700 rows → 11 blocks
     assert evaluate_methods(b.test, estimators, class_counts=b.counts) == whole
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calib.errors import InputError
-from calib.grw import grw_cross_entropy, grw_weights
+from disalign.calib.core.grw import grw_cross_entropy, grw_weights
+from disalign.calib.errors import InputError
 
 
 def test_weights_hand_computed():

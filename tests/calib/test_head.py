@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calib.head import (
+from disalign.calib.core.head import (
     GateCoordinates,
     align_logits,
     batch_norm,
@@ -128,7 +128,7 @@ def test_relu_gate_is_sigmoid_of_relu():
 @pytest.mark.parametrize("heads_per_group", [None, 2])
 def test_stacked_loss_and_hand_written_gradients_match_autograd(blend, relu, background_index, heads_per_group, monkeypatch):
     if heads_per_group:  # the groups a large (B, K) splits the heads into
-        monkeypatch.setattr("calib.head.HEAD_GROUP_FLOATS", heads_per_group * 9 * 5)
+        monkeypatch.setattr("disalign.calib.core.head.HEAD_GROUP_FLOATS", heads_per_group * 9 * 5)
     torch.manual_seed(0)
     heads, rows, k, d = 3, 9, 5, 4
     x, z = torch.randn(rows, d, dtype=torch.float64), torch.randn(rows, k, dtype=torch.float64) * 3

@@ -1,4 +1,4 @@
-"""Label-shift math (calib.label_shift): EM against hand-computed and independently optimised answers,
+"""Label-shift math (disalign.calib.core.label_shift): EM against hand-computed and independently optimised answers,
 BCTS recovering known temperatures and biases, the likelihood-ratio test, the artifact fields, and the
 whole procedure on the real CIFAR-10-LT IR50 banks."""
 
@@ -13,10 +13,11 @@ import pytest
 import torch
 from scipy import optimize, stats
 
-from calib import label_shift as ls
-from calib.errors import ArtifactError, InputError
-from calib.methods import load_calibration
-from calib.publish import artifact_dir
+from disalign.calib.artifact.format import check_label_shift_fields
+from disalign.calib.artifact.publish import artifact_dir
+from disalign.calib.core import label_shift as ls
+from disalign.calib.errors import ArtifactError, InputError
+from disalign.calib.estimators.methods import load_calibration
 from tests.conftest import REPO
 
 EXAMPLES = REPO / "examples" / "cifar10lt"
@@ -158,7 +159,7 @@ def test_below_20_rows_per_class_only_the_temperature_is_fitted():
     assert 1.5 < fitted.temperature < 2.7 and abs(grad_t) < 1e-5
     raw = fitted.to_json()
     assert raw["bias_penalty"] is None and ls.ProbabilityCalibration.from_json(json.loads(json.dumps(raw))) == fitted
-    ls.check_artifact_fields(raw, None, 10, "calibration.json")  # null is a valid bias_penalty
+    check_label_shift_fields(raw, None, 10)  # null is a valid bias_penalty
 
 
 def test_temperature_bias_nll_and_its_gradients_equal_autograd():
@@ -198,7 +199,7 @@ def test_bad_arguments_are_one_sentence(call, match):
     ("target_prior", [-0.1] + [0.1] * 9, "target_prior should be 10"),
 ])
 def test_artifact_fields_are_checked_on_read(field, value, match, tmp_path: Path, lt_banks):
-    from calib.baselines.prior import Joint
+    from disalign.calib.estimators.baselines.prior import Joint
 
     directory = Joint().fit(lt_banks["train"]).save(tmp_path / "calib")
     meta = json.loads((artifact_dir(directory) / "calibration.json").read_text())
@@ -218,9 +219,9 @@ def test_real_ir50_banks_forward_shift_is_closed_and_uniform_kept(tmp_path: Path
     """The committed CIFAR-10-LT IR50 banks: the default DisAlign fit (ρ and the magnitude term chosen on val)
     with its BCTS on val; a forward-shifted test subset (imbalance 10) gains most of the oracle's accuracy, balanced traffic
     is left alone."""
-    from calib.adapt_cli import reference_probabilities
-    from calib.bank import load_bank
-    from calib.disalign import DisAlign
+    from disalign.calib.data.bank import load_bank
+    from disalign.calib.estimators.disalign import DisAlign
+    from disalign.cli.adapt import reference_probabilities
 
     calibrator = DisAlign().fit(EXAMPLES / "train.h5", val=EXAMPLES / "val.h5")
     fitted = ls.ProbabilityCalibration.from_json(calibrator.meta_.probability_calibration)

@@ -1,4 +1,4 @@
-"""calib.metrics against hand-computed values (K = 3 unless stated)."""
+"""disalign.calib.core.metrics against hand-computed values (K = 3 unless stated)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from calib.metrics import (
+from disalign.calib.core.metrics import (
     classification_report,
     expected_calibration_error,
     group_of_classes,

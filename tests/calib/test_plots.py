@@ -1,4 +1,4 @@
-"""calib.plots: each figure shows what it claims (axes, scales, names, groups, counts, the chosen ρ), at
+"""disalign.calib.evaluation.plots: each figure shows what it claims (axes, scales, names, groups, counts, the chosen ρ), at
 K = 10 and at the ImageNet-LT profile's K = 1000, and is written as a small PNG, atomically, without
 pyplot state."""
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from calib.plots import (
+from disalign.calib.evaluation.plots import (
     COUNT_BINS,
     binned_mean,
     group_spans,

@@ -13,9 +13,9 @@ import h5py
 import numpy as np
 import pytest
 
-from calib.bank import write_bank
-from calib.cli import main
-from calib.methods import load_calibration
+from disalign.calib.data.bank import write_bank
+from disalign.calib.estimators.methods import load_calibration
+from disalign.cli import main
 from tests.conftest import REPO
 
 K = 10

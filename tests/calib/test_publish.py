@@ -15,12 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from calib.artifact import artifact_bytes
-from calib.disalign import DisAlign
-from calib.errors import ArtifactError
-from calib.estimator import Calibrator
-from calib.methods import load_calibration
-from calib.publish import (
+from disalign.calib.artifact.format import artifact_bytes
+from disalign.calib.artifact.publish import (
     ARTIFACT_FILES,
     CURRENT,
     KEEP_VERSIONS,
@@ -30,6 +26,10 @@ from calib.publish import (
     current_version,
     publish,
 )
+from disalign.calib.errors import ArtifactError
+from disalign.calib.estimators.base import Calibrator
+from disalign.calib.estimators.disalign import DisAlign
+from disalign.calib.estimators.methods import load_calibration
 from tests.conftest import REPO
 
 
@@ -154,7 +154,7 @@ from pathlib import Path
 
 target, kill_at, source = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 files = {name: (source / name).read_bytes() for name in sorted(os.listdir(source))}
-from calib.publish import publish
+from disalign.calib.artifact.publish import publish
 EVENTS = {"open", "os.mkdir", "os.rename", "os.symlink", "os.remove", "os.rmdir", "shutil.rmtree", "os.chmod"}
 count = 0
 
@@ -217,7 +217,7 @@ def test_concurrent_readers_never_fail_during_repeated_saves(two, tmp_path):
         sources.append(tmp_path / f"src{i}.json")
         sources[-1].write_text(json.dumps({name: data.hex() for name, data in files_of(est).items()}))
     stop = tmp_path / "stop"
-    script = ("import json, os, sys\nfrom calib.publish import publish\n"  # no torch: the writer starts at once
+    script = ("import json, os, sys\nfrom disalign.calib.artifact.publish import publish\n"  # no torch: the writer starts at once
               "files = [{n: bytes.fromhex(h) for n, h in json.load(open(p)).items()} for p in sys.argv[3:]]\n"
               "i = 0\nwhile i < 30 or not os.path.exists(sys.argv[2]):\n    publish(sys.argv[1], files[(i + 1) % 2])\n    i += 1\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from calib.errors import InputError
-from calib.sampling import ClassAwareSampler, ImageRows, epoch_cosine_lr
+from disalign.calib.core.sampling import ClassAwareSampler, ImageRows, epoch_cosine_lr
+from disalign.calib.errors import InputError
 
 LABELS = torch.tensor([0] * 8 + [1] * 4 + [2] * 1)  # n = 8, 4, 1
 

@@ -11,14 +11,22 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from calib.bank import load_bank, write_bank
-from calib.dense_cli import add_parsers
-from calib.dense_metrics import confusion_matrix, segmentation_report
-from calib.disalign import DisAlign
-from calib.errors import InputError
-from calib.evaluate import fit_baselines
-from calib.segmentation import dense_layout, evaluate_segmentation, format_segmentation_table
-from feature_extract.segmentation import SegmentationExtractConfig, extract_segmentation_bank, read_pairs
+from disalign.calib.core.dense_metrics import confusion_matrix, segmentation_report
+from disalign.calib.data.bank import load_bank, write_bank
+from disalign.calib.errors import InputError
+from disalign.calib.estimators.disalign import DisAlign
+from disalign.calib.evaluation.evaluate import fit_baselines
+from disalign.calib.evaluation.segmentation import (
+    dense_layout,
+    evaluate_segmentation,
+    format_segmentation_table,
+)
+from disalign.cli.evaluate_dense import add_parsers
+from disalign.feature_extract.segmentation import (
+    SegmentationExtractConfig,
+    extract_segmentation_bank,
+    read_pairs,
+)
 from tests.dense_data import seg_scenes, tiny_segmenter
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit")  # torch >= 2.14 deprecates TorchScript

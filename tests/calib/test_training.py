@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from calib.bank import BankReader
-from calib.errors import InputError
-from calib.synthetic import write_synthetic_bank
-from calib.training import RowSource, SGDRecipe, cosine_lr, epoch_rows, sgd_step
+from disalign.calib.core.training import RowSource, SGDRecipe, cosine_lr, epoch_rows, sgd_step
+from disalign.calib.data.bank import BankReader
+from disalign.calib.data.synthetic import write_synthetic_bank
+from disalign.calib.errors import InputError
 
 
 def test_one_random_view_per_image_and_no_unlabelled_rows():
@@ -44,7 +44,7 @@ def test_recipe_validation():
 
 
 def tiny_fit(bank_path, progress: bool):
-    from calib.disalign import DisAlign
+    from disalign.calib.estimators.disalign import DisAlign
 
     return DisAlign(rho=1.0, epochs=1).fit(bank_path, progress=progress)
 

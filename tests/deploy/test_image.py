@@ -37,8 +37,8 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 
-from service.main import create_app
-from service.settings import Settings
+from disalign.service.main import create_app
+from disalign.service.settings import Settings
 from tests.deploy.compose import bind_mounts, load_compose
 from tests.service.conftest import (
     ADMIN_TOKEN,

@@ -9,7 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.routers.health import router as health_router
+from disalign.service.routers.health import router as health_router
 from tests.deploy.compose import KUBERNETES_FILE, dockerfile_user
 
 KUBERNETES_VERSION = "1.33.0"

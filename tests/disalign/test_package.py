@@ -7,11 +7,12 @@ import os
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 
-import calib
 import disalign
+import disalign.calib
 from tests.conftest import REPO
 
 
@@ -23,12 +24,12 @@ def python(code: str) -> str:
 
 
 def test_every_public_name_is_the_object_of_its_home_module():
-    assert disalign.__version__ == calib.__version__
+    assert disalign.__version__ == disalign.calib.__version__
     for name, module in disalign._EXPORTS.items():
         assert getattr(disalign, name) is getattr(importlib.import_module(module), name), name
     assert set(disalign.__all__) == {"__version__", *disalign._EXPORTS} and set(disalign.__all__) <= set(dir(disalign))
-    from calib.disalign import DisAlign
-    from calib.methods import load_calibration
+    from disalign.calib.estimators.disalign import DisAlign
+    from disalign.calib.estimators.methods import load_calibration
 
     assert disalign.DisAlign is DisAlign and disalign.load_calibration is load_calibration
     with pytest.raises(AttributeError, match="module 'disalign' has no attribute 'nope'"):
@@ -44,8 +45,21 @@ def test_import_is_light():
 def test_packaging_installs_the_disalign_package_and_its_command():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert project["project"]["scripts"] == {"disalign": "disalign.cli:main"}
-    assert "disalign*" in project["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = project["tool"]["setuptools"]["packages"]
+    assert all(name == "disalign" or name.startswith("disalign.") for name in packages)  # one import name
+    assert project["tool"]["setuptools"]["package-dir"] == {"disalign": "disalign", "disalign.calib": "calib",
+                                                             "disalign.feature_extract": "feature_extract", "disalign.service": "service"}
+    # every package folder of the repository is listed (a new sub-package that is not would be left out of the wheel)
+    folders = {p.parent for root in ("disalign", "calib", "feature_extract", "service") for p in (REPO / root).rglob("__init__.py")}
+    listed = set()
+    for name in packages:
+        parts = name.split(".")
+        for prefix, folder in sorted(project["tool"]["setuptools"]["package-dir"].items(), key=lambda kv: -len(kv[0])):
+            if name == prefix or name.startswith(prefix + "."):
+                listed.add(REPO / folder / Path(*parts[len(prefix.split(".")):]))
+                break
+    assert listed == folders
     assert project["project"]["dynamic"] == ["version"]
-    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "calib.__version__"}
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "disalign.calib.__version__"}
     assert "scikit-learn>=1.3" in project["project"]["optional-dependencies"]["test"]
     assert not any(d.startswith("scikit-learn") for d in project["project"]["dependencies"])  # a test dependency only

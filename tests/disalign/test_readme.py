@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from calib.publish import artifact_dir
+from disalign.calib.artifact.publish import artifact_dir
 from tests.conftest import REPO
 
 

@@ -61,7 +61,7 @@ def free_port() -> int:
 
 
 def run_module(args: list[str], *, timeout: float = 300, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """``python -m feature_extract …`` (or any ``-m`` module) in a subprocess from the repository root."""
+    """``python -m disalign extract …`` (or any ``-m`` module) in a subprocess from the repository root."""
     return subprocess.run(
         [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kwargs,
@@ -69,8 +69,8 @@ def run_module(args: list[str], *, timeout: float = 300, env: dict | None = None
 
 
 def extract_args(cifar_root: Path, list_file: Path, out: Path) -> list[str]:
-    """``python -m feature_extract`` arguments of the subprocess tests: small batches and chunks, 1 thread."""
-    return ["-m", "feature_extract", "--model", str(MODEL), "--card", str(CARD), "--root", str(cifar_root),
+    """``python -m disalign extract`` arguments of the subprocess tests: small batches and chunks, 1 thread."""
+    return ["-m", "disalign", "extract", "--model", str(MODEL), "--card", str(CARD), "--root", str(cifar_root),
             "--list", str(list_file), "--out", str(out), "--batch-size", "16", "--chunk-size", "32",
             "--workers", "0", "--threads", "1"]
 

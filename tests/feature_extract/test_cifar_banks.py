@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from calib.bank import load_bank
+from disalign.calib.data.bank import load_bank
 
 from .conftest import REPO
 

@@ -1,4 +1,4 @@
-"""The ``extract`` subcommand and ``python -m feature_extract``: flags, conversion to ExtractConfig, errors."""
+"""The ``extract`` subcommand (``disalign extract``, also what torchrun runs): flags, conversion to ExtractConfig, errors."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from feature_extract.cli import add_parser, build_parser, config_from_args, run
-from feature_extract.preprocess import Preprocessing
+from disalign.cli.extract import add_parser, config_from_args, run
+from disalign.feature_extract.preprocess import Preprocessing
 
 from .conftest import CARD, MODEL, run_module
 
@@ -34,24 +34,24 @@ def test_extract_subcommand_flags_and_defaults(tmp_path):
 
 
 def test_preprocessing_flags_override_the_card():
-    args = build_parser().parse_args(["--model", "m.ts", "--card", str(CARD), "--folder", "f", "--out", "b.h5",
+    args = _subparser().parse_args(["extract", "--model", "m.ts", "--card", str(CARD), "--folder", "f", "--out", "b.h5",
                                       "--crop", "28x30", "--mean", "0.5,0.5,0.5"])
     prep = config_from_args(args).prep
     assert prep == Preprocessing(resize=None, crop=(28, 30), mean=(0.5, 0.5, 0.5), std=Preprocessing.from_card(CARD).std)
-    args = build_parser().parse_args(["--model", "m.ts", "--folder", "f", "--out", "b.h5", "--resize", "160", "--crop", "128"])
+    args = _subparser().parse_args(["extract", "--model", "m.ts", "--folder", "f", "--out", "b.h5", "--resize", "160", "--crop", "128"])
     assert config_from_args(args).prep == Preprocessing(160, (128, 128), Preprocessing.imagenet().mean, Preprocessing.imagenet().std)
 
 
 def test_bad_flag_values_are_argparse_errors(capsys):
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["--model", "m", "--folder", "f", "--out", "o", "--mean", "1,2"])
+        _subparser().parse_args(["extract", "--model", "m", "--folder", "f", "--out", "o", "--mean", "1,2"])
     assert "expected three comma-separated numbers, found 2 in '1,2'" in capsys.readouterr().err
 
 
 def test_module_entry_point_prints_one_error_line(tmp_path, cifar_root):
     bad = tmp_path / "list.txt"
     bad.write_text("train/cat/0000.jpg 3\ntrain/cat/0001.jpg three\n")
-    proc = run_module(["-m", "feature_extract", "--model", str(MODEL), "--root", str(cifar_root), "--list", str(bad),
+    proc = run_module(["-m", "disalign", "extract", "--model", str(MODEL), "--root", str(cifar_root), "--list", str(bad),
                        "--out", str(tmp_path / "b.h5")])
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {bad} line 2: the label should be an integer, found 'three'."]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from feature_extract.data import ViewDataset, collate_views, read_list, scan_folder
-from feature_extract.errors import ExtractError
-from feature_extract.preprocess import Preprocessing
+from disalign.feature_extract.data import ViewDataset, collate_views, read_list, scan_folder
+from disalign.feature_extract.errors import ExtractError
+from disalign.feature_extract.preprocess import Preprocessing
 
 from .conftest import CARD, LISTS
 

@@ -12,11 +12,12 @@ pytest.importorskip("torchvision")
 
 from torchvision.ops import box_iou  # noqa: E402
 
-from calib.bank import load_bank  # noqa: E402
-from calib.disalign import DisAlign  # noqa: E402
-from calib.grw import grw_weights  # noqa: E402
-from feature_extract.dense_cli import main as extract_main  # noqa: E402
-from feature_extract.detection import (  # noqa: E402
+from disalign.calib.core.grw import grw_weights  # noqa: E402
+from disalign.calib.data.bank import load_bank  # noqa: E402
+from disalign.calib.errors import InputError  # noqa: E402
+from disalign.calib.estimators.disalign import DisAlign  # noqa: E402
+from disalign.cli import main as cli_main  # noqa: E402
+from disalign.feature_extract.detection import (  # noqa: E402
     BACKGROUND,
     DetectionExtractConfig,
     extract_detection_bank,
@@ -25,9 +26,15 @@ from feature_extract.detection import (  # noqa: E402
     read_coco,
     targets_of,
 )
-from feature_extract.detectors import build_detector  # noqa: E402
-from feature_extract.errors import ExtractError  # noqa: E402
+from disalign.feature_extract.detectors import build_detector  # noqa: E402
+from disalign.feature_extract.errors import ExtractError  # noqa: E402
 from tests.dense_data import det_scenes, tiny_detector  # noqa: E402
+
+
+def extract_main(argv: list[str]) -> int:
+    """``disalign extract ARGV…``."""
+    return cli_main(["extract", *argv])
+
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +80,7 @@ def test_labels_follow_the_iou_rule_and_the_fg_fraction(scene):
 
 def test_extraction_is_seeded(scene, tmp_path):
     root, coco, weights, path = scene
-    args = ["--task", "detection", "--model", "feature_extract.detectors:compact_faster_rcnn", "--weights", str(weights),
+    args = ["--task", "detection", "--model", "disalign.feature_extract.detectors:compact_faster_rcnn", "--weights", str(weights),
             "--card", str(weights.with_suffix(".json")), "--root", str(root), "--annotations", str(coco),
             "--rois-per-image", "32", "--feature-dtype", "float32", "--quiet"]
     assert extract_main([*args, "--out", str(tmp_path / "again.h5")]) == 0
@@ -100,7 +107,7 @@ def test_errors_name_the_input(scene, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"images": [{"id": 1, "file_name": "x.png"}], "annotations": [{"id": 1, "image_id": 2, "category_id": 1, "bbox": [0, 0, 1, 1]}],
                                "categories": [{"id": 1, "name": "a"}]}))
-    with pytest.raises(ExtractError, match="annotation 1 names an unknown image or category"):
+    with pytest.raises(InputError, match="annotation 1 names an unknown image or category"):
         read_coco(bad)
     with pytest.raises(ExtractError, match="--fg-fraction should be in \\(0, 1\\], found 1.5"):
         DetectionExtractConfig(model=None, weights=weights, root=root, annotations=coco, out=tmp_path / "x.h5", fg_fraction=1.5)
@@ -111,7 +118,7 @@ def test_errors_name_the_input(scene, tmp_path):
     state = tmp_path / "notdet.pt"
     torch.save({"w": torch.zeros(1)}, state)
     with pytest.raises(ExtractError, match="is not the state_dict of a two-stage detector"):
-        load_detector("feature_extract.detectors:compact_faster_rcnn", state)
+        load_detector("disalign.feature_extract.detectors:compact_faster_rcnn", state)
 
 
 def test_torchvision_reference_detector_builds_by_name():

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-import feature_extract.device_decode as device_decode
-from calib.bank import load_bank
-from feature_extract.errors import ExtractError
-from feature_extract.extract import ExtractConfig, extract_bank
-from feature_extract.preprocess import Preprocessing, make_view
+import disalign.feature_extract.device_decode as device_decode
+from disalign.calib.data.bank import load_bank
+from disalign.feature_extract.errors import ExtractError
+from disalign.feature_extract.extract import ExtractConfig, extract_bank
+from disalign.feature_extract.preprocess import Preprocessing, make_view
 
 from .conftest import CARD, MODEL
 

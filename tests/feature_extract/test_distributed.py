@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from calib.bank import load_bank
-from feature_extract.distributed import chunk_range
+from disalign.calib.data.bank import load_bank
+from disalign.feature_extract.distributed import chunk_range
 
 from .conftest import extract_args, free_port, run_module
 

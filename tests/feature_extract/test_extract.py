@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from calib.bank import load_bank
-from feature_extract.errors import ExtractError, ImageDecodeError
-from feature_extract.extract import ExtractConfig, extract_bank
-from feature_extract.preprocess import Preprocessing, clean_view, decode_image
-from feature_extract.workdir import WorkDir
+from disalign.calib.data.bank import load_bank
+from disalign.feature_extract.errors import ExtractError, ImageDecodeError
+from disalign.feature_extract.extract import ExtractConfig, extract_bank
+from disalign.feature_extract.preprocess import Preprocessing, clean_view, decode_image
+from disalign.feature_extract.workdir import WorkDir
 
 from .conftest import CARD, MODEL, load_script
 

@@ -8,8 +8,8 @@ import importlib.util
 import pytest
 import torch
 
-from feature_extract.errors import ExtractError
-from feature_extract.models import find_classifier, load_model
+from disalign.feature_extract.errors import ExtractError
+from disalign.feature_extract.models import find_classifier, load_model
 
 from .conftest import MODEL
 from .factories import SequentialHead, TinyNet

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from feature_extract.errors import ExtractError
-from feature_extract.preprocess import (
+from disalign.feature_extract.errors import ExtractError
+from disalign.feature_extract.preprocess import (
     IMAGENET_MEAN,
     ImageDecodeError,
     ImageTooLargeError,
@@ -205,9 +206,31 @@ def test_declared_pixels_reads_only_the_header():
     assert declared_pixels(_jpeg_bytes(40, 30)) == 1200 and declared_pixels(b"not an image") is None
 
 
+def test_declared_pixels_never_decodes_and_keeps_pillows_bomb_guard_out_of_the_answer(monkeypatch):
+    from PIL import ImageFile
+
+    png = io.BytesIO()
+    Image.new("1", (100, 50)).save(png, format="PNG")
+    files = {"PNG": png.getvalue(), "JPEG": _jpeg_bytes(100, 50), "WebP": _encoded(np.zeros((50, 100, 3), np.uint8), "WEBP")}
+
+    def no_decoding(self):
+        raise AssertionError("declared_pixels decoded pixels")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # 5000 px: over Pillow's limit, under twice it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's DecompressionBombWarning must not escape to the caller
+        assert {name: declared_pixels(data) for name, data in files.items()} == {"PNG": 5000, "JPEG": 5000, "WebP": 5000}
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # over twice the limit: Pillow refuses to open it
+    assert declared_pixels(files["PNG"]) == 4001  # larger than anything Pillow decodes, not "unreadable"
+    monkeypatch.undo()
+    with pytest.raises(ImageTooLargeError, match=r"has 100x50 = 5000 pixels, more than max_pixels=4999"):
+        decode_image(files["JPEG"], max_pixels=4999)  # decoding still enforces the limit itself
+
+
 def test_the_extractor_reads_16_bit_and_float_images_as_their_8_bit_picture(tmp_path, cifar_root):
-    from calib.bank import load_bank
-    from feature_extract.extract import ExtractConfig, extract_bank
+    from disalign.calib.data.bank import load_bank
+    from disalign.feature_extract.extract import ExtractConfig, extract_bank
 
     from .conftest import MODEL
 
@@ -226,3 +249,59 @@ def test_the_extractor_reads_16_bit_and_float_images_as_their_8_bit_picture(tmp_
     for row in range(1, 4):  # every variant gives exactly the features of the 8-bit PNG
         assert torch.equal(bank.features[row], bank.features[0]), lines[row]
         assert torch.equal(bank.logits[row], bank.logits[0]), lines[row]
+
+
+# -- random resized crop: torchvision's parameters, drawn from our own seeded generator -------------------
+class TorchDraws:
+    """The two ``np.random.Generator`` methods the crop uses, drawn from torch's global RNG exactly as
+    torchvision's ``RandomResizedCrop.get_params`` draws (``uniform_`` on a 1-element float tensor, ``randint``)."""
+
+    def uniform(self, low: float, high: float) -> float:
+        return torch.empty(1).uniform_(low, high).item()
+
+    def integers(self, low: int, high: int) -> int:
+        return int(torch.randint(low, high, size=(1,)).item())
+
+
+CROP_SIZES = [(500, 375), (375, 500), (224, 224), (641, 427), (1000, 20), (20, 1000), (3, 2), (1, 1)]
+
+
+def test_random_resized_crop_box_is_torchvisions_get_params_draw_for_draw():
+    """Same draws in, same box out: the steps, the order of the draws, the bounds and the centre-crop
+    fallback (every box of the 1000x20 image; most of the 1x1 one) are torchvision's."""
+    transforms = pytest.importorskip("torchvision.transforms")
+    from disalign.feature_extract.preprocess import RRC_RATIO, RRC_SCALE, _random_resized_crop_box
+
+    default = transforms.RandomResizedCrop(224)
+    assert (tuple(default.scale), tuple(default.ratio)) == (RRC_SCALE, RRC_RATIO)
+    state = torch.random.get_rng_state()
+    try:
+        for width, height in CROP_SIZES:
+            image = Image.new("RGB", (width, height))
+            boxes = []
+            for seed in range(200):
+                torch.manual_seed(seed)
+                top, left, h, w = transforms.RandomResizedCrop.get_params(image, list(default.scale), list(default.ratio))
+                torch.manual_seed(seed)
+                box = _random_resized_crop_box(TorchDraws(), width, height)
+                assert box == (left, top, left + w, top + h), (width, height, seed)
+                boxes.append(box)
+            if (width, height) == (1000, 20):  # no crop of the allowed scale and ratio fits: the centre 27x20
+                assert set(boxes) == {(486, 0, 513, 20)}
+            if (width, height) == (500, 375):  # the sampling branch: boxes differ from seed to seed
+                assert len(set(boxes)) > 190
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def test_random_resized_crop_boxes_keep_the_scale_and_ratio_bounds():
+    """With the numpy generator the extraction uses (no torchvision needed): area 8-100 %, ratio 3/4-4/3
+    (up to the rounding of the sides to pixels), inside the image."""
+    from disalign.feature_extract.preprocess import _random_resized_crop_box, _rng
+
+    for row in range(500):
+        left, top, right, bottom = _random_resized_crop_box(_rng(0, row, 1), 500, 375)
+        w, h = right - left, bottom - top
+        assert 0 <= left < right <= 500 and 0 <= top < bottom <= 375
+        assert 0.08 * 500 * 375 * 0.98 <= w * h <= 500 * 375
+        assert 3 / 4 * 0.98 <= w / h <= 4 / 3 * 1.02

@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from calib.bank import load_bank, open_bank
-from calib.errors import BankError
+from disalign.calib.data.bank import load_bank, open_bank
+from disalign.calib.errors import BankError
 
 from .conftest import REPO, extract_args, run_module
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from calib.bank import load_bank
-from feature_extract.dense_cli import main as extract_main
-from feature_extract.errors import ExtractError
-from feature_extract.segmentation import (
+from disalign.calib.data.bank import load_bank
+from disalign.calib.errors import InputError
+from disalign.cli import main as cli_main
+from disalign.feature_extract.errors import ExtractError
+from disalign.feature_extract.segmentation import (
     RATIO_SCALE,
     SegmentationExtractConfig,
     cell_labels,
@@ -27,6 +28,12 @@ from tests.conftest import SHARED
 from tests.dense_data import seg_scenes, tiny_segmenter
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit")  # torch >= 2.14 deprecates TorchScript
+
+
+def extract_main(argv: list[str]) -> int:
+    """``disalign extract ARGV…``."""
+    return cli_main(["extract", *argv])
+
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +137,11 @@ def test_errors_name_the_input(scene, tmp_path):
     cfg = dict(model=str(model_path), root=root, list_file=list_file, card=card)
     bad_list = tmp_path / "bad.txt"
     bad_list.write_text("img/0.png\n")
-    with pytest.raises(ExtractError, match=r"line 1: expected 'image mask' \(2 fields\), found 1"):
+    with pytest.raises(InputError, match=r"line 1: expected 'image mask' \(2 fields\), found 1"):
         read_pairs(bad_list)
     Image.fromarray(np.full((16, 16), 7, np.uint8)).save(tmp_path / "seven.png")
     (tmp_path / "l.txt").write_text(f"{root / 'img/0.png'} {tmp_path / 'seven.png'}\n")
-    with pytest.raises(ExtractError, match=r"has class id 7; ids should be 0..2 or 255"):
+    with pytest.raises(InputError, match=r"has class id 7; ids should be 0..2 or 255"):
         extract_segmentation_bank(SegmentationExtractConfig(**{**cfg, "root": Path("/"), "list_file": tmp_path / "l.txt"}, out=tmp_path / "x.h5"))
     (tmp_path / "exists.h5").write_text("")
     with pytest.raises(ExtractError, match="already exists; pass --overwrite"):

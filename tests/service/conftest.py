@@ -27,11 +27,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from calib.bank import write_bank
-from calib.disalign import DisAlign
-from calib.publish import ARTIFACT_FILES, artifact_dir, publish
-from service.main import create_app
-from service.settings import Settings
+from disalign.calib.artifact.publish import ARTIFACT_FILES, artifact_dir, publish
+from disalign.calib.data.bank import write_bank
+from disalign.calib.estimators.disalign import DisAlign
+from disalign.service.main import create_app
+from disalign.service.settings import Settings
 from tests.conftest import REPO, SHARED
 
 MODEL = SHARED / "models" / "cifar10lt-ir50-resnet32.ts"
@@ -183,7 +183,7 @@ class ServerProcess:
 
 
 def server_command(calibration: Path, *extra: str, entry: str = "service", card: Path | None = CARD) -> list[str]:
-    prefix = [sys.executable, "-m", "service"] if entry == "service" else [sys.executable, "-m", "disalign", "serve"]
+    prefix = [sys.executable, "-m", "disalign", "serve"] if entry == "service" else [sys.executable, "-m", "disalign", "serve"]
     return [*prefix, "--model", str(MODEL), *(["--card", str(card)] if card else []), "--calibration", str(calibration),
             "--host", "127.0.0.1", *extra]
 

@@ -12,12 +12,12 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from calib.errors import ArtifactError
-from calib.methods import load_calibration
-from calib.publish import artifact_dir
-from feature_extract.models import load_model
-from feature_extract.preprocess import Preprocessing, clean_view, decode_image, normalize
-from service.main import create_app
+from disalign.calib.artifact.publish import artifact_dir
+from disalign.calib.errors import ArtifactError
+from disalign.calib.estimators.methods import load_calibration
+from disalign.feature_extract.models import load_model
+from disalign.feature_extract.preprocess import Preprocessing, clean_view, decode_image, normalize
+from disalign.service.main import create_app
 from tests.service.conftest import ADMIN_TOKEN, CARD, MODEL, REPO, Artifacts, install, make_settings, png_bomb
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -337,7 +337,7 @@ def test_json_routes_refuse_other_content_types(client: TestClient):
 
 def test_concurrent_calibrate_requests_share_a_row_batch_and_get_their_own_rows(client: TestClient, artifacts: Artifacts):
     # Row batches mix requests with different row counts and top_k; each answer must be its own rows'.
-    from service.runtime import RowRequest
+    from disalign.service.runtime import RowRequest
 
     runtime = client.app.state.runtime
     rng = torch.Generator().manual_seed(0)
@@ -355,7 +355,7 @@ def test_concurrent_calibrate_requests_share_a_row_batch_and_get_their_own_rows(
 
 def test_calibrate_answers_a_body_parsed_off_the_event_loop(client: TestClient, artifacts: Artifacts):
     # 300 rows ≈ 100 kB of JSON: above INLINE_JSON_BYTES, parsed and written on a worker thread.
-    from service.routers.common import INLINE_JSON_BYTES
+    from disalign.service.offload import INLINE_JSON_BYTES
 
     rows = [row(value=0.001 * i) for i in range(300)]
     content = json.dumps({"rows": rows, "top_k": 1}).encode()

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from service.batcher import BatcherStopped, MicroBatcher
+from disalign.service.batcher import BatcherStopped, MicroBatcher
 
 
 def run(coro):

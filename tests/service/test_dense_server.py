@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from calib.disalign import DisAlign
-from calib.methods import load_calibration
-from feature_extract.segmentation import SegmentationExtractConfig, extract_segmentation_bank
+from disalign.calib.estimators.disalign import DisAlign
+from disalign.calib.estimators.methods import load_calibration
+from disalign.feature_extract.segmentation import SegmentationExtractConfig, extract_segmentation_bank
 from tests.dense_data import DETECTOR, DETECTOR_CARD, FCN, FCN_CARD, seg_scenes
 from tests.service.conftest import REPO, ServerProcess, free_port, wait_ready
 
@@ -130,7 +130,7 @@ def cifar_scene(cifar_jpegs: list[Path]) -> tuple[np.ndarray, list[list[float]]]
 @pytest.fixture(scope="module")
 def det_server(tmp_path_factory) -> Iterator[ServerProcess]:
     pytest.importorskip("torchvision")
-    from feature_extract.detection import DetectionExtractConfig, extract_detection_bank
+    from disalign.feature_extract.detection import DetectionExtractConfig, extract_detection_bank
     from tests.dense_data import det_scenes
 
     root = tmp_path_factory.mktemp("det_server")
@@ -139,7 +139,7 @@ def det_server(tmp_path_factory) -> Iterator[ServerProcess]:
     bank = extract_detection_bank(DetectionExtractConfig(model=None, weights=DETECTOR, card=DETECTOR_CARD, root=root,
                                                          annotations=coco, out=root / "roi.h5", rois_per_image=64))
     DisAlign(rho=1.0, epochs=2, count_smoothing=1).fit(bank).save(root / "calibration")
-    server = start("feature_extract.detectors:compact_faster_rcnn", DETECTOR_CARD, root / "calibration",
+    server = start("disalign.feature_extract.detectors:compact_faster_rcnn", DETECTOR_CARD, root / "calibration",
                    root / "server.log", "--weights", str(DETECTOR))
     yield server
     assert server.stop() == 0, server.log.read_text()[-3000:]

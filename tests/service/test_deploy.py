@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.routers.health import router as health_router
-from service.settings import Settings
+from disalign.service.routers.health import router as health_router
+from disalign.service.settings import Settings
 from tests.deploy.compose import (
     COMPOSE_FILE,
     DOCKERFILE,

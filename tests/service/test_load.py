@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from calib.methods import load_calibration
-from feature_extract.models import load_model
-from feature_extract.preprocess import Preprocessing, clean_view, decode_image, normalize
-from service.runtime import calibration_version
+from disalign.calib.estimators.methods import load_calibration
+from disalign.feature_extract.models import load_model
+from disalign.feature_extract.preprocess import Preprocessing, clean_view, decode_image, normalize
+from disalign.service.runtime import calibration_version
 from tests.service.conftest import ADMIN_TOKEN, CARD, MODEL, Artifacts, install, start_server
 
 CLIENTS = 32

@@ -17,8 +17,8 @@ import sys
 import httpx
 import pytest
 
-from calib.disalign import DisAlign
-from calib.methods import load_calibration
+from disalign.calib.estimators.disalign import DisAlign
+from disalign.calib.estimators.methods import load_calibration
 from tests.service.conftest import ADMIN_TOKEN, REPO, Artifacts, install, start_server
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -41,7 +41,7 @@ def test_fit_out_on_a_mount_point(mounts, lt_banks, tmp_path):
     host, point = tmp_path / "host", tmp_path / "calibration"
     DisAlign(rho=1.0, epochs=1, seed=0).fit(lt_banks["train"]).save(host)  # the calibration the re-fit replaces
     point.mkdir()
-    script = 'mount --bind "$1" "$2" && "$3" -m calib.cli fit "$4" --rho 1 --epochs 1 --seed 1 --out "$2"'
+    script = 'mount --bind "$1" "$2" && "$3" -m disalign fit "$4" --rho 1 --epochs 1 --seed 1 --out "$2"'
     result = subprocess.run([*PRIVATE_MOUNTS, "sh", "-c", script, "sh", str(host), str(point), sys.executable, str(lt_banks["train"])],
                             capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr

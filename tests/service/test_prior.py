@@ -1,4 +1,4 @@
-"""The served class prior (service.prior): a prior file, the adaptive mode on real shifted traffic (rows of the
+"""The served class prior (disalign.service.prior): a prior file, the adaptive mode on real shifted traffic (rows of the
 committed CIFAR-10-LT IR50 test bank), per-request prior=balanced, /admin/prior, /metrics, reload resets."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from calib import label_shift as ls
-from calib.bank import Bank, load_bank
-from calib.baselines.prior import LogitAdjustment
-from calib.errors import InputError
-from calib.publish import artifact_dir
-from service.main import create_app
+from disalign.calib.artifact.publish import artifact_dir
+from disalign.calib.core import label_shift as ls
+from disalign.calib.data.bank import Bank, load_bank
+from disalign.calib.errors import InputError
+from disalign.calib.estimators.baselines.prior import LogitAdjustment
+from disalign.service.main import create_app
 from tests.conftest import REPO
 from tests.service.conftest import ADMIN_TOKEN, Artifacts, install, make_settings
 
@@ -56,8 +56,8 @@ def calibrate(client: TestClient, bank: Bank, rows: np.ndarray, query: str = "")
 
 def offline(calibration: Path, bank: Bank, rows: np.ndarray, prior: np.ndarray | None) -> torch.Tensor:
     """Probabilities (n, K) of the calibration, aligned to ``prior`` with its BCTS (None: balanced)."""
-    from calib.adapt_cli import probability_calibration
-    from calib.methods import load_calibration
+    from disalign.calib.estimators.methods import load_calibration
+    from disalign.cli.adapt import probability_calibration
 
     calibrator = load_calibration(calibration)
     z = calibrator.predict_logits(bank.features[rows].float(), bank.logits[rows])

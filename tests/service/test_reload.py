@@ -20,14 +20,14 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from calib.bank import load_bank
-from calib.disalign import DisAlign
-from calib.errors import DisalignError
-from calib.methods import load_calibration
-from calib.publish import METADATA_FILE, PARAMETERS_FILE, artifact_dir, publish
+from disalign.calib.artifact.publish import METADATA_FILE, PARAMETERS_FILE, artifact_dir, publish
+from disalign.calib.data.bank import load_bank
+from disalign.calib.errors import DisalignError
+from disalign.calib.estimators.disalign import DisAlign
+from disalign.calib.estimators.methods import load_calibration
 from disalign.cli import main
-from feature_extract.preprocess import Preprocessing
-from service.main import create_app
+from disalign.feature_extract.preprocess import Preprocessing
+from disalign.service.main import create_app
 from tests.service.conftest import (
     ADMIN_TOKEN,
     CARD,

@@ -22,7 +22,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.main import create_app
+from disalign.service.main import create_app
 from tests.service.conftest import ADMIN_TOKEN, Artifacts, install, make_settings
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,

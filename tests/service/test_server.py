@@ -1,4 +1,4 @@
-"""A real server process (``python -m service`` / ``disalign serve``) on a free loopback port, over HTTP."""
+"""A real server process (``python -m disalign serve`` / ``disalign serve``) on a free loopback port, over HTTP."""
 
 from __future__ import annotations
 
@@ -152,6 +152,6 @@ def test_refuses_to_start_when_the_calibration_does_not_fit(artifacts: Artifacts
 
 
 def test_settings_errors_are_one_sentence():
-    result = subprocess.run([sys.executable, "-m", "service", "--calibration", "x"], cwd=REPO, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "disalign", "serve", "--calibration", "x"], cwd=REPO, capture_output=True,
                             text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 2 and result.stderr.strip() == "error: --model / DISALIGN_MODEL is required."

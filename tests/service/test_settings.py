@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from disalign.cli import build_parser
-from service.cli import add_arguments, run
-from service.settings import Settings
+from disalign.cli.serve import add_arguments, run
+from disalign.service.settings import Settings
 from tests.conftest import REPO
 
 REQUIRED = {"model": "m.ts", "calibration": "calib"}
@@ -78,7 +78,7 @@ def test_a_token_file_that_is_a_fifo_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "token"
     os.mkfifo(fifo)  # reading it would wait for a writer for ever
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "DISALIGN_ADMIN_TOKEN_FILE": str(fifo), "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "service", "--model", "m.ts", "--calibration", "c"], cwd=REPO, env=env,
+    result = subprocess.run([sys.executable, "-m", "disalign", "serve", "--model", "m.ts", "--calibration", "c"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.strip() == f"error: DISALIGN_ADMIN_TOKEN_FILE {fifo} is not a regular file."
 

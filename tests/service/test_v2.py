@@ -21,8 +21,8 @@ import torch
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from calib.bank import load_bank
-from calib.disalign import DisAlign
+from disalign.calib.data.bank import load_bank
+from disalign.calib.estimators.disalign import DisAlign
 from tests.service.conftest import ADMIN_TOKEN, REPO, Artifacts, ServerProcess, install
 
 ROWS = 6
