@@ -1,7 +1,14 @@
 """disalign.calib — fit DisAlign and its baselines on cached stage-1 tensors (feature banks)."""
 
-from disalign.calib.errors import ArtifactError, BankError, DisalignError, InputError, NotFittedError
+from disalign.calib.errors import (
+    ArtifactError,
+    BankError,
+    DisalignError,
+    DisalignWarning,
+    InputError,
+    NotFittedError,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["ArtifactError", "BankError", "DisalignError", "InputError", "NotFittedError", "__version__"]
+__all__ = ["ArtifactError", "BankError", "DisalignError", "DisalignWarning", "InputError", "NotFittedError", "__version__"]

@@ -8,6 +8,9 @@ server turns it into a JSON error body. Anything else escaping is a bug.
 - :class:`ArtifactError` — a calibration artifact is missing, corrupt, or does not match a bank/model.
 - :class:`InputError` — tensors or arguments passed to an estimator have the wrong shape, dtype or values.
 - :class:`NotFittedError` — an estimator was used before ``fit`` or ``load``.
+
+The library never prints: a result that is usable but suspect (a saturated DisAlign gate, say) is a
+:class:`DisalignWarning` (``warnings.warn``), which the CLI shows as a ``warning: <sentence>`` line.
 """
 
 from __future__ import annotations
@@ -32,3 +35,8 @@ class InputError(DisalignError):
 class NotFittedError(DisalignError, AttributeError):
     """An estimator was used before fit() or load() (an AttributeError too, as scikit-learn's, so that
     ``hasattr(est, "classes_")`` is False before fit)."""
+
+
+class DisalignWarning(UserWarning):
+    """A fit or result that is usable but suspect, in one sentence (also recorded where it is kept, e.g.
+    the fit report's ``warnings``)."""

@@ -1,4 +1,4 @@
-"""Progress bars of the long steps (fits in ``eval``, dense evaluation, extraction, ``predict``).
+"""Progress bars of the long steps (fits in ``fit`` and ``eval``, dense evaluation, extraction, ``predict``).
 
 Bars go to stderr and only when it is a terminal: a log file or a pipe never fills with carriage
 returns, and ``--quiet`` turns them off everywhere. Library callers pass ``progress=False`` (the default).

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from disalign.calib.core.head import disalign_logits
 from disalign.calib.core.metrics import mean_class_accuracy
 from disalign.calib.core.training import RowSource
-from disalign.calib.data.bank import Bank
+from disalign.calib.data.bank import Bank, clean_labelled_rows
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ class HeldOutRows:
     @classmethod
     def from_bank(cls, val: Bank, folds: int, generator: torch.Generator) -> HeldOutRows:
         """Clean view, labelled rows; folds stratified by class (each class's rows dealt round-robin in random order)."""
-        rows = torch.nonzero((val.labels >= 0) & (val.view == 0), as_tuple=True)[0]
+        rows = torch.nonzero(clean_labelled_rows(val.view, val.labels), as_tuple=True)[0]
         labels = val.labels[rows]
         fold = torch.zeros_like(labels)
         for c in torch.unique(labels).tolist() if folds > 1 else ():

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from disalign.calib.data.bank import clean_labelled_rows
 from disalign.calib.defaults import PRIOR_CONCENTRATION, PRIOR_SIGNIFICANCE, PRIOR_TOLERANCE
 from disalign.calib.errors import InputError
 
@@ -128,7 +129,7 @@ def prior_logits(logits: torch.Tensor, target_prior: list[float], probability_ca
 def calibration_rows(view: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """Indices of the clean labelled rows (view 0, label >= 0) of a val bank to fit the probability
     calibration on: all of them, or a random :data:`MAX_CALIBRATION_ROWS` of them (sorted)."""
-    rows = torch.nonzero((view == 0) & (labels >= 0)).squeeze(1)
+    rows = torch.nonzero(clean_labelled_rows(view, labels)).squeeze(1)
     if rows.numel() <= MAX_CALIBRATION_ROWS:
         return rows
     pick = torch.randperm(rows.numel(), generator=torch.Generator().manual_seed(seed))[:MAX_CALIBRATION_ROWS]

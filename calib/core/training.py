@@ -12,7 +12,6 @@ backbone passes); ``sampling="class-balanced"`` draws classes uniformly, then an
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from disalign.calib.data.bank import Bank, BankReader
 from disalign.calib.errors import InputError
+from disalign.calib.progress import progress_bar
 
 SAMPLINGS = ("instance", "class-balanced")
 # features float32 (B, d), logits (B, K), labels (B,), the rows' indices in the bank (B,) int64
@@ -261,8 +260,7 @@ def run_stacked_sgd(
     per_epoch = steps_per_epoch(labels, sample_index, view, recipe.batch_size)
     total_steps = recipe.epochs * per_epoch
     history: dict[str, list] = {"loss": [], "seconds": []}
-    bar = tqdm(total=total_steps, desc=description, unit="step", file=sys.stderr, leave=False, dynamic_ncols=True,
-               disable=not (progress and sys.stderr.isatty()))
+    bar = progress_bar(total=total_steps, enabled=progress, desc=description, unit="step")
     step = 0
     with bar, torch_threads(training_threads(recipe.batch_size, source.num_classes, source.feature_dim)), torch.no_grad():
         for epoch in range(recipe.epochs):

@@ -61,6 +61,17 @@ class BankInfo:
     extra_datasets: tuple[str, ...] = ()
 
 
+def clean_labelled_rows(view: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """Bool mask (N,) of the rows that count as labelled samples: the clean view (view 0, the image as the
+    model saw it, not an augmented copy) with a label (>= 0; -1 is unlabelled).
+
+    Class counts, validation and test scores and what is fitted on a validation bank use these rows;
+    augmented views only add training rows (counting or scoring them would weigh an image by its number
+    of views). Works on torch tensors and numpy arrays alike (the mask is of the same kind).
+    """
+    return (view == 0) & (labels >= 0)
+
+
 @dataclass
 class Bank:
     """A bank loaded into memory. Shapes: features (N, d), logits (N, K), labels/sample_index/view (N,)."""
@@ -92,7 +103,7 @@ class Bank:
         """Per-class training counts: the ``class_counts`` attribute, else counted from clean-view labels."""
         if self.info.class_counts is not None:
             return self.info.class_counts
-        clean = (self.view == 0) & (self.labels >= 0)
+        clean = clean_labelled_rows(self.view, self.labels)
         return np.bincount(self.labels[clean].numpy(), minlength=self.num_classes).astype(np.int64)
 
 

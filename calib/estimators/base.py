@@ -1,7 +1,8 @@
 """The estimator contract shared by DisAlign and every baseline, and the calibration artifact.
 
-An estimator stores keyword hyper-parameters in ``__init__`` exactly as given; ``fit(train, val=None)``
-validates, runs the math and stores fitted tensors in ``params_`` and metadata in ``meta_``;
+An estimator stores keyword hyper-parameters in ``__init__`` exactly as given; ``fit(train, val=None, *,
+max_memory=None, progress=False)`` (the same fit-time options for every method) validates, runs the math
+and stores fitted tensors in ``params_`` and metadata in ``meta_``;
 ``predict_logits`` maps stage-1 ``(features (N, d), logits (N, K))`` — torch tensors or numpy arrays, the
 result in the same kind — to calibrated logits (N, K). scikit-learn conventions hold: ``get_params`` /
 ``set_params`` (so ``sklearn.base.clone`` works), a repr of the non-default hyper-parameters, fitted
@@ -115,13 +116,16 @@ class Calibrator:
 
     method: ClassVar[str] = ""
     needs_features: ClassVar[bool] = True  # False for methods that only look at the logits
+    # True for a method whose fit can stream the training bank from disk (``fit(max_memory=…)``); the
+    # others load it whole and ignore max_memory.
+    streams_training_bank: ClassVar[bool] = False
 
     params_: dict[str, torch.Tensor]
     meta_: CalibrationMeta
 
     # -- subclass hooks -------------------------------------------------------------------------
-    def _fit(self, train: Bank, val: Bank | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Return ``(params, report)``."""
+    def _fit(self, train: Bank, val: Bank | None, *, progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Return ``(params, report)``; ``progress``: show a bar of the fit's steps, if it has steps to show."""
         raise NotImplementedError
 
     def _predict_logits(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -184,14 +188,24 @@ class Calibrator:
         return self.meta_.feature_dim
 
     # -- public API -----------------------------------------------------------------------------
-    def fit(self, train: Bank | str | os.PathLike, val: Bank | str | os.PathLike | None = None) -> Calibrator:
+    def fit(self, train: Bank | str | os.PathLike, val: Bank | str | os.PathLike | None = None, *,
+            max_memory: int | None = None, progress: bool = False) -> Calibrator:
+        """Fit on a training bank (or its path); ``val`` makes the choices the method makes on a validation
+        bank (ρ, τ …) and fits the probability calibration. Returns self.
+
+        The fit-time options, the same for every method (so a caller never asks which one it holds):
+        ``max_memory`` (bytes) bounds the training rows held in memory where the method can stream its
+        bank (:attr:`streams_training_bank`; the others load it whole and ignore it); ``progress`` shows a
+        bar on stderr, when stderr is a terminal, for a method with steps to show (DisAlign, LWS, cRT). Off
+        by default: a library call prints nothing.
+        """
         train_bank = as_bank(train, "train")
         val_bank = as_bank(val, "val") if val is not None else None
         if val_bank is not None:
             check_banks_agree(train_bank.info, val_bank.info, "val")
         if not (train_bank.labels >= 0).any():
             raise InputError(f"train bank {train_bank.info.path} has no labelled rows (all labels are -1).")
-        params, report = self._fit(train_bank, val_bank)
+        params, report = self._fit(train_bank, val_bank, progress=progress)
         self._set_fitted(train_bank.info, train_bank.training_class_counts(), params, report)
         return self.fit_probability_calibration(val_bank) if val_bank is not None else self
 

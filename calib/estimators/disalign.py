@@ -19,8 +19,8 @@ standardised feature coordinates (``gate_standardize``) and stored in raw ones.
 from __future__ import annotations
 
 import os
-import sys
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -44,8 +44,8 @@ from disalign.calib.core.head import (
     linear_gate_grads,
 )
 from disalign.calib.core.training import RowSource, SGDRecipe, run_stacked_sgd
-from disalign.calib.data.bank import Bank, BankReader
-from disalign.calib.errors import InputError
+from disalign.calib.data.bank import Bank, BankReader, clean_labelled_rows
+from disalign.calib.errors import DisalignWarning, InputError
 from disalign.calib.estimators.base import Calibrator, as_bank, check_banks_agree, require_shape
 from disalign.calib.estimators.baselines.common import check_grid
 
@@ -74,6 +74,7 @@ class DisAlign(Calibrator):
     """
 
     method = "disalign"
+    streams_training_bank = True  # fit(max_memory=…) trains from disk in windows when the rows do not fit
 
     def __init__(
         self,
@@ -130,26 +131,19 @@ class DisAlign(Calibrator):
 
     # -- fitting --------------------------------------------------------------------------------
     def fit(self, train: Bank | str | os.PathLike, val: Bank | str | os.PathLike | None = None, *,
-            max_memory: int | None = None, progress: bool = True) -> DisAlign:
-        """Fit on a bank (or its path). With ``max_memory`` (bytes) smaller than the bank's row data,
-        the training bank is streamed from disk in windows of chunks instead of loaded. ``progress``
-        shows a progress bar on stderr when stderr is a terminal."""
-        self._progress = progress
-        try:
-            return self._fit_maybe_streamed(train, val, max_memory)
-        finally:
-            del self._progress
-
-    def _fit_maybe_streamed(self, train, val, max_memory: int | None) -> DisAlign:
+            max_memory: int | None = None, progress: bool = False) -> DisAlign:
+        """Fit on a bank (or its path); the options are the contract's (:meth:`Calibrator.fit`). With
+        ``max_memory`` (bytes) smaller than the bank's row data, the training bank is streamed from disk
+        in windows of chunks instead of loaded."""
         if max_memory is None or isinstance(train, Bank):
-            return super().fit(train, val)
+            return super().fit(train, val, progress=progress)
         if max_memory <= 0:
             raise InputError(f"max_memory should be a positive number of bytes, found {max_memory}.")
         with BankReader(train) as reader:
             info = reader.info
             row_bytes = info.feature_dim * np.dtype(info.feature_dtype).itemsize + info.num_classes * 4
             if info.num_rows * row_bytes <= max_memory:
-                return super().fit(reader.load(), val)
+                return super().fit(reader.load(), val, progress=progress)
             val_bank = as_bank(val, "val") if val is not None else None
             if val_bank is not None:
                 check_banks_agree(info, val_bank.info, "val")
@@ -159,21 +153,22 @@ class DisAlign(Calibrator):
             sample_index, view = torch.from_numpy(reader.column("sample_index")), torch.from_numpy(reader.column("view"))
             counts = info.class_counts
             if counts is None:
-                clean = (view == 0) & (labels >= 0)
+                clean = clean_labelled_rows(view, labels)
                 counts = np.bincount(labels[clean].numpy(), minlength=info.num_classes).astype(np.int64)
             # Two windows live at once (one trains while the next is read), beside the gate's float32 sample
             # of training rows and one chunk being read (with its copy, and a margin of one more).
             sample_bytes = min(GATE_SAMPLE_ROWS, info.num_rows) * info.feature_dim * 4
             window_rows = max(info.chunk_rows, ((max_memory - sample_bytes) // row_bytes - 3 * info.chunk_rows) // 2)
             source = RowSource(reader=reader, window_rows=window_rows)
-            params, report = self.fit_source(source, labels, sample_index, view, counts, info.background_index, val_bank, info.task)
+            params, report = self.fit_source(source, labels, sample_index, view, counts, info.background_index, val_bank, info.task,
+                                             progress=progress)
             report["streamed"] = {"window_rows": window_rows, "max_memory": max_memory}
             self._set_fitted(info, counts, params, report)
             return self.fit_probability_calibration(val_bank) if val_bank is not None else self
 
-    def _fit(self, train: Bank, val: Bank | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _fit(self, train: Bank, val: Bank | None, *, progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return self.fit_source(RowSource(bank=train), train.labels, train.sample_index, train.view,
-                               train.training_class_counts(), train.info.background_index, val, train.info.task)
+                               train.training_class_counts(), train.info.background_index, val, train.info.task, progress=progress)
 
     def _resolve_head(self, task: str) -> tuple[str, str]:
         official_form, official_gate = OFFICIAL_HEADS.get(task, OFFICIAL_HEADS["classification"])
@@ -204,9 +199,12 @@ class DisAlign(Calibrator):
         background_index: int | None,
         val: Bank | None,
         task: str = "classification",
+        *,
+        progress: bool = False,
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Fit every head of the plan (each ρ of the grid, and with ``val_weight`` each share of validation
-        rows and fold) in one pass over any :class:`RowSource`; keep the head the validation bank prefers."""
+        rows and fold) in one pass over any :class:`RowSource`; keep the head the validation bank prefers.
+        A saturated gate is said in the report's ``warnings`` and as a :class:`DisalignWarning`."""
         start = time.perf_counter()
         form, gate = self._resolve_head(task)
         blend, relu = form == "blend", gate == "bn-relu"
@@ -249,7 +247,7 @@ class DisAlign(Calibrator):
             return losses, grads
 
         history = run_stacked_sgd(params, loss_and_grads, source, labels, sample_index, view, self.recipe, frozen,
-                                  progress=getattr(self, "_progress", False), description=f"DisAlign fit, {len(plan)} heads")
+                                  progress=progress, description=f"DisAlign fit, {len(plan)} heads")
         raw_weight, raw_bias = raw_gates(params, coords, sample)
         heads = [{"alpha": params["alpha"][r], "beta": params["beta"][r], "gate_weight": raw_weight[r], "gate_bias": raw_bias[r]}
                  for r in range(len(plan))]
@@ -271,7 +269,7 @@ class DisAlign(Calibrator):
         warning = saturation_warning(report["gate"], standardized=self.gate_standardize)
         if warning:
             report["warnings"] = [warning]
-            print(f"warning: {warning}", file=sys.stderr)
+            warnings.warn(warning, DisalignWarning, stacklevel=2)
         report["fit_seconds"] = time.perf_counter() - start
         return heads[chosen], report
 

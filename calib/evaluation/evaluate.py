@@ -44,7 +44,7 @@ from disalign.calib.core.metrics import (
     per_class_accuracy,
     reliability_bins,
 )
-from disalign.calib.data.bank import Bank
+from disalign.calib.data.bank import Bank, clean_labelled_rows
 from disalign.calib.errors import InputError
 from disalign.calib.estimators.base import Calibrator, as_bank
 from disalign.calib.estimators.methods import BASELINE_NAMES, METHODS
@@ -116,7 +116,7 @@ def percentile_interval(samples: torch.Tensor, level: float = BOOTSTRAP_LEVEL) -
 
 def validation_scores(val: Bank, estimators: dict[str, Calibrator]) -> dict:
     """Mean-class accuracy and NLL of every estimator on the clean labelled rows of ``val``, and the best one."""
-    keep = (val.view == 0) & (val.labels >= 0)
+    keep = clean_labelled_rows(val.view, val.labels)
     if not bool(keep.any()):
         raise InputError(f"val bank {val.info.path} has no labelled rows in its clean view (view 0).")
     labels = val.labels[keep]
@@ -161,7 +161,7 @@ def evaluate_methods(
         raise InputError(f"num_bins should be >= 1, found {num_bins}.")
     if isinstance(bootstrap_resamples, bool) or not isinstance(bootstrap_resamples, int) or bootstrap_resamples < 0:
         raise InputError(f"bootstrap_resamples should be an integer >= 0, found {bootstrap_resamples!r}.")
-    keep = (test.view == 0) & (test.labels >= 0)
+    keep = clean_labelled_rows(test.view, test.labels)
     if not bool(keep.any()):
         raise InputError(f"test bank {test.info.path} has no labelled rows in its clean view (view 0).")
     features, logits, labels = test.features[keep], test.logits[keep], test.labels[keep]

@@ -7,12 +7,15 @@ Only the command modules of :mod:`disalign.cli` import this; library code never 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from disalign.calib import sizes
-from disalign.calib.errors import DisalignError, InputError
+from disalign.calib.errors import DisalignError, DisalignWarning, InputError
 from disalign.calib.files import write_atomic
 
 STDOUT = "-"  # an output path that means standard output
@@ -46,7 +49,8 @@ def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
 def run_command(func, args: argparse.Namespace) -> int:
     """Run a subcommand; a user-facing error becomes one ``error: …`` line and exit status 2."""
     try:
-        return int(func(args) or 0)
+        with shown_warnings():
+            return int(func(args) or 0)
     except DisalignError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -56,6 +60,24 @@ def run_command(func, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("error: interrupted.", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def shown_warnings() -> Iterator[None]:
+    """The library's warnings (:class:`DisalignWarning`: it never prints) as ``warning: <sentence>`` lines
+    on stderr while they happen, every time; any other warning keeps Python's own handling."""
+    python_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DisalignWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            python_show(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():  # restores the filters and showwarning on exit
+        warnings.simplefilter("always", DisalignWarning)
+        warnings.showwarning = show
+        yield
 
 
 def note(message: str, *, quiet: bool = False) -> None:

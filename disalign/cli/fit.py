@@ -115,7 +115,7 @@ def fit_hyperparameters(args: argparse.Namespace, cls) -> dict:
              if getattr(args, dest) is not None  # 0 and --magnitude off are values, not "unset"
              and not (flag in BOOLEAN_FLAGS and getattr(args, dest) is False)}
     refused = [flag for flag, (name, _) in given.items() if name not in accepted]
-    if args.max_memory is not None and cls.method != "disalign":
+    if args.max_memory is not None and not cls.streams_training_bank:  # it would be ignored: say so
         refused.append("--max-memory")
     if refused:
         allowed = [flag for flag, _, name in HYPERPARAMETER_FLAGS if name in accepted]
@@ -130,22 +130,19 @@ def fit_hyperparameters(args: argparse.Namespace, cls) -> dict:
 
 def run_fit(args: argparse.Namespace) -> int:
     from disalign.calib.artifact.publish import check_publish_target
-    from disalign.calib.estimators.disalign import DEFAULT_RHO, DisAlign
     from disalign.calib.estimators.methods import method_class
 
     cls = method_class(args.method)
     check_publish_target(args.out, role="--out")  # before the fit, and nothing but a calibration is ever replaced
     estimator = cls(**fit_hyperparameters(args, cls))
-    if isinstance(estimator, DisAlign):  # its own progress bar (heads, epochs, loss) and the streamed fit
-        estimator.fit(args.train, val=args.val, max_memory=args.max_memory, progress=not args.quiet)
-    else:
-        estimator.fit(args.train, val=args.val)
+    estimator.fit(args.train, val=args.val, max_memory=args.max_memory, progress=not args.quiet)
     estimator.save(args.out)
-    if isinstance(estimator, DisAlign) and estimator.rho == "auto" and estimator.use_grw and args.val is None:
-        # said once the fit succeeded, so that a bad input still gives exactly one error line
-        print(f"warning: --rho auto chooses rho on a validation bank and no --val was given: used rho = {float(DEFAULT_RHO)}.",
-              file=sys.stderr)
     report = estimator.meta_.report
+    hyperparameters = estimator.get_params()
+    if hyperparameters.get("rho") == "auto" and hyperparameters.get("use_grw") and args.val is None:
+        # said once the fit succeeded, so that a bad input still gives exactly one error line
+        print(f"warning: --rho auto chooses rho on a validation bank and no --val was given: used rho = {float(report['rho'])}.",
+              file=sys.stderr)
     summary = {k: report[k] for k in ("rho", "magnitude", "val_weight", "tau", "temperature", "validation", "fit_seconds") if k in report}
     print(f"wrote {args.method} calibration to {args.out}: {json.dumps(summary)}")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -82,8 +83,15 @@ def test_the_development_install_imports_only_disalign(tmp_path):
 
 @pytest.mark.slow
 def test_the_wheel_installs_one_top_level_package(tmp_path):
+    # built from a copy of the sources: a build/ folder left in the checkout must not leak stale files in
+    source = tmp_path / "source"
+    for name in ("pyproject.toml", "README.md"):
+        source.mkdir(exist_ok=True)
+        shutil.copy(REPO / name, source / name)
+    for folder in ("disalign", "calib", "feature_extract", "service"):
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(REPO)],
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(source)],
                            capture_output=True, text=True, timeout=600)
     if build.returncode != 0 and "No module named" in build.stderr and "setuptools" in build.stderr:
         pytest.skip("setuptools is not installed in this environment: the wheel cannot be built offline")

@@ -2,11 +2,14 @@
 
 The server runs with short deadlines (header 1 s, body 2 s, keep-alive 1 s) and a body budget of three
 8 MiB bodies; every failure is made to happen for real: bytes sent slowly, bodies never finished, a 3 KB
-PNG declaring 25 Mpx.
+PNG declaring 25 Mpx. The request-head guard subclasses uvicorn's private ``HttpToolsProtocol``: the part of
+that class it relies on is checked here first, by name and signature and on a real uvicorn server, so that a
+uvicorn release changing it fails these tests instead of silently dropping the head deadline.
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import select
@@ -19,8 +22,11 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import uvicorn
 from PIL import Image
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from disalign.service.limits import GuardedHttpToolsProtocol
 from tests.service.conftest import Artifacts, ServerProcess, install, start_server
 
 TIMEOUT_HEADER_S = 1.0
@@ -99,6 +105,74 @@ class HealthProbe:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(30)
+
+
+# -- uvicorn's private protocol, which GuardedHttpToolsProtocol subclasses ------------------------------------
+# The methods it overrides, with their parameters after self: uvicorn (and asyncio) call them by these names,
+# so a renamed one would leave the override uncalled and the deadline silently gone.
+OVERRIDDEN = {"__init__": ["config", "server_state", "app_state", "_loop"], "connection_made": ["transport"],
+              "connection_lost": ["exc"], "data_received": ["data"], "on_message_begin": [], "on_headers_complete": [],
+              "on_response_complete": []}
+PROTOCOL_ATTRIBUTES = ("loop", "transport", "flow", "cycle", "client")  # read or written by the subclass
+CYCLE_ATTRIBUTES = ("response_complete", "more_body", "keep_alive")
+
+
+@pytest.fixture(scope="module")
+def guarded_uvicorn() -> Iterator[tuple[tuple[str, int], list[GuardedHttpToolsProtocol]]]:
+    """A real uvicorn server (in a thread, no model) running the guarded protocol with a 0.5 s head deadline:
+    its address and every protocol instance it made."""
+    protocols: list[GuardedHttpToolsProtocol] = []
+
+    def protocol(*args, **kwargs) -> GuardedHttpToolsProtocol:
+        protocols.append(GuardedHttpToolsProtocol(*args, timeout_header=0.5, **kwargs))
+        return protocols[-1]
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, http=protocol, lifespan="off", log_config=None, loop="asyncio"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started
+    try:
+        yield sock.getsockname(), protocols
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def test_the_private_uvicorn_api_the_guarded_protocol_relies_on_is_unchanged(guarded_uvicorn):
+    for name, parameters in OVERRIDDEN.items():
+        assert name in vars(HttpToolsProtocol), f"uvicorn's HttpToolsProtocol has no {name} any more (GuardedHttpToolsProtocol overrides it)"
+        found = list(inspect.signature(vars(HttpToolsProtocol)[name]).parameters)[1:]
+        assert found == parameters, f"HttpToolsProtocol.{name} takes {found} now, GuardedHttpToolsProtocol was written for {parameters}"
+    assert STATUS_LINE[408].startswith(b"HTTP/1.1 408 ") and STATUS_LINE[431].startswith(b"HTTP/1.1 431 ")
+    address, protocols = guarded_uvicorn
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        protocol = protocols[-1]
+        missing = [name for name in PROTOCOL_ATTRIBUTES if not hasattr(protocol, name)]
+        missing += [f"cycle.{name}" for name in CYCLE_ATTRIBUTES if not hasattr(protocol.cycle, name)]
+        missing += [] if callable(getattr(protocol.flow, "pause_reading", None)) else ["flow.pause_reading"]
+        assert missing == [], f"uvicorn's protocol no longer has {missing}, which GuardedHttpToolsProtocol uses"
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET / HTTP/1.1\r\nHost: x\r\n"], ids=["nothing", "partial headers"])
+def test_a_real_uvicorn_server_with_the_guarded_protocol_enforces_the_head_deadline(guarded_uvicorn, sent: bytes):
+    # Without the subclass's timer uvicorn would wait for ever here (its keep-alive timeout starts after a response).
+    with socket.create_connection(guarded_uvicorn[0], timeout=10) as sock:
+        sock.sendall(sent)
+        data, elapsed, closed = read_until_closed(sock, 5)
+    assert closed and status_of(data) == 408 and 0.45 <= elapsed <= 3, (data, elapsed)
+    assert error_of(data) == "the request line and headers did not arrive within 0.5 s (DISALIGN_TIMEOUT_HEADER)."
 
 
 # -- image bombs (issue 9, item 8) ------------------------------------------------------------------

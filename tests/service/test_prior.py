@@ -70,6 +70,25 @@ def served_probabilities(body: dict) -> torch.Tensor:
     return torch.tensor([r["probabilities"] for r in body["results"]], dtype=torch.float64)
 
 
+def test_the_served_prior_is_the_calibration_cores_adjust_to_prior(real_calibration: Path):
+    # The server evaluates adjust_to_prior once per prior and applies it as z / T + offset (disalign.service.prior.PriorState).
+    from types import SimpleNamespace
+
+    from disalign.calib.estimators.methods import load_calibration
+    from disalign.service.prior import make_state
+    from disalign.service.state import CalibrationState
+
+    calibrator = load_calibration(real_calibration)
+    without = SimpleNamespace(meta_=SimpleNamespace(probability_calibration=None))
+    prior = np.array([0.5, 0.2, 0.1, 0.1, 0.05, 0.05, 0.0, 0.0, 0.0, 0.0])  # zeros: floored by the core
+    logits = torch.randn(50, 10, generator=torch.Generator().manual_seed(0)) * 5
+    for source in (calibrator, without):
+        fitted = source.meta_.probability_calibration
+        state = make_state("file", prior, CalibrationState(source, "v"))
+        expected = ls.adjust_to_prior(logits, torch.from_numpy(prior), ls.ProbabilityCalibration.from_json(fitted) if fitted else None)
+        torch.testing.assert_close(state.adjust(logits).double(), expected, atol=1e-4, rtol=1e-6)
+
+
 def test_balanced_by_default_names_its_prior(client: TestClient):
     body = client.post("/calibrate", json={"rows": [{"features": [0.5] * 64, "logits": [0.0] * 10}]}).json()
     assert body["prior_version"] == "balanced"
@@ -99,10 +118,18 @@ def test_prior_file_aligns_every_route(tmp_path: Path, real_calibration: Path, t
         plain = c.post("/predict?prior=balanced", json={"images": [image]}).json()
         assert served["prior_version"] == aligned["prior_version"] and plain["prior_version"] == "balanced"
         assert served["predictions"][0]["top_k"] != plain["predictions"][0]["top_k"]  # the prior moves the probabilities
+        logits = {}
         for parameters, expected in (({}, aligned["prior_version"]), ({"prior": "balanced"}, "balanced")):
             infer = c.post("/v2/models/disalign/infer", json={"parameters": parameters, "inputs": [
                 {"name": "image", "shape": [1], "datatype": "BYTES", "data": [image]}]}).json()
             assert infer["parameters"]["prior_version"] == expected
+            logits[expected] = torch.tensor(next(o["data"] for o in infer["outputs"] if o["name"] == "logits")).reshape(1, -1)
+        # Images are aligned as rows are: the calibration core's adjust_to_prior on the balanced logits.
+        from disalign.calib.estimators.methods import load_calibration
+        from disalign.cli.adapt import probability_calibration
+
+        adapted = ls.adjust_to_prior(logits["balanced"], torch.from_numpy(prior), probability_calibration(load_calibration(real_calibration)))
+        torch.testing.assert_close(logits[aligned["prior_version"]].double(), adapted, atol=1e-4, rtol=0)
         status = c.get("/admin/prior", headers=AUTH).json()
         assert status["mode"] == "file" and status["prior"] == pytest.approx(prior.tolist())
 

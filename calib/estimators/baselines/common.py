@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from disalign.calib.core.metrics import mean_class_accuracy, negative_log_likelihood
-from disalign.calib.data.bank import Bank
+from disalign.calib.data.bank import Bank, clean_labelled_rows
 from disalign.calib.errors import InputError
 from disalign.calib.estimators.base import Calibrator
 
@@ -32,7 +32,7 @@ class Baseline(Calibrator):
 
 def clean_labelled(bank: Bank, role: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The clean-view labelled rows of a bank: features (M, d) float32, logits (M, K), labels (M,); M >= 1."""
-    keep = (bank.view == 0) & (bank.labels >= 0)
+    keep = clean_labelled_rows(bank.view, bank.labels)
     if not bool(keep.any()):
         raise InputError(f"{role} bank {bank.info.path} has no labelled rows in its clean view (view 0).")
     return bank.features[keep].float(), bank.logits[keep], bank.labels[keep]

@@ -100,7 +100,7 @@ class NCM(Baseline):
     def __init__(self, temperature: float | str = "auto"):
         self.temperature = temperature
 
-    def _fit(self, train: Bank, val: Bank | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _fit(self, train: Bank, val: Bank | None, *, progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         check_choice("temperature", self.temperature, low=0.0, strict=True)
         background = train.info.background_index
         features, _, labels = clean_labelled(train, "train")

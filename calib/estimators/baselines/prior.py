@@ -64,7 +64,7 @@ class Joint(Baseline):
     method = "joint"
     needs_features = False
 
-    def _fit(self, train: Bank, val: Bank | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _fit(self, train: Bank, val: Bank | None, *, progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         report: dict[str, Any] = {}
         if val is not None:
             _, logits, labels = clean_labelled(val, "val")
@@ -85,7 +85,7 @@ class LogitAdjustment(Baseline):
         self.tau = tau
         self.tau_grid = tau_grid  # stored as given (scikit-learn clone); checked in fit
 
-    def _fit(self, train: Bank, val: Bank | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _fit(self, train: Bank, val: Bank | None, *, progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         check_choice("tau", self.tau)
         grid = check_grid("tau_grid", self.tau_grid)
         log_prior = log_priors(train.training_class_counts(), train.info.background_index)

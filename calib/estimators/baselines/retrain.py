@@ -38,6 +38,7 @@ from disalign.calib.data.bank import Bank
 from disalign.calib.errors import InputError
 from disalign.calib.estimators.base import require_shape
 from disalign.calib.estimators.baselines.common import Baseline, clean_labelled, keep_background, score
+from disalign.calib.progress import progress_bar
 
 EPOCH_SIZES = ("sampler", "dataset")
 
@@ -104,8 +105,9 @@ class _Retrained(Baseline):
             draws = min(draws, steps * batch)
         return draws, steps
 
-    def _train(self, params: dict[str, torch.Tensor], loss_fn, train: Bank, val: Bank | None) -> dict[str, Any]:
-        """SGD on class-aware batches of the train bank's rows, ``params`` updated in place; the fit report."""
+    def _train(self, params: dict[str, torch.Tensor], loss_fn, train: Bank, val: Bank | None, progress: bool) -> dict[str, Any]:
+        """SGD on class-aware batches of the train bank's rows, ``params`` updated in place; the fit report.
+        ``progress``: a bar of the steps on a terminal's stderr."""
         self._check_recipe()
         generator = torch.Generator().manual_seed(self.seed)
         images = ImageRows(train.labels, train.sample_index, train.view)
@@ -114,7 +116,8 @@ class _Retrained(Baseline):
         trainable = [t.requires_grad_(True) for t in params.values()]
         optimizer = torch.optim.SGD(trainable, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         history: dict[str, list[float]] = {"loss": [], "seconds": [], "lr": []}
-        with torch_threads(training_threads(self.batch_size, train.num_classes, train.feature_dim)):
+        bar = progress_bar(total=self.epochs * steps, enabled=progress, desc=f"{self.method} fit", unit="step")
+        with bar, torch_threads(training_threads(self.batch_size, train.num_classes, train.feature_dim)):
             for epoch in range(self.epochs):
                 start, total = time.perf_counter(), 0.0
                 lr = epoch_cosine_lr(self.lr, epoch, self.epochs)
@@ -128,6 +131,7 @@ class _Retrained(Baseline):
                     loss.backward()
                     optimizer.step()
                     total += float(loss.detach()) * batch.numel()
+                    bar.update()
                 history["loss"].append(total / draws)
                 history["seconds"].append(time.perf_counter() - start)
                 history["lr"].append(lr)
@@ -161,14 +165,14 @@ class LWS(_Retrained):
         super().__init__(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
                          samples_per_class=samples_per_class, epoch_size=epoch_size, max_steps=max_steps, seed=seed)
 
-    def _fit(self, train: Bank, val: Bank | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _fit(self, train: Bank, val: Bank | None, *, progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         params = {"scales": torch.ones(train.num_classes)}
         background = train.info.background_index
 
         def loss_fn(p, feats, logits, y):
             return F.cross_entropy(self._logits(p, feats, logits, background), y)
 
-        report = self._train(params, loss_fn, train, val)
+        report = self._train(params, loss_fn, train, val, progress)
         if background is not None:
             params["scales"][background] = 1.0  # never used; stored as the scale it stands for
         return params, report
@@ -191,14 +195,14 @@ class CRT(_Retrained):
         super().__init__(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
                          samples_per_class=samples_per_class, epoch_size=epoch_size, max_steps=max_steps, seed=seed)
 
-    def _fit(self, train: Bank, val: Bank | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _fit(self, train: Bank, val: Bank | None, *, progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         params = linear_init(train.num_classes, train.feature_dim, self.seed)
         background = train.info.background_index
 
         def loss_fn(p, feats, logits, y):
             return F.cross_entropy(self._logits(p, feats, logits, background), y)
 
-        report = self._train(params, loss_fn, train, val)
+        report = self._train(params, loss_fn, train, val, progress)
         if background is not None:  # the row is never used: the background logit is the stage-1 one
             params["weight"][background] = 0.0
             params["bias"][background] = 0.0

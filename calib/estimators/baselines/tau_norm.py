@@ -66,7 +66,7 @@ class TauNorm(Baseline):
         self.tau = tau
         self.tau_grid = tau_grid  # stored as given (scikit-learn clone); checked in fit
 
-    def _fit(self, train: Bank, val: Bank | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _fit(self, train: Bank, val: Bank | None, *, progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         check_choice("tau", self.tau)
         grid = check_grid("tau_grid", self.tau_grid)
         weight = stage1_weight(train, "tau-norm")

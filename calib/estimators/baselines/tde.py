@@ -77,7 +77,7 @@ class TDE(Baseline):
         self.alpha = alpha
         self.alpha_grid = alpha_grid  # stored as given (scikit-learn clone); checked in fit
 
-    def _fit(self, train: Bank, val: Bank | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _fit(self, train: Bank, val: Bank | None, *, progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         check_choice("alpha", self.alpha)
         grid = check_grid("alpha_grid", self.alpha_grid)
         weight = stage1_weight(train, "tde")

@@ -1,3 +1,4 @@
+import contextlib
 import json
 
 import numpy as np
@@ -8,7 +9,7 @@ from disalign.calib.artifact.publish import artifact_dir
 from disalign.calib.core.metrics import mean_class_accuracy
 from disalign.calib.data.bank import load_bank, write_bank
 from disalign.calib.data.synthetic import write_synthetic_bank
-from disalign.calib.errors import ArtifactError, InputError, NotFittedError
+from disalign.calib.errors import ArtifactError, DisalignWarning, InputError, NotFittedError
 from disalign.calib.estimators.disalign import DEFAULT_RHO, DisAlign
 from disalign.calib.estimators.methods import load_calibration
 from tests.conftest import LT_COUNTS, REPO
@@ -242,16 +243,22 @@ def test_legacy_artifacts_load_with_the_classification_head(fitted, tmp_path):
 
 
 def test_a_saturated_gate_is_reported_and_warned_about(tmp_path, capsys):
+    from disalign.cli import main
+
     rng = np.random.default_rng(2)
     y = rng.integers(0, 3, size=400)
     x = 50 + np.abs(rng.normal(size=(400, 64)))  # large raw features: σ(0.1·Σx) = 1 in float32 on every row
     bank = rows_bank(tmp_path / "b.h5", x, (rng.normal(size=(400, 3)) + np.eye(3)[y]).astype(np.float32), y, class_counts=[300, 80, 20])
-    est = DisAlign(rho=1.0, epochs=1, gate_standardize=False).fit(bank)
+    with pytest.warns(DisalignWarning, match="the DisAlign gate is saturated at 1 on 100.0% of the training rows") as caught:
+        est = DisAlign(rho=1.0, epochs=1, gate_standardize=False).fit(bank)
     stats = est.meta_.report["gate"]
     assert stats["init_mean"] == 1.0 and stats["init_saturated"] == 1.0 and stats["final_saturated"] > 0.99
+    assert len(caught) == 1 and est.meta_.report["warnings"] == [str(caught[0].message)]
+    assert capsys.readouterr().err == ""  # the library warns; it never prints
+    # the command line shows it as one line
+    code = main(["fit", str(tmp_path / "b.h5"), "--rho", "1", "--epochs", "1", "--no-gate-standardize", "--out", str(tmp_path / "cal")])
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("warning: the DisAlign gate is saturated at 1 on 100.0% of the training rows")
-    assert est.meta_.report["warnings"] == [err[len("warning: "):].strip()]
+    assert code == 0 and err == f"warning: {caught[0].message}\n"
 
 
 @pytest.mark.parametrize("standardize", [True, False])
@@ -260,7 +267,9 @@ def test_the_gate_does_not_collapse_on_held_out_rows(standardize):
     SGD on raw ReLU features drives σ(x) to 0 on every row and the head becomes the identity. The raw
     coordinates (gate_standardize=False, the code before the fix) still collapse; the standardised ones do not."""
     train, val = (load_bank(REPO / "examples" / "cifar10lt" / f"{split}.h5") for split in ("train", "val"))
-    est = DisAlign(rho=1.5, val_weight=0.5, val_folds=2, gate_standardize=standardize, use_magnitude=True).fit(train, val=val)
+    est = DisAlign(rho=1.5, val_weight=0.5, val_folds=2, gate_standardize=standardize, use_magnitude=True)
+    with contextlib.nullcontext() if standardize else pytest.warns(DisalignWarning, match="the DisAlign gate is collapsed to 0"):
+        est.fit(train, val=val)
     gate = est.confidence(train.features.float())
     collapsed = float(((gate * (1 - gate)) < 1e-3).double().mean())
     assert (collapsed < 0.01) if standardize else (collapsed > 0.99)

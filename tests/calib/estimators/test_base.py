@@ -41,6 +41,21 @@ def test_get_params_are_the_init_keywords_and_clone_rebuilds_them(name):
     assert type(copy) is cls and copy is not est and copy.get_params() == est.get_params()
 
 
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_takes_the_same_fit_options(name):
+    """max_memory and progress are fit() keywords of every estimator, so a caller never asks which one it holds."""
+    cls = METHODS[name]
+    options = [(p.name, p.kind, p.default) for p in inspect.signature(cls.fit).parameters.values() if p.name in ("max_memory", "progress")]
+    assert options == [("max_memory", inspect.Parameter.KEYWORD_ONLY, None), ("progress", inspect.Parameter.KEYWORD_ONLY, False)]
+    assert cls.streams_training_bank == (name == "disalign")  # the others load the bank whole
+
+
+def test_a_method_that_cannot_stream_ignores_max_memory_and_prints_nothing(lt_banks, capsys):
+    est = LWS(max_steps=5).fit(lt_banks["train"], max_memory=1, progress=True)  # its bar: only on a terminal
+    assert est.meta_.report["steps_per_epoch"] == 1 and "streamed" not in est.meta_.report
+    assert capsys.readouterr() == ("", "")
+
+
 def test_clone_keeps_hyperparameters_exactly_as_given_and_drops_the_fit(fitted):
     est = DisAlign(rho=1.5, rho_grid=[0.0, 1.0], epochs=3, cosine=True)
     copy = clone(est)  # scikit-learn checks that __init__ stored each value as given
