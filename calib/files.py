@@ -1,4 +1,5 @@
-"""Files, one implementation for every floor: atomic writes, content fingerprints, the regular-file check.
+"""Files, one implementation for every floor: atomic writes (of a file, or of a whole new directory), content
+fingerprints, the regular-file check.
 
 A file that a reader may see is written to a temporary sibling (same directory, so the rename is atomic),
 flushed and fsynced, renamed into place, and its directory fsynced: a reader sees the old complete file
@@ -11,10 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from disalign.calib.errors import InputError
 
 FINGERPRINT_BLOCK = 1 << 20  # bytes read at a time when hashing
 
@@ -80,3 +84,58 @@ def file_fingerprint(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(FINGERPRINT_BLOCK), b""):
             digest.update(block)
     return f"sha256:{digest.hexdigest()}"
+
+
+def check_new_directory(path: str | os.PathLike, role: str) -> None:
+    """Refuse, with one sentence and before any work, a ``path`` that :func:`write_directory_atomic` could
+    not create: allowed are a path that does not exist (its nearest existing parent a writable directory)
+    and an empty directory; a file, a directory with anything in it and an unwritable parent are refused."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"{role} {path} is a dangling symlink; give a new or empty directory.")
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{role} {path} is an existing file; give a new or empty directory.")
+        entries = sorted(os.listdir(path))
+        if entries:
+            shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+            raise InputError(f"{role} {path} is not empty ({shown}); give a new or empty directory (nothing in it is replaced).")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{role} {path} cannot be created: {parent} is not a writable directory.")
+
+
+def write_directory_atomic(path: str | os.PathLike, build: Callable[[Path], object], role: str = "output directory") -> Path:
+    """Create the directory ``path`` (new, or empty) whole: ``build(staging)`` fills a hidden sibling
+    ``.NAME.<8 hex>.tmp``, every file and folder in it is fsynced, and one ``rename()`` puts it in place (over
+    an empty directory too). A reader sees no directory or the complete one; on any failure the staging
+    directory is removed and ``path`` is untouched. ``build`` must not write outside ``staging``.
+    """
+    path = Path(path)
+    check_new_directory(path, role)
+    path.absolute().parent.mkdir(parents=True, exist_ok=True)
+    staging = temporary_sibling(path)
+    os.mkdir(staging)
+    try:
+        build(staging)
+        fsync_tree(staging)
+        os.replace(staging, path)  # rename(2): replaces an empty directory, fails on a non-empty one
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_dir(path.absolute().parent)
+    return path
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file and directory under ``root`` (deepest first), ``root`` included."""
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)

@@ -3,6 +3,7 @@
 - :class:`ExtractError` — a bad argument, list file, model, or work directory (one clear sentence).
 - :class:`ImageDecodeError` — an image file is missing, truncated or not an image.
 - :class:`ImageTooLargeError` — an image has more pixels than allowed (checked before the full decode).
+- :class:`ExportError` — a calibration or model that cannot be exported, or an exported graph that disagrees.
 """
 
 from __future__ import annotations
@@ -20,3 +21,8 @@ class ImageDecodeError(ExtractError):
 
 class ImageTooLargeError(ImageDecodeError):
     """An image has more pixels than ``max_pixels``."""
+
+
+class ExportError(DisalignError):
+    """A calibration or model that ``disalign export`` cannot write as a graph, or a graph that does not
+    reproduce the library's answers (one sentence)."""
