@@ -8,6 +8,7 @@
     predict             disalign.cli.predict
     extract             disalign.cli.extract
     serve               disalign.cli.serve
+    export              disalign.cli.export
 
 What the commands share (errors, help, output checks) is :mod:`disalign.cli.common`. This is the top floor:
 it imports the service, the extractor and the calibration core, and none of them imports it. Any
@@ -22,10 +23,10 @@ import shlex
 import sys
 
 from disalign.calib import __version__
-from disalign.cli import adapt, evaluate, evaluate_dense, extract, fit, predict, serve
+from disalign.cli import adapt, evaluate, evaluate_dense, export, extract, fit, predict, serve
 from disalign.cli.common import run_command
 
-COMMANDS = ("fit", "eval", "adapt", "predict", "eval-segmentation", "eval-detection", "extract", "serve")
+COMMANDS = ("fit", "eval", "adapt", "predict", "eval-segmentation", "eval-detection", "extract", "serve", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_dense.add_parsers(subparsers)
     extract.add_parser(subparsers)
     serve.add_parser(subparsers)
+    export.add_parser(subparsers)
     return parser
 
 
