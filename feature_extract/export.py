@@ -215,6 +215,8 @@ def build_graphs(calibrator: Calibrator, model: LoadedModel | None = None, prepr
         features = _features_module(model, (TRACE_BATCH, 3, *preprocessing.crop), generator)
         backbone = torch.jit.script(_Backbone(normalize_module, features).eval())
         fused = torch.jit.script(_Fused(normalize_module, features, head).eval())
+    for parameter in fused.parameters():  # a TorchScript model loads with trainable parameters: the saved graph is frozen
+        parameter.requires_grad_(False)
     return Graphs(head=head, backbone=backbone, fused=fused, image_shape=(3, *preprocessing.crop), input_type=input_type)
 
 

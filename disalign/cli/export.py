@@ -59,15 +59,18 @@ def check_flags(args: argparse.Namespace) -> None:
     def given(flags: tuple[tuple[str, str], ...]) -> list[str]:
         return [flag for flag, dest in flags if getattr(args, dest) is not None]
 
-    if args.head_only and given(MODEL_FLAGS):
-        raise InputError(f"{', '.join(given(MODEL_FLAGS))} {'does' if len(given(MODEL_FLAGS)) == 1 else 'do'} not apply with --head-only: "
+    model = given(MODEL_FLAGS)
+    if args.head_only and model:
+        raise InputError(f"{', '.join(model)} {'does' if len(model) == 1 else 'do'} not apply with --head-only: "
                          "the head graph takes features and logits, not images.")
     if not args.head_only and args.model is None:
         raise InputError("--model is required (the frozen model the calibration was fitted for), or pass --head-only to export the calibration alone.")
-    if args.format != "triton" and given(TRITON_FLAGS):
-        raise InputError(f"{', '.join(given(TRITON_FLAGS))} only apply to --format triton.")
-    if args.format == "triton" and args.head_only and given(TRITON_FLAGS):
-        raise InputError(f"{', '.join(given(TRITON_FLAGS))} do not apply to a new head version: the repository keeps its own.")
+    triton = given(TRITON_FLAGS)
+    if args.format != "triton" and triton:
+        raise InputError(f"{', '.join(triton)} only {'applies' if len(triton) == 1 else 'apply'} to --format triton.")
+    if args.format == "triton" and args.head_only and triton:
+        raise InputError(f"{', '.join(triton)} {'does' if len(triton) == 1 else 'do'} not apply to a new head version: "
+                         "the repository keeps its own.")
     if args.format == "torchscript" and args.opset is not None:
         raise InputError("--opset only applies to the ONNX formats (onnx, triton).")
     if args.opset is not None and not 13 <= args.opset <= 20:
