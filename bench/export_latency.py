@@ -105,7 +105,7 @@ def main() -> int:
                 with torch.inference_mode():
                     return scripted(images)[0]
 
-            paths = {"torch eager": eager, "torchscript": script, "onnxruntime": lambda feed=feed: session.run(None, feed)[0]}
+            paths = {"torch eager": eager, "torchscript": script, "onnxruntime": lambda feed=feed, session=session: session.run(None, feed)[0]}
             reference = eager().numpy()
             assert np.abs(paths["onnxruntime"]() - reference).max() <= 1e-4, "ONNX and torch disagree"
             times: dict[str, list[float]] = {name: [] for name in paths}

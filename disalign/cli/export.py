@@ -90,7 +90,12 @@ def run_export(args: argparse.Namespace) -> int:
 
     from disalign.calib.artifact.publish import current_version
     from disalign.feature_extract.export import OPSET, ExportSource, export_graph
-    from disalign.feature_extract.triton import DEFAULT_MAX_BATCH, DEFAULT_NAME, add_head_version, export_repository
+    from disalign.feature_extract.triton import (
+        DEFAULT_MAX_BATCH,
+        DEFAULT_NAME,
+        add_head_version,
+        export_repository,
+    )
     from disalign.service.runtime import calibration_version, read_calibration
 
     calibrator = read_calibration(args.calibration)

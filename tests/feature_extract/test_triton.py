@@ -22,7 +22,7 @@ from disalign.feature_extract.errors import ExportError
 from disalign.feature_extract.export import ExportSource
 from disalign.feature_extract.models import load_model
 from disalign.feature_extract.preprocess import normalize
-from disalign.feature_extract.triton import add_head_version, export_repository, pbtxt, Enum
+from disalign.feature_extract.triton import Enum, add_head_version, export_repository, pbtxt
 from tests.feature_extract.test_export import PREP, model_banks
 
 

@@ -10,9 +10,9 @@ import torch
 
 from disalign.calib.data.bank import load_bank, write_bank
 from disalign.calib.errors import InputError, NotFittedError
+from disalign.calib.estimators.baselines import Joint
 from disalign.calib.estimators.head_module import EXPORTABLE_METHODS, CalibrationHead
 from disalign.calib.estimators.methods import METHODS
-from disalign.calib.estimators.baselines import Joint
 
 QUICK = {"disalign": {"epochs": 2}, "lws": {"epochs": 1, "max_steps": 20}, "crt": {"epochs": 1, "max_steps": 20}}
 
