@@ -185,7 +185,7 @@ def _quiet_torchscript() -> Iterator[None]:
 
 @dataclass
 class Graphs:
-    """The scripted modules of one export and the example inputs they are traced with."""
+    """The TorchScript modules of one export, and the shape and dtype of its image input (none for a head alone)."""
 
     head: torch.jit.ScriptModule
     backbone: torch.jit.ScriptModule | None = None  # images → (features, logits)
