@@ -18,7 +18,12 @@ from disalign.feature_extract.errors import ExtractError
 from disalign.feature_extract.extract import ExtractConfig, resolve_preprocessing
 from disalign.feature_extract.hf_models import hf_preprocessing
 from disalign.feature_extract.models import load_model
-from disalign.feature_extract.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, PreprocessingOverrides
+from disalign.feature_extract.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    PreprocessingOverrides,
+)
 from disalign.feature_extract.timm_models import timm_preprocessing
 
 from .library_models import CIFAR_CLASSES, TIMM_ARGS, TIMM_NAME, save_hf_resnet, save_hf_vit, save_timm_model
