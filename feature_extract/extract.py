@@ -369,7 +369,9 @@ def extract_bank(cfg: ExtractConfig, *, dist: DistContext | None = None, model: 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     card = _card(cfg.card)
-    images = read_list(cfg.list_file, cfg.root) if cfg.list_file is not None else None
+    card_classes = card.get("classes") if isinstance(card.get("classes"), list) else None
+    # the images before the (slow) model: a bad list or folder is said at once
+    images = read_list(cfg.list_file, cfg.root) if cfg.list_file is not None else scan_folder(cfg.folder, card_classes)
     if cfg.decode == "torchvision":
         device_decode.require_torchvision_io()
     if model is None:
@@ -378,9 +380,8 @@ def extract_bank(cfg: ExtractConfig, *, dist: DistContext | None = None, model: 
                            device=str(device), input_size=probe.crop if probe else (224, 224), model_args=cfg.model_args)
     prep, prep_source = resolve_preprocessing(cfg, card, model)
     k = model.num_classes
-    known = card.get("classes")
-    known = known if isinstance(known, list) else model.class_names  # the card's class names, else the model's config's
-    if images is None:  # a folder: its class folders are matched against the known class names
+    known = card_classes if card_classes is not None else model.class_names  # the card's class names, else the model's config's
+    if cfg.folder is not None and card_classes is None and known is not None:  # class folders matched against the model's names
         images = scan_folder(cfg.folder, known)
     _check_labels(images, k)
     class_names = [str(c) for c in known] if known is not None and len(known) == k else None
