@@ -177,6 +177,15 @@ def _load_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _check_class_count(module: nn.Module, linear: nn.Module, state: dict[str, torch.Tensor], weights: str | Path, kind: str) -> None:
+    """The commonest mismatch, a checkpoint of another class count, said with its fix."""
+    name = next((n for n, m in module.named_modules() if m is linear), None)
+    stored = state.get(f"{name}.weight") if name else None
+    if stored is not None and stored.ndim == 2 and stored.shape[0] != linear.out_features and kind in ("timm", "factory"):
+        raise ExtractError(f"--weights {weights} has {stored.shape[0]} classes ({name}.weight) but the model was built with "
+                           f"{linear.out_features}; pass --model-arg num_classes={stored.shape[0]} (or the factory's own argument).")
+
+
 def _apply_weights(module: nn.Module, state: dict[str, torch.Tensor], weights: str | Path) -> None:
     try:
         module.load_state_dict(state, strict=True)
@@ -336,14 +345,15 @@ def load_model(
         prep_source = f"the image processor of {spec}"
     else:
         module = _factory_module(spec, model_args)
-    if state is not None:
-        _apply_weights(module, state, weights)
-    module.eval().requires_grad_(False)
     timm_like = kind == "timm" or (kind == "factory" and timm_models.is_timm_model(module))
     if classifier_layer or not timm_like:
         linear = find_classifier(module, classifier_layer)
     else:
         linear = timm_models.classifier(module, spec)
+    if state is not None:
+        _check_class_count(module, linear, state, weights, kind)
+        _apply_weights(module, state, weights)  # in place: ``linear`` is still the model's layer
+    module.eval().requires_grad_(False)
     if timm_like:
         prep_source = f"timm's data config of {spec}"
         try:

@@ -91,6 +91,13 @@ def test_timm_data_configs_without_an_equivalent_are_refused():
 
 
 @needs_timm
+def test_timm_weights_of_another_class_count_say_which(timm_weights):
+    with pytest.raises(ExtractError, match=rf"^--weights {timm_weights} has 10 classes \(head.fc.weight\) but the model was built with "
+                                           r"1000; pass --model-arg num_classes=10 \(or the factory's own argument\)\.$"):
+        load_model(f"timm:{TIMM_NAME}", str(timm_weights))
+
+
+@needs_timm
 def test_timm_errors_say_what_to_do():
     with pytest.raises(ExtractError, match=r"^--model timm:convnext_atoo is not a timm architecture; did you mean convnext_atto"):
         load_model("timm:convnext_atoo")
