@@ -7,6 +7,7 @@ public Python API and the ``disalign`` command line (:mod:`disalign.cli`)::
     import disalign
 
     est = disalign.DisAlign(rho="auto").fit("train.h5", val="val.h5")
+    est = disalign.DisAlign(rho=1.0).fit(features, logits, labels)   # or arrays (class counts: the labels')
     probabilities = est.predict_proba(features, logits)   # numpy arrays or torch tensors
     est.save("calib/")
     est = disalign.load_calibration("calib/")
@@ -46,6 +47,10 @@ _EXPORTS = {
     "LWS": "disalign.calib.estimators.baselines",
     "CRT": "disalign.calib.estimators.baselines",
     "NCM": "disalign.calib.estimators.baselines",
+    "TDE": "disalign.calib.estimators.baselines",
+    "SklearnAdapter": "disalign.calib.estimators.sklearn_adapter",  # needs scikit-learn
+    "stack_inputs": "disalign.calib.estimators.sklearn_adapter",
+    "split_inputs": "disalign.calib.estimators.sklearn_adapter",
     "METHODS": "disalign.calib.estimators.methods",
     "method_class": "disalign.calib.estimators.methods",
     "load_calibration": "disalign.calib.estimators.methods",

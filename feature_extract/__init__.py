@@ -15,7 +15,9 @@ On one machine, two CPU processes (what the tests run)::
 
     python -m torch.distributed.run --nproc-per-node 2 --master-port 29511 -m disalign extract ... --device cpu
 
-Modules: :mod:`.preprocess` (decode, views, normalisation), :mod:`.models` (three ways to load a model),
+Modules: :mod:`.preprocess` (decode, views, normalisation), :mod:`.models` (the model specs and
+``LoadedModel``), :mod:`.timm_models` and :mod:`.hf_models` (``timm:`` and ``hf:``: classifier and
+preprocessing from the library's API),
 :mod:`.data` (list files, folders, the decoding dataset), :mod:`.device_decode` (``--decode torchvision``),
 :mod:`.extract` (the chunked, resumable job), :mod:`.workdir` (parts, manifest, bank assembly),
 :mod:`.distributed` (ranks and chunk ranges). The ``extract`` subcommand is :mod:`disalign.cli.extract` (a

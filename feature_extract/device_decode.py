@@ -4,7 +4,7 @@ With Pillow decoding, the CPU cores feeding a fast GPU are the bottleneck; here 
 only read the file bytes and parse the JPEG header (size check, colour mode), and the main process
 decodes the whole batch with one ``torchvision.io.decode_jpeg(list, device=...)`` call, then resizes and
 crops on the device with the same geometry as the Pillow path (:func:`~.preprocess.clean_geometry`;
-bilinear with antialiasing, so pixels differ slightly from Pillow's). Files that are not baseline RGB
+the preprocessing's bilinear or bicubic filter with antialiasing, so pixels differ slightly from Pillow's). Files that are not baseline RGB
 JPEGs are decoded with Pillow in the worker as usual; a JPEG the device decoder rejects is retried with
 Pillow before it is declared bad. Only the clean view (``--views 1``) is supported. torchvision is
 imported lazily: it is an optional extra.
@@ -47,7 +47,7 @@ def clean_views_on_device(decoded: list[torch.Tensor], prep: Preprocessing) -> t
         batch = torch.stack([decoded[i] for i in index])  # (k, 3, h, w)
         new_w, new_h, left, top = clean_geometry(w, h, prep)
         if (new_w, new_h) != (w, h):
-            resized = F.interpolate(batch.float(), size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+            resized = F.interpolate(batch.float(), size=(new_h, new_w), mode=prep.interpolation, antialias=True, align_corners=False)
             batch = resized.round_().clamp_(0, 255).to(torch.uint8)
         out[torch.tensor(index, device=device)] = batch[:, :, top : top + out_h, left : left + out_w]
     return out.contiguous(memory_format=torch.channels_last)

@@ -20,6 +20,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from disalign.feature_extract.device_decode import DECODERS, decode_batch_on_dev
 from disalign.feature_extract.distributed import DistContext, chunk_range
 from disalign.feature_extract.errors import ExtractError, ImageDecodeError
 from disalign.feature_extract.models import LoadedModel, load_model
-from disalign.feature_extract.preprocess import Preprocessing, normalize
+from disalign.feature_extract.preprocess import Preprocessing, PreprocessingOverrides, normalize
 from disalign.feature_extract.workdir import BankHeader, PartsAssembler, WorkDir, write_virtual_bank
 
 logger = logging.getLogger("feature_extract")
@@ -51,8 +52,10 @@ class ExtractConfig:
     root: Path | None = None
     folder: Path | None = None
     weights: Path | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)  # --model-arg KEY=VALUE: the model builder's keywords
     card: Path | None = None
-    prep: Preprocessing | None = None  # None: from the card, else ImageNet defaults
+    prep: Preprocessing | None = None  # the whole preprocessing; None: resolve_preprocessing (card, model config, defaults)
+    prep_overrides: PreprocessingOverrides = field(default_factory=PreprocessingOverrides)  # --resize, --crop … on top
     classifier_layer: str | None = None
     views: int = 1
     seed: int = 0
@@ -111,6 +114,38 @@ class ExtractResult:
 
 
 # -- inputs ---------------------------------------------------------------------------------------
+def resolve_preprocessing(cfg: ExtractConfig, card: dict, model: LoadedModel | None) -> tuple[Preprocessing, str]:
+    """The preprocessing of an extraction and what it came from, in this order: ``cfg.prep`` as given; else
+    the card's ``input`` or the model's own config (timm's data config, a saved HF image processor),
+    which must agree when both are there; else ImageNet defaults; then the ``--resize`` … overrides.
+
+    ``model`` None: before the model is loaded (the probe size of a TorchScript model).
+    """
+    if cfg.prep is not None:
+        return cfg.prep, "given"
+    card_prep = Preprocessing.from_card(cfg.card) if cfg.card is not None and (card.get("input") is not None or model is None
+                                                                               or model.preprocessing is None) else None
+    own = model.preprocessing if model is not None else None
+    if card_prep is not None and own is not None:
+        difference = card_prep.first_difference(own)
+        if difference is not None:
+            name, mine, theirs = difference
+            raise ExtractError(f"the model card {cfg.card} has {name} {mine} but {model.preprocessing_source} has {theirs}; "
+                               "drop the card's 'input' (the model's own preprocessing is used) or override fields with "
+                               "--resize/--crop/--mean/--std/--interpolation.")
+    if card_prep is not None:
+        base, source = card_prep, f"model card {cfg.card}"
+    elif own is not None:
+        base, source = own, model.preprocessing_source
+    elif model is not None and model.preprocessing_error is not None:
+        raise ExtractError(model.preprocessing_error)
+    else:
+        base, source = Preprocessing.imagenet(), "ImageNet defaults"
+    if cfg.prep_overrides:
+        return cfg.prep_overrides.apply(base), f"{source}, with the command line's overrides"
+    return base, source
+
+
 def _card(path: Path | None) -> dict:
     if path is None:
         return {}
@@ -334,23 +369,30 @@ def extract_bank(cfg: ExtractConfig, *, dist: DistContext | None = None, model: 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     card = _card(cfg.card)
-    prep = cfg.prep or (Preprocessing.from_card(cfg.card) if cfg.card else Preprocessing.imagenet())
-    known = card.get("classes")
-    images = read_list(cfg.list_file, cfg.root) if cfg.list_file is not None else scan_folder(cfg.folder, known)
+    card_classes = card.get("classes") if isinstance(card.get("classes"), list) else None
+    # the images before the (slow) model: a bad list or folder is said at once
+    images = read_list(cfg.list_file, cfg.root) if cfg.list_file is not None else scan_folder(cfg.folder, card_classes)
     if cfg.decode == "torchvision":
         device_decode.require_torchvision_io()
     if model is None:
+        probe = resolve_preprocessing(cfg, card, None)[0] if Path(cfg.model).is_file() else None  # a TorchScript probe's size
         model = load_model(cfg.model, str(cfg.weights) if cfg.weights else None, classifier_layer=cfg.classifier_layer,
-                           device=str(device), input_size=prep.crop)
+                           device=str(device), input_size=probe.crop if probe else (224, 224), model_args=cfg.model_args)
+    prep, prep_source = resolve_preprocessing(cfg, card, model)
     k = model.num_classes
+    known = card_classes if card_classes is not None else model.class_names  # the card's class names, else the model's config's
+    if cfg.folder is not None and card_classes is None and known is not None:  # class folders matched against the model's names
+        images = scan_folder(cfg.folder, known)
     _check_labels(images, k)
-    class_names = [str(c) for c in known] if isinstance(known, list) and len(known) == k else None
+    class_names = [str(c) for c in known] if known is not None and len(known) == k else None
     if class_names is None and images.class_names is not None and len(images.class_names) == k:
         class_names = list(images.class_names)
     counts, counts_source = _class_counts(cfg.class_counts_from, images, k)
-    preprocessing = {**prep.to_dict(), "views": cfg.views, "seed": cfg.seed, "decode": cfg.decode, "jpeg_draft": cfg.draft}
+    preprocessing = {**prep.to_dict(), "source": prep_source, "views": cfg.views, "seed": cfg.seed, "decode": cfg.decode,
+                     "jpeg_draft": cfg.draft}
     manifest = {
         "model": cfg.model,
+        "model_args": cfg.model_args,
         "model_fingerprint": model.fingerprint,
         "classifier_layer": cfg.classifier_layer,
         "root": str(images.root.resolve()),
@@ -388,7 +430,8 @@ def extract_bank(cfg: ExtractConfig, *, dist: DistContext | None = None, model: 
             "classifier_weight": model.classifier_weight,
             "classifier_bias": model.classifier_bias,
         },
-        extra_attrs={"class_counts_source": counts_source, "source": str(cfg.list_file or cfg.folder), "model_spec": cfg.model},
+        extra_attrs={"class_counts_source": counts_source, "source": str(cfg.list_file or cfg.folder), "model_spec": cfg.model,
+                     **({"model_args": json.dumps(cfg.model_args, sort_keys=True)} if cfg.model_args else {})},
     )
     num_chunks = -(-len(images) // cfg.chunk_size)
     mine = list(chunk_range(num_chunks, dist.rank, dist.world_size))

@@ -1,34 +1,51 @@
-"""Load a frozen stage-1 model three ways and expose ``features_and_logits``.
+"""Load a frozen stage-1 model and expose ``features_and_logits``.
 
 ``spec`` is one of:
 
 - a TorchScript file (``.ts`` / ``.pt``) with ``forward_features(x)`` and a final linear ``fc``
   (logits = ``fc(features)``), or whose ``forward(x)`` returns ``(features, logits)``;
-- ``torchvision:<arch>`` (torchvision is an optional extra, imported only here) + ``weights`` state_dict;
-- ``package.module:function`` returning an ``nn.Module`` + ``weights`` state_dict.
+- ``timm:<name>`` (:mod:`.timm_models`) + optional ``weights`` state_dict;
+- ``hf:<dir>``, a Hugging Face image classifier saved with ``save_pretrained`` (:mod:`.hf_models`);
+- ``torchvision:<arch>`` (torchvision is an optional extra, imported only here) + optional ``weights``;
+- ``package.module:function`` returning an ``nn.Module`` + optional ``weights`` (the working directory
+  is importable, as under ``python -m``).
 
-For eager models (the last two) the features are the input of the final classifier layer, captured by a
-forward pre-hook; the logits are the model output. The classifier is ``classifier_layer`` if given, else
-the first of ``fc`` / ``classifier`` / ``head`` / ``heads``; for an ``nn.Sequential`` its last ``nn.Linear``.
-Checkpoints are read with ``torch.load(weights_only=True)``: no arbitrary unpickling.
+``model_args`` (``--model-arg KEY=VALUE``) are keyword arguments of whatever builds an eager model
+(``timm.create_model``, ``from_pretrained``, torchvision's ``get_model``, the factory), e.g. ``num_classes``.
+
+For eager models the features are the input of the final classifier layer, captured by a forward
+pre-hook; the logits are the model output (``output.logits`` of a transformers ``ModelOutput``). The
+classifier is ``classifier_layer`` if given, else the library's own (timm ``get_classifier()``), else the
+first of ``fc`` / ``classifier`` / ``head`` / ``heads``; for an ``nn.Sequential`` its last ``nn.Linear``.
+timm and Hugging Face models also bring their preprocessing (``LoadedModel.preprocessing``).
+Checkpoints are read with ``torch.load(weights_only=True)`` or safetensors: no arbitrary unpickling.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
+import os
+import sys
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from disalign.calib.files import file_fingerprint
+from disalign.feature_extract import hf_models, timm_models
 from disalign.feature_extract.errors import ExtractError
+from disalign.feature_extract.preprocess import Preprocessing
 
 CLASSIFIER_NAMES = ("fc", "classifier", "head", "heads")
 TORCHVISION_PREFIX = "torchvision:"
+PREFIXES = (TORCHVISION_PREFIX, timm_models.PREFIX, hf_models.PREFIX)
+SPECS = "a TorchScript file, timm:<name>, hf:<dir>, torchvision:<arch> or package.module:function"
 
 
 def state_fingerprint(module: nn.Module) -> str:
@@ -46,13 +63,19 @@ class LoadedModel:
     """A frozen model in eval mode on its device, with its classifier (if reachable) as float32 CPU tensors."""
 
     module: nn.Module  # or torch.jit.ScriptModule
-    kind: str  # "torchscript" | "torchvision" | "factory"
-    fingerprint: str  # "sha256:<hex>" of the model file (torchscript) or weights file
+    kind: str  # "torchscript" | "timm" | "hf" | "torchvision" | "factory"
+    fingerprint: str  # "sha256:<hex>" of the model file (torchscript) or weights file, else of the state
     feature_dim: int
     num_classes: int
     classifier_weight: torch.Tensor | None  # (K, d) float32
     classifier_bias: torch.Tensor | None  # (K,)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # The model's own preprocessing (timm's data config, a saved HF image processor), where it has one,
+    # what it came from, and why there is none when its config cannot be expressed (one sentence).
+    preprocessing: Preprocessing | None = None
+    preprocessing_source: str = ""
+    preprocessing_error: str | None = None
+    class_names: list[str] | None = None  # from the model's config (HF id2label, timm label_names)
     _classifier: nn.Module | None = field(default=None, repr=False)  # eager: hooked layer; script: fc
     _captured: list[torch.Tensor] = field(default_factory=list, repr=False)
 
@@ -69,11 +92,14 @@ class LoadedModel:
                 features, logits = self._script_forward(images)
             else:
                 self._captured.clear()
-                logits = self.module(images)
+                logits = model_logits(self.module(images))
                 if not self._captured:
                     raise ExtractError("the classifier layer was not called during the forward pass; pass --classifier-layer NAME.")
                 features = self._captured.pop()
                 self._captured.clear()
+                if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+                    raise ExtractError(f"the model output has shape {tuple(logits.shape)} but its classifier layer has "
+                                       f"{self.num_classes} outputs; pass --classifier-layer NAME of the layer that gives the logits.")
         return features.flatten(1).float(), logits.float()
 
     def _script_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,15 +115,27 @@ class LoadedModel:
         return out[0], out[1]
 
 
+def model_logits(output: Any) -> torch.Tensor:
+    """The logits of a model's output: a tensor, or the ``logits`` of a transformers ``ModelOutput`` / a dict."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise ExtractError(f"the model's forward returned a {type(output).__name__}, expected the logits: a tensor (N, K) or an "
+                       "output with a 'logits' field; wrap the model in a factory that returns the logits.")
+
+
 def _linear_of(layer: nn.Module, name: str) -> nn.Module:
     """The nn.Linear at ``name``: the layer itself, or the last Linear of a Sequential/ModuleList."""
     if isinstance(layer, nn.Linear):
         return layer
-    if isinstance(layer, nn.Sequential | nn.ModuleList):
-        linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
-        if linears:
-            return linears[-1]
-    raise ExtractError(f"classifier layer '{name}' should be an nn.Linear or a Sequential ending in one, found {type(layer).__name__}.")
+    linears = [(sub, m) for sub, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    if isinstance(layer, nn.Sequential | nn.ModuleList) and linears:
+        return linears[-1][1]
+    hint = f"pass --classifier-layer {name}.{linears[-1][0]} (its last linear layer)" if linears else "pass --classifier-layer NAME"
+    raise ExtractError(f"classifier layer '{name}' should be an nn.Linear or a Sequential ending in one, found "
+                       f"{type(layer).__name__}; {hint}.")
 
 
 def find_classifier(module: nn.Module, classifier_layer: str | None = None) -> nn.Module:
@@ -120,6 +158,14 @@ def _load_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
     path = Path(weights)
     if not path.is_file():
         raise ExtractError(f"--weights file {path} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ExtractError(f"--weights {path} is not a readable safetensors file ({exc}).") from exc
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad/unsafe file
@@ -131,6 +177,15 @@ def _load_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _check_class_count(module: nn.Module, linear: nn.Module, state: dict[str, torch.Tensor], weights: str | Path, kind: str) -> None:
+    """The commonest mismatch, a checkpoint of another class count, said with its fix."""
+    name = next((n for n, m in module.named_modules() if m is linear), None)
+    stored = state.get(f"{name}.weight") if name else None
+    if stored is not None and stored.ndim == 2 and stored.shape[0] != linear.out_features and kind in ("timm", "factory"):
+        raise ExtractError(f"--weights {weights} has {stored.shape[0]} classes ({name}.weight) but the model was built with "
+                           f"{linear.out_features}; pass --model-arg num_classes={stored.shape[0]} (or the factory's own argument).")
+
+
 def _apply_weights(module: nn.Module, state: dict[str, torch.Tensor], weights: str | Path) -> None:
     try:
         module.load_state_dict(state, strict=True)
@@ -140,7 +195,8 @@ def _apply_weights(module: nn.Module, state: dict[str, torch.Tensor], weights: s
         raise ExtractError(f"--weights {weights} does not match the model architecture: {detail}") from exc
 
 
-def _torchvision_module(arch: str, state: dict[str, torch.Tensor] | None, classifier_layer: str | None) -> nn.Module:
+def _torchvision_module(arch: str, state: dict[str, torch.Tensor] | None, classifier_layer: str | None,
+                        model_args: dict[str, Any]) -> nn.Module:
     try:
         import torchvision  # noqa: F401 - optional extra
         from torchvision import models as tv_models
@@ -151,26 +207,47 @@ def _torchvision_module(arch: str, state: dict[str, torch.Tensor] | None, classi
     available = tv_models.list_models(module=tv_models)
     if arch not in available:
         raise ExtractError(f"--model torchvision:{arch} is not a torchvision classification model; choose one of {', '.join(sorted(available))}.")
-    kwargs = {}
-    if state is not None:  # fine-tuned heads: take the class count from the checkpoint
+    kwargs: dict[str, Any] = {}
+    if state is not None and "num_classes" not in model_args:  # fine-tuned heads: take the class count from the checkpoint
         probe = tv_models.get_model(arch, weights=None)
         head = find_classifier(probe, classifier_layer)
         head_name = next(name for name, m in probe.named_modules() if m is head)
         if f"{head_name}.weight" in state and state[f"{head_name}.weight"].shape[0] != head.out_features:
             kwargs["num_classes"] = int(state[f"{head_name}.weight"].shape[0])
-    return tv_models.get_model(arch, weights=None, **kwargs)
-
-
-def _factory_module(spec: str) -> nn.Module:
-    module_name, _, func_name = spec.partition(":")
     try:
-        package = importlib.import_module(module_name)
+        return tv_models.get_model(arch, weights=None, **kwargs, **model_args)
+    except (TypeError, ValueError) as exc:
+        raise ExtractError(f"--model torchvision:{arch}: get_model refused the --model-arg values {sorted(model_args)} ({exc}).") from exc
+
+
+def _import_factory_module(spec: str, module_name: str):
+    """Import ``module_name`` with the working directory on the path (at the end: installed packages win),
+    as ``python -m`` would have it; the console script ``disalign`` does not put it there itself."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+    try:
+        return importlib.import_module(module_name)
     except ImportError as exc:
-        raise ExtractError(f"--model {spec}: module '{module_name}' cannot be imported ({exc}).") from exc
+        raise ExtractError(f"--model {spec}: module '{module_name}' cannot be imported ({exc}); it is looked for on the "
+                           f"Python path and in the working directory {cwd}: run from the directory that holds it or set "
+                           "PYTHONPATH.") from exc
+
+
+def _factory_module(spec: str, model_args: dict[str, Any]) -> nn.Module:
+    module_name, _, func_name = spec.partition(":")
+    package = _import_factory_module(spec, module_name)
     factory = getattr(package, func_name, None)
     if not callable(factory):
         raise ExtractError(f"--model {spec}: '{func_name}' should be a function in {module_name} returning an nn.Module, found {factory!r}.")
-    module = factory()
+    try:
+        inspect.signature(factory).bind(**model_args)
+    except TypeError as exc:
+        raise ExtractError(f"--model {spec} does not take the --model-arg values {sorted(model_args)} ({exc}); its parameters: "
+                           f"{', '.join(inspect.signature(factory).parameters) or 'none'}.") from exc
+    except ValueError:  # no signature to check (a builtin): the call decides
+        pass
+    module = factory(**model_args)
     if not isinstance(module, nn.Module):
         raise ExtractError(f"--model {spec} should return a torch.nn.Module, found {type(module).__name__}.")
     return module
@@ -218,6 +295,17 @@ def _load_torchscript(path: Path, classifier_layer: str | None, device: torch.de
     return model
 
 
+def _kind(spec: str) -> str:
+    for prefix, kind in ((TORCHVISION_PREFIX, "torchvision"), (timm_models.PREFIX, "timm"), (hf_models.PREFIX, "hf")):
+        if spec.startswith(prefix):
+            return kind
+    if Path(spec).is_file():
+        return "torchscript"
+    if ":" in spec and not spec.startswith((".", "/")):
+        return "factory"
+    raise ExtractError(f"--model should be {SPECS}, found {spec!r} (no such file).")
+
+
 def load_model(
     spec: str,
     weights: str | None = None,
@@ -225,34 +313,56 @@ def load_model(
     classifier_layer: str | None = None,
     device: str = "cpu",
     input_size: tuple[int, int] = (224, 224),
+    model_args: Mapping[str, Any] | None = None,
 ) -> LoadedModel:
-    """Load ``spec`` (TorchScript path, ``torchvision:<arch>`` or ``pkg.module:function``) frozen on ``device``.
+    """Load ``spec`` (see the module docstring) frozen on ``device``.
 
-    ``input_size`` (H, W) is only used to probe the output widths of a TorchScript model without ``fc``.
-    On CUDA the model is converted to channels-last.
+    ``model_args``: keyword arguments of the model's builder (not for TorchScript files). ``input_size``
+    (H, W) is only used to probe the output widths of a TorchScript model without ``fc``. On CUDA the
+    model is converted to channels-last.
     """
     dev = torch.device(device)
-    if spec.startswith(TORCHVISION_PREFIX):
-        kind = "torchvision"
-    elif Path(spec).is_file():
+    kind = _kind(spec)
+    model_args = dict(model_args or {})
+    if kind == "torchscript":
         if weights is not None:
-            raise ExtractError(f"--weights is only for torchvision:<arch> or package.module:function models, but --model {spec} is a file.")
+            raise ExtractError(f"--weights is for timm:, torchvision: and package.module:function models, but --model {spec} is a file.")
+        if model_args:
+            raise ExtractError(f"--model-arg is for the models a library builds (timm:, hf:, torchvision:, factories), but --model {spec} is a file.")
         return _load_torchscript(Path(spec), classifier_layer, dev, input_size)
-    elif ":" in spec and not spec.startswith((".", "/")):
-        kind = "factory"
-    else:
-        raise ExtractError(
-            f"--model should be a TorchScript file, torchvision:<arch> or package.module:function, found {spec!r} (no such file)."
-        )
+    if kind == "hf" and weights is not None:
+        raise ExtractError(f"--model {spec} reads its weights from its directory; --weights is for timm:, torchvision: and "
+                           "package.module:function models.")
     state = _load_state_dict(weights) if weights is not None else None
+    prep, prep_source, prep_error = None, "", None
+    name = spec.partition(":")[2]
     if kind == "torchvision":
-        module = _torchvision_module(spec[len(TORCHVISION_PREFIX) :], state, classifier_layer)
+        module = _torchvision_module(name, state, classifier_layer, model_args)
+    elif kind == "timm":
+        module = timm_models.build(name, model_args)
+    elif kind == "hf":
+        module, prep, prep_error = hf_models.build(name, model_args)
+        prep_source = f"the image processor of {spec}"
     else:
-        module = _factory_module(spec)
+        module = _factory_module(spec, model_args)
+    timm_like = kind == "timm" or (kind == "factory" and timm_models.is_timm_model(module))
+    if classifier_layer or not timm_like:
+        linear = find_classifier(module, classifier_layer)
+    else:
+        linear = timm_models.classifier(module, spec)
     if state is not None:
-        _apply_weights(module, state, weights)
+        _check_class_count(module, linear, state, weights, kind)
+        _apply_weights(module, state, weights)  # in place: ``linear`` is still the model's layer
     module.eval().requires_grad_(False)
-    linear = find_classifier(module, classifier_layer)
+    if timm_like:
+        prep_source = f"timm's data config of {spec}"
+        try:
+            prep = timm_models.preprocessing(module, spec)
+        except ExtractError as exc:
+            prep_error = str(exc)
+    num_classes = int(linear.out_features)
+    names = (hf_models.class_names(module, num_classes) if kind == "hf" else
+             timm_models.class_names(module, num_classes) if timm_like else None)
     fingerprint = file_fingerprint(weights) if weights is not None else state_fingerprint(module)
     module.to(dev)
     if dev.type == "cuda":
@@ -262,10 +372,14 @@ def load_model(
         kind=kind,
         fingerprint=fingerprint,
         feature_dim=int(linear.in_features),
-        num_classes=int(linear.out_features),
+        num_classes=num_classes,
         classifier_weight=linear.weight.detach().float().cpu().clone(),
         classifier_bias=linear.bias.detach().float().cpu().clone() if linear.bias is not None else None,
         device=dev,
+        preprocessing=prep,
+        preprocessing_source=prep_source if prep is not None else "",
+        preprocessing_error=prep_error,
+        class_names=names,
         _classifier=linear,
     )
     captured = model._captured

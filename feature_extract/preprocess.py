@@ -41,11 +41,14 @@ SMALL_INPUT = 64  # crops up to this size use pad-and-crop augmentation instead 
 PAD = 4
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
+# Resampling filters of the resize, by the name a model card, a bank and timm use.
+INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 __all__ = [
     "ImageDecodeError",
     "ImageTooLargeError",
     "Preprocessing",
+    "PreprocessingOverrides",
     "augmented_view",
     "clean_view",
     "declared_pixels",
@@ -67,14 +70,18 @@ def _triple(value, field: str, source: str) -> tuple[float, float, float]:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image becomes the model input. ``crop`` is (H, W); ``resize`` the shorter side before the crop."""
+    """How an image becomes the model input. ``crop`` is (H, W); ``resize`` the shorter side before the crop;
+    ``interpolation`` the resampling filter of the resize (``bilinear`` or ``bicubic``)."""
 
     resize: int | None
     crop: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    interpolation: str = "bilinear"
 
     def __post_init__(self):
+        if self.interpolation not in INTERPOLATIONS:
+            raise ExtractError(f"interpolation should be one of {', '.join(INTERPOLATIONS)}, found {self.interpolation!r}.")
         if len(self.crop) != 2 or min(self.crop) < 1:
             raise ExtractError(f"crop should be (H, W) with positive sizes, found {self.crop!r}.")
         if self.resize is not None and self.resize < 1:
@@ -89,7 +96,8 @@ class Preprocessing:
 
     @classmethod
     def from_card(cls, path: str | Path) -> Preprocessing:
-        """Read ``input.size`` ([H, W] or one int), ``input.mean``, ``input.std`` and optional ``input.resize``."""
+        """Read ``input.size`` ([H, W] or one int), ``input.mean``, ``input.std``, optional ``input.resize`` and
+        ``input.interpolation`` (bilinear, the default, or bicubic)."""
         path = Path(path)
         try:
             card = json.loads(path.read_text())
@@ -111,13 +119,30 @@ class Preprocessing:
         resize = spec.get("resize")
         if resize is not None and not (isinstance(resize, int) and resize > 0):
             raise ExtractError(f"model card {path}: field 'input.resize' should be a positive integer, found {resize!r}.")
+        interpolation = spec.get("interpolation", "bilinear")
+        if interpolation not in INTERPOLATIONS:
+            raise ExtractError(f"model card {path}: field 'input.interpolation' should be one of {', '.join(INTERPOLATIONS)}, "
+                               f"found {interpolation!r}.")
         source = f"model card {path}"
         return cls(
             resize=resize,
             crop=(int(size[0]), int(size[1])),
             mean=_triple(spec["mean"], "input.mean", source),
             std=_triple(spec["std"], "input.std", source),
+            interpolation=interpolation,
         )
+
+    def first_difference(self, other: Preprocessing) -> tuple[str, str, str] | None:
+        """``(field, mine, theirs)`` of the first field where ``other`` differs (numbers within 1e-6), else None.
+
+        The one rule for "the same preprocessing": a card against a model's config at extraction, a card
+        or the served preprocessing against a calibration's banks in the server.
+        """
+        for name in PREPROCESSING_FIELDS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if not _same_value(mine, theirs):
+                return name, _show(mine), _show(theirs)
+        return None
 
     @property
     def small(self) -> bool:
@@ -141,9 +166,60 @@ class Preprocessing:
             "crop": list(self.crop),
             "mean": list(self.mean),
             "std": list(self.std),
-            "interpolation": "bilinear",
+            "interpolation": self.interpolation,
             "augmentation": self.augmentation,
         }
+
+    @classmethod
+    def from_record(cls, record: dict) -> Preprocessing:
+        """The preprocessing a bank (or a calibration, which copies its training bank's) records; a record
+        written before ``interpolation`` was configurable is bilinear."""
+        crop = record["crop"]
+        return cls(resize=record.get("resize"), crop=(int(crop[0]), int(crop[1])),
+                   mean=tuple(float(v) for v in record["mean"]), std=tuple(float(v) for v in record["std"]),  # type: ignore[arg-type]
+                   interpolation=record.get("interpolation", "bilinear"))
+
+
+PREPROCESSING_FIELDS = ("resize", "crop", "mean", "std", "interpolation")
+
+
+def _same_value(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(f"{v:g}" for v in value) + "]"
+    return "none" if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class PreprocessingOverrides:
+    """Fields given on the command line (``--resize``, ``--no-resize``, ``--crop``, ``--mean``, ``--std``,
+    ``--interpolation``): applied on top of whatever the preprocessing comes from (card, model config, defaults)."""
+
+    resize: int | None = None
+    no_resize: bool = False
+    crop: tuple[int, int] | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    interpolation: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.no_resize or any(v is not None for v in (self.resize, self.crop, self.mean, self.std, self.interpolation))
+
+    def apply(self, base: Preprocessing) -> Preprocessing:
+        return Preprocessing(
+            resize=None if self.no_resize else (self.resize if self.resize is not None else base.resize),
+            crop=self.crop or base.crop,
+            mean=self.mean or base.mean,
+            std=self.std or base.std,
+            interpolation=self.interpolation or base.interpolation,
+        )
 
 
 def decode_image(
@@ -261,7 +337,7 @@ def _clean_hwc(img: Image.Image, prep: Preprocessing) -> np.ndarray:
         return np.asarray(img)[top : top + out_h, left : left + out_w]  # a view: no resampling, no extra copy
     sx, sy = w / new_w, h / new_h
     box = (left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy)
-    return np.asarray(img.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box))
+    return np.asarray(img.resize((out_w, out_h), INTERPOLATIONS[prep.interpolation], box=box))
 
 
 def _rng(seed: int, row: int, view: int) -> np.random.Generator:
@@ -310,7 +386,7 @@ def _augmented_hwc(img: Image.Image, prep: Preprocessing, rng: np.random.Generat
         out = padded[top : top + out_h, left : left + out_w]
     else:
         box = _random_resized_crop_box(rng, *img.size)
-        out = np.asarray(img.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box))
+        out = np.asarray(img.resize((out_w, out_h), INTERPOLATIONS[prep.interpolation], box=box))
     if rng.random() < 0.5:
         out = out[:, ::-1]
     return out

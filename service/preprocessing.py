@@ -1,6 +1,6 @@
 """Which preprocessing the server applies to images: the one the calibration's banks were extracted with.
 
-A calibration records its training bank's ``preprocessing`` (``resize``, ``crop``, ``mean``, ``std``;
+A calibration records its training bank's ``preprocessing`` (``resize``, ``crop``, ``mean``, ``std``, ``interpolation``;
 see ``docs/calibration-format.md``). The server takes, in this order:
 
 - the model card (``--card`` / ``DISALIGN_CARD``), which must then agree with the recorded one;
@@ -13,7 +13,6 @@ A reload refuses a calibration whose recorded preprocessing differs from the one
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,9 @@ from disalign.calib.errors import ArtifactError, InputError
 from disalign.feature_extract.errors import ExtractError
 from disalign.feature_extract.preprocess import Preprocessing
 
-# (name in the record, attribute of Preprocessing, name in a model card)
-FIELDS = (("resize", "resize", "input.resize"), ("crop", "crop", "input.size"), ("mean", "mean", "input.mean"),
-          ("std", "std", "input.std"))
+# (name in the record / attribute of Preprocessing, name in a model card)
+CARD_NAMES = {"resize": "input.resize", "crop": "input.size", "mean": "input.mean", "std": "input.std",
+              "interpolation": "input.interpolation"}
 
 
 def recorded_preprocessing(record: dict[str, Any] | None) -> Preprocessing | None:
@@ -31,9 +30,7 @@ def recorded_preprocessing(record: dict[str, Any] | None) -> Preprocessing | Non
     if not record or "crop" not in record:
         return None
     try:
-        crop = record["crop"]
-        return Preprocessing(resize=record.get("resize"), crop=(int(crop[0]), int(crop[1])),
-                             mean=tuple(float(v) for v in record["mean"]), std=tuple(float(v) for v in record["std"]))
+        return Preprocessing.from_record(record)
     except (KeyError, TypeError, ValueError, IndexError, ExtractError) as exc:
         raise ArtifactError(f"the calibration's 'preprocessing' record is malformed ({type(exc).__name__}: {exc}).") from None
 
@@ -59,24 +56,10 @@ def serving_preprocessing(card: Path | None, named: str | None, record: dict[str
 
 def check_same_preprocessing(served: Preprocessing, recorded: Preprocessing, source: str) -> None:
     """Raise :class:`ArtifactError` naming the first field where ``served`` differs from the banks' ``recorded``."""
-    for record_name, attribute, card_name in FIELDS:
-        mine, theirs = getattr(served, attribute), getattr(recorded, attribute)
-        if not _same(mine, theirs):
-            field = card_name if source.startswith("model card") else record_name
-            raise ArtifactError(f"the {source} has {field} {_show(mine)} but the calibration's banks were extracted with "
-                                f"{record_name} {_show(theirs)}; serve with the preprocessing of the banks "
-                                "(without --card, the calibration's own is used).")
-
-
-def _same(a, b) -> bool:
-    if a is None or b is None:
-        return a is b
-    if isinstance(a, tuple):
-        return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
-def _show(value) -> str:
-    if isinstance(value, tuple):
-        return "[" + ", ".join(f"{v:g}" for v in value) + "]"
-    return "none" if value is None else str(value)
+    difference = served.first_difference(recorded)
+    if difference is not None:
+        record_name, mine, theirs = difference
+        field = CARD_NAMES[record_name] if source.startswith("model card") else record_name
+        raise ArtifactError(f"the {source} has {field} {mine} but the calibration's banks were extracted with "
+                            f"{record_name} {theirs}; serve with the preprocessing of the banks "
+                            "(without --card, the calibration's own is used).")

@@ -166,7 +166,7 @@ class Runtime:
         calibrator = read_calibration(s.calibration)
         self.preprocessing = serving_preprocessing(s.card, s.preprocessing, calibrator.meta_.preprocessing)
         self.model = load_model(s.model, s.weights, classifier_layer=s.classifier_layer, device=s.device,
-                                input_size=self.preprocessing.crop)
+                                input_size=self.preprocessing.crop, model_args=s.model_args)
         self.calibration = check_calibration(calibrator, self.model, s.model_name, self.preprocessing)
         self.row_batcher.inline_rows = INLINE_LOGITS // self.model.num_classes
         self.prior.start(self.calibration)

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
 
     model: str = Field(description="stage-1 model: a TorchScript file or any spec feature_extract.load_model accepts")
     weights: str | None = Field(None, description="weights file for model specs that need one")
+    model_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the model's builder (JSON object), as extract's --model-arg")
     classifier_layer: str | None = Field(None, description="name of the final linear layer, when it cannot be found")
     card: Path | None = Field(None, description="model card (JSON) with the preprocessing; without: the calibration's banks' own")
     preprocessing: Literal["imagenet"] | None = Field(None, description="named preprocessing instead of a card (must agree with the calibration's)")

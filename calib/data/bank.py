@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import torch
 
-from disalign.calib.errors import BankError
+from disalign.calib.errors import BankError, InputError
 from disalign.calib.files import replace_with, temporary_sibling
 
 SCHEMA_VERSION = 1
@@ -105,6 +105,78 @@ class Bank:
             return self.info.class_counts
         clean = clean_labelled_rows(self.view, self.labels)
         return np.bincount(self.labels[clean].numpy(), minlength=self.num_classes).astype(np.int64)
+
+    @classmethod
+    def from_arrays(cls, features, logits, labels, class_counts=None, *, classifier=None, class_names=None,
+                    model_fingerprint: str = "", role: str = "train") -> Bank:
+        """An in-memory bank of arrays (numpy or torch): the array API of the estimators
+        (``fit(features, logits, labels, class_counts=None)``) goes through here.
+
+        features (N, d) or None (logits-only methods: stored as (N, 0)), logits (N, K), labels (N,) in
+        0..K-1 or -1 (unlabelled); class_counts (K,) training counts, None: the labels' histogram;
+        classifier ``(weight (K, d), bias (K,) or None)``, the stage-1 linear layer (tau-norm, tde);
+        model_fingerprint: needed to save the calibration. Every row is a clean view of its own image.
+        """
+        logits = _as_float_tensor(logits, f"{role} logits")
+        if logits.ndim != 2 or logits.shape[1] < 1:
+            raise InputError(f"{role} logits should be a 2d array (N, K), got an array of shape {tuple(logits.shape)} instead.")
+        n, k = logits.shape
+        if features is None:
+            features = torch.zeros((n, 0), dtype=torch.float32)
+        features = _as_float_tensor(features, f"{role} features")
+        if features.ndim != 2 or features.shape[0] != n:
+            raise InputError(f"{role} features should be a 2d array ({n}, d) like the logits, got an array of shape "
+                             f"{tuple(features.shape)} instead.")
+        labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
+        if labels.ndim != 1 or labels.shape[0] != n or labels.is_floating_point() and not bool((labels == labels.round()).all()):
+            raise InputError(f"{role} labels should be a 1d array of {n} integer labels, got an array of shape {tuple(labels.shape)} "
+                             f"and dtype {labels.dtype} instead.")
+        labels = labels.to(torch.int64)
+        if n and (int(labels.min()) < -1 or int(labels.max()) >= k):
+            raise InputError(f"{role} labels should be in 0..{k - 1} (or -1 for unlabelled), found {int(labels.min())}..{int(labels.max())}.")
+        if not (torch.isfinite(features).all() and torch.isfinite(logits).all()):
+            raise InputError(f"{role} features and logits must be finite; found NaN or inf.")
+        if class_counts is not None:
+            class_counts = np.asarray(class_counts)
+            if class_counts.shape != (k,) or not np.issubdtype(class_counts.dtype, np.number) or (class_counts < 0).any():
+                raise InputError(f"class_counts should be {k} training counts >= 0 (one per logit column), got an array of shape "
+                                 f"{class_counts.shape} instead.")
+            class_counts = class_counts.astype(np.int64)
+        weight = bias = None
+        if classifier is not None:
+            weight, bias = classifier if isinstance(classifier, tuple | list) else (classifier, None)
+            weight = _as_float_tensor(weight, "classifier weight").to(torch.float32)
+            d = features.shape[1] or weight.shape[-1]
+            if weight.shape != (k, d):
+                raise InputError(f"the classifier weight should have shape ({k}, {d}) (K, d), got {tuple(weight.shape)} instead.")
+            if bias is not None:
+                bias = _as_float_tensor(bias, "classifier bias").to(torch.float32)
+                if bias.shape != (k,):
+                    raise InputError(f"the classifier bias should have shape ({k},), got {tuple(bias.shape)} instead.")
+        names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(k)]
+        if len(names) != k:
+            raise InputError(f"class_names should name the K={k} classes, found {len(names)} names.")
+        info = BankInfo(path=f"<{role} arrays>", num_rows=n, feature_dim=int(features.shape[1]), num_classes=k,
+                        feature_dtype="float16" if features.dtype == torch.float16 else "float32", class_names=names,
+                        class_counts=class_counts, model_fingerprint=model_fingerprint, preprocessing={}, producer="arrays",
+                        created="", num_views=1, has_classifier=weight is not None)
+        return cls(features=features, logits=logits.to(torch.float32), labels=labels,
+                   sample_index=torch.arange(n, dtype=torch.int64), view=torch.zeros(n, dtype=torch.int16), info=info,
+                   classifier_weight=weight, classifier_bias=bias)
+
+
+def _as_float_tensor(value, name: str) -> torch.Tensor:
+    """A floating-point tensor of a numpy array or tensor (float16 and float32 kept, other numbers → float32)."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise InputError(f"{name} should be a numeric array, found dtype {value.dtype}.")
+        value = torch.from_numpy(np.array(value, copy=not value.flags.writeable or not value.flags.c_contiguous))
+    elif not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(np.asarray(value, dtype=np.float32))
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{name} should be a numpy array or a torch tensor, found {type(value).__name__}.") from exc
+    return value if value.dtype in (torch.float16, torch.float32) else value.to(torch.float32)
 
 
 def _json_attr(attrs, name: str, default, kind: type, what: str, path: str):

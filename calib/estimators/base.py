@@ -1,10 +1,13 @@
 """The estimator contract shared by DisAlign and every baseline, and the calibration artifact.
 
-An estimator stores keyword hyper-parameters in ``__init__`` exactly as given; ``fit(train, val=None, *,
-max_memory=None, progress=False)`` (the same fit-time options for every method) validates, runs the math
-and stores fitted tensors in ``params_`` and metadata in ``meta_``;
-``predict_logits`` maps stage-1 ``(features (N, d), logits (N, K))`` — torch tensors or numpy arrays, the
-result in the same kind — to calibrated logits (N, K). scikit-learn conventions hold: ``get_params`` /
+An estimator stores keyword hyper-parameters in ``__init__`` exactly as given; ``fit(features, logits,
+labels, class_counts=None)`` on arrays or ``fit(train, val=None)`` on banks (with the same fit-time
+options ``max_memory`` and ``progress`` for every method) validates, runs the math and stores fitted
+tensors in ``params_`` and metadata in ``meta_``; arrays become an in-memory :class:`Bank`
+(``Bank.from_arrays``), so both roads run the same fit. ``predict_logits`` maps stage-1
+``(features (N, d), logits (N, K))`` — torch tensors or numpy arrays, the result in the same kind; features
+None for the methods that calibrate logits alone — to calibrated logits (N, K); ``score`` is the
+mean-class accuracy. scikit-learn conventions hold: ``get_params`` /
 ``set_params`` (so ``sklearn.base.clone`` works), a repr of the non-default hyper-parameters, fitted
 attributes with a trailing underscore (``classes_``, ``class_names_``, ``n_features_in_``) and
 ``sklearn.utils.validation.check_is_fitted``; scikit-learn itself is not needed.
@@ -39,6 +42,7 @@ from disalign.calib.artifact.format import (
 )
 from disalign.calib.artifact.publish import publish
 from disalign.calib.core import label_shift
+from disalign.calib.core.metrics import mean_class_accuracy
 from disalign.calib.data.bank import Bank, BankInfo, load_bank
 from disalign.calib.errors import ArtifactError, InputError, NotFittedError
 
@@ -188,26 +192,82 @@ class Calibrator:
         return self.meta_.feature_dim
 
     # -- public API -----------------------------------------------------------------------------
-    def fit(self, train: Bank | str | os.PathLike, val: Bank | str | os.PathLike | None = None, *,
-            max_memory: int | None = None, progress: bool = False) -> Calibrator:
-        """Fit on a training bank (or its path); ``val`` makes the choices the method makes on a validation
-        bank (ρ, τ …) and fits the probability calibration. Returns self.
+    def fit(self, features: Any, logits: Any = None, labels: Any = None, class_counts: Any = None, *,
+            val: Any = None, classifier: Any = None, max_memory: int | None = None, progress: bool = False) -> Calibrator:
+        """Fit on arrays or on a bank; returns self.
 
-        The fit-time options, the same for every method (so a caller never asks which one it holds):
-        ``max_memory`` (bytes) bounds the training rows held in memory where the method can stream its
-        bank (:attr:`streams_training_bank`; the others load it whole and ignore it); ``progress`` shows a
-        bar on stderr, when stderr is a terminal, for a method with steps to show (DisAlign, LWS, cRT). Off
-        by default: a library call prints nothing.
+        - Arrays: ``fit(features (N, d), logits (N, K), labels (N,), class_counts=None)`` — numpy arrays or
+          torch tensors; ``class_counts`` (K,) are the training counts, by default the histogram of
+          ``labels``; ``features=None`` for the methods that calibrate logits alone (joint, logit-adjust,
+          lws, and tau-norm with ``classifier``); ``classifier=(weight (K, d), bias (K,) or None)`` is the
+          stage-1 linear layer that tau-norm and tde need; ``val=(features, logits, labels)``.
+        - A bank: ``fit(train, val=None)`` with a :class:`Bank` or a path (``fit(train, val)`` as well).
+
+        ``val`` makes the choices the method makes on a validation bank (ρ, τ …) and fits the probability
+        calibration. The fit-time options, the same for every method (so a caller never asks which one it
+        holds): ``max_memory`` (bytes) bounds the training rows held in memory where the method can stream
+        its bank (:attr:`streams_training_bank`; the others load it whole and ignore it); ``progress``
+        shows a bar on stderr, when stderr is a terminal, for a method with steps to show (DisAlign, LWS,
+        cRT). Off by default: a library call prints nothing.
         """
+        train, val = self._fit_inputs(features, logits, labels, class_counts, val, classifier)
+        return self._fit_bank(train, val, max_memory=max_memory, progress=progress)
+
+    def _fit_inputs(self, features, logits, labels, class_counts, val, classifier) -> tuple[Any, Any]:
+        """``fit``'s arguments as (training bank or path, validation bank, path or None)."""
+        if isinstance(features, Bank | str | os.PathLike):
+            if labels is not None or class_counts is not None or classifier is not None:
+                raise InputError("fit(train, val) takes a bank (its labels, counts and classifier are in it); labels, "
+                                 "class_counts and classifier are for fit(features, logits, labels).")
+            if logits is not None and val is not None:
+                raise InputError("fit(train, val) got two validation banks (the second argument and val=); give one.")
+            return features, val if val is not None else logits
+        if logits is None or labels is None:
+            raise InputError(f"fit takes a bank or (features, logits, labels) arrays, found {type(features).__name__} "
+                             f"and {'no logits' if logits is None else 'no labels'}.")
+        train = Bank.from_arrays(features, logits, labels, class_counts, classifier=classifier)
+        if isinstance(val, tuple | list):
+            if len(val) != 3:
+                raise InputError(f"val should be a bank or (features, logits, labels), found a sequence of {len(val)}.")
+            val = Bank.from_arrays(*val, classifier=classifier, role="val")
+        return train, val
+
+    def _fit_bank(self, train: Bank | str | os.PathLike, val: Bank | str | os.PathLike | None, *,
+                  max_memory: int | None, progress: bool) -> Calibrator:
+        """The fit on a training bank (or its path) and an optional validation bank (what :meth:`fit` normalises to)."""
         train_bank = as_bank(train, "train")
         val_bank = as_bank(val, "val") if val is not None else None
         if val_bank is not None:
             check_banks_agree(train_bank.info, val_bank.info, "val")
         if not (train_bank.labels >= 0).any():
             raise InputError(f"train bank {train_bank.info.path} has no labelled rows (all labels are -1).")
+        if train_bank.feature_dim == 0 and not self._fits_without_features(train_bank):
+            raise InputError(f"{self.method} needs the features (N, d) of the training rows; only joint, logit-adjust, lws and "
+                             "tau-norm (with classifier=(weight, bias)) calibrate logits alone.")
         params, report = self._fit(train_bank, val_bank, progress=progress)
         self._set_fitted(train_bank.info, train_bank.training_class_counts(), params, report)
         return self.fit_probability_calibration(val_bank) if val_bank is not None else self
+
+    def _fits_without_features(self, train: Bank) -> bool:
+        """Whether this method can be fitted on logits alone (a bank of d = 0); tau-norm needs the classifier."""
+        return not self.needs_features
+
+    def _predicts_without_features(self) -> bool:
+        """Whether the fitted calibration maps logits alone (``features=None``)."""
+        return not self.needs_features
+
+    def score(self, features: ArrayLike | None, logits: ArrayLike, labels: ArrayLike) -> float:
+        """Mean-class accuracy (the mean of the per-class accuracies over the classes present in ``labels``)
+        of the calibrated predictions; rows labelled -1 are left out."""
+        predictions = torch.as_tensor(np.asarray(self.predict(features, logits)))
+        labels = torch.as_tensor(np.asarray(labels)).to(torch.int64)
+        if labels.shape != predictions.shape:
+            raise InputError(f"labels should be a 1d array of {predictions.shape[0]} labels, got an array of shape "
+                             f"{tuple(labels.shape)} instead.")
+        keep = labels >= 0
+        if not bool(keep.any()):
+            raise InputError("score needs labelled rows; every label is -1.")
+        return mean_class_accuracy(predictions[keep], labels[keep], self.meta_.num_classes)
 
     def _set_fitted(self, info: BankInfo, class_counts, params: dict[str, torch.Tensor], report: dict[str, Any]) -> Calibrator:
         """Store fitted tensors and the metadata that makes the artifact self-describing."""
@@ -233,27 +293,38 @@ class Calibrator:
 
     # Inputs are torch tensors or numpy arrays (e.g. read with h5py); the result is a numpy array when
     # either input is one, else a tensor.
-    def predict_logits(self, features: ArrayLike, logits: ArrayLike, *, validate: bool = True) -> ArrayLike:
+    def predict_logits(self, features: ArrayLike | None, logits: ArrayLike, *, validate: bool = True) -> ArrayLike:
         """Calibrated logits (N, K) float32 from stage-1 features (N, d) and logits (N, K).
 
-        ``validate=False`` skips the shape and finiteness checks, for a caller that made them already.
+        ``features=None`` for a calibration that maps logits alone (joint, logit-adjust, lws, tau-norm with
+        the classifier's bias). ``validate=False`` skips the shape and finiteness checks, for a caller that
+        made them already.
         """
         return _like_inputs(self._calibrated_logits(features, logits, validate), features, logits)
 
-    def predict_proba(self, features: ArrayLike, logits: ArrayLike) -> ArrayLike:
+    def predict_proba(self, features: ArrayLike | None, logits: ArrayLike) -> ArrayLike:
         """Calibrated class probabilities (N, K) float32."""
         return _like_inputs(torch.softmax(self._calibrated_logits(features, logits), dim=1), features, logits)
 
-    def predict(self, features: ArrayLike, logits: ArrayLike) -> ArrayLike:
+    def predict(self, features: ArrayLike | None, logits: ArrayLike) -> ArrayLike:
         """Predicted class indices (N,) int64 (indices into :attr:`classes_` / :attr:`class_names_`)."""
         return _like_inputs(self._calibrated_logits(features, logits).argmax(dim=1), features, logits)
 
     @torch.inference_mode()
-    def _calibrated_logits(self, features: ArrayLike, logits: ArrayLike, validate: bool = True) -> torch.Tensor:
+    def _calibrated_logits(self, features: ArrayLike | None, logits: ArrayLike, validate: bool = True) -> torch.Tensor:
         self._check_fitted()
-        features, logits = as_tensor(features, "features"), as_tensor(logits, "logits")
+        logits = as_tensor(logits, "logits")
+        features = as_tensor(features, "features") if features is not None else None
+        feature_dim = self.meta_.feature_dim
+        absent = features is None or (features.ndim == 2 and features.shape[1] == 0)
+        if absent or feature_dim == 0:
+            # logits alone: the features are absent, or this calibration was fitted without any (d = 0)
+            if absent and feature_dim > 0 and not self._predicts_without_features():
+                raise InputError(f"this {type(self).__name__} calibration needs the features (N, {feature_dim}) beside the logits; "
+                                 "only joint, logit-adjust, lws and tau-norm calibrate logits alone.")
+            features, feature_dim = logits.new_zeros((logits.shape[0] if logits.ndim else 0, 0)), 0
         if validate:
-            check_inputs(features, logits, self.meta_.num_classes, self.meta_.feature_dim)
+            check_inputs(features, logits, self.meta_.num_classes, feature_dim)
         calibrated = self._predict_logits(features, logits.to(torch.float32))
         if self.meta_.target_prior is not None:  # a calibration derived by `disalign adapt --out`
             calibrated = label_shift.prior_logits(calibrated, self.meta_.target_prior, self.meta_.probability_calibration)
@@ -295,10 +366,13 @@ class Calibrator:
         """
         self._check_fitted()
         metadata = asdict(self.meta_)
+        if self.meta_.feature_dim == 0:
+            raise ArtifactError("this calibration was fitted without features (features=None), so it records no feature width "
+                                "d that a server could check against its model; fit it with the features to save it.")
         if not self.meta_.model_fingerprint:
-            raise ArtifactError("the calibration records no model fingerprint (its training bank has none), so no server "
-                                "could check it against a model; extract the banks with disalign extract, or pass "
-                                "model_fingerprint to write_bank.")
+            raise ArtifactError("the calibration records no model fingerprint (its training bank has none, as arrays have none), "
+                                "so no server could check it against a model; extract the banks with disalign extract, or pass "
+                                "model_fingerprint to write_bank or to Bank.from_arrays and fit on that bank.")
         # Never publish what load() would refuse (a diverged fit, say): a server's watcher would pick it up.
         check_metadata(metadata, "the calibration metadata")
         check_tensors(self.params_, "the calibration")

@@ -1,6 +1,7 @@
 """The DisAlign estimator: fits α, β and the confidence gate on a feature bank with the GRW loss.
 
     est = DisAlign(rho="auto").fit("train.h5", val="val.h5")
+    est = DisAlign(rho=1.0).fit(features, logits, labels)       # arrays: class counts from the labels
     calibrated = est.predict_logits(features, logits)
     est.save("calib_dir"); est = DisAlign.load("calib_dir")
 
@@ -130,20 +131,19 @@ class DisAlign(Calibrator):
         return self.meta_.report.get("head", LEGACY_HEAD)
 
     # -- fitting --------------------------------------------------------------------------------
-    def fit(self, train: Bank | str | os.PathLike, val: Bank | str | os.PathLike | None = None, *,
-            max_memory: int | None = None, progress: bool = False) -> DisAlign:
-        """Fit on a bank (or its path); the options are the contract's (:meth:`Calibrator.fit`). With
-        ``max_memory`` (bytes) smaller than the bank's row data, the training bank is streamed from disk
-        in windows of chunks instead of loaded."""
+    def _fit_bank(self, train: Bank | str | os.PathLike, val: Bank | str | os.PathLike | None, *,
+                  max_memory: int | None, progress: bool) -> DisAlign:
+        """The contract's fit (:meth:`Calibrator.fit`); with ``max_memory`` (bytes) smaller than a bank file's
+        row data, the training bank is streamed from disk in windows of chunks instead of loaded."""
         if max_memory is None or isinstance(train, Bank):
-            return super().fit(train, val, progress=progress)
+            return super()._fit_bank(train, val, max_memory=None, progress=progress)
         if max_memory <= 0:
             raise InputError(f"max_memory should be a positive number of bytes, found {max_memory}.")
         with BankReader(train) as reader:
             info = reader.info
             row_bytes = info.feature_dim * np.dtype(info.feature_dtype).itemsize + info.num_classes * 4
             if info.num_rows * row_bytes <= max_memory:
-                return super().fit(reader.load(), val, progress=progress)
+                return super()._fit_bank(reader.load(), val, max_memory=None, progress=progress)
             val_bank = as_bank(val, "val") if val is not None else None
             if val_bank is not None:
                 check_banks_agree(info, val_bank.info, "val")

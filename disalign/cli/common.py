@@ -41,6 +41,34 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+MODEL_ARG_HELP = ("keyword argument of the model's builder (timm.create_model, from_pretrained, torchvision's get_model, "
+                  "a factory), e.g. num_classes=10; repeatable; VALUE is read as JSON when it parses (10, 0.1, true, "
+                  "[3, 32, 32], {\"crop_pct\": 1.0}), else as text")
+
+
+def model_arg(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--model-arg``: VALUE as JSON when it parses, else the text itself."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a Python identifier, like num_classes=10, found {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def model_args_dict(pairs: list[tuple[str, object]] | None) -> dict[str, object]:
+    """The ``--model-arg`` pairs as a dict; a key given twice is an error (which one was meant?)."""
+    out: dict[str, object] = {}
+    for key, value in pairs or []:
+        if key in out:
+            raise InputError(f"--model-arg {key} is given twice ({out[key]!r} and {value!r}); give it once.")
+        out[key] = value
+    return out
+
+
 def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars or notes on stderr (bars are also off when stderr is not a terminal)")

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from disalign.calib.defaults import DEFAULT_MAX_PIXELS
-from disalign.cli.common import HelpFormatter, add_quiet_argument
+from disalign.cli.common import MODEL_ARG_HELP, HelpFormatter, add_quiet_argument, model_arg, model_args_dict
 
 HELP = "extract a feature bank (HDF5) from images and a frozen stage-1 model"
 
@@ -51,20 +51,27 @@ def _size(text: str) -> tuple[int, int]:
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the extract flags to ``parser`` (shared by the subcommand and ``python -m disalign extract``)."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model", required=True, help="TorchScript file, torchvision:<arch>, or package.module:function")
-    g.add_argument("--weights", type=Path, help="state_dict for torchvision:/factory models (loaded with weights_only=True)")
-    g.add_argument("--classifier-layer", help="name of the final linear layer; unset: auto-detected among fc, classifier, head, heads")
-    g.add_argument("--card", type=Path, help="model card JSON: input.size/mean/std (+ optional resize), classes")
+    g.add_argument("--model", required=True,
+                   help="TorchScript file, timm:<name>, hf:<dir> (save_pretrained), torchvision:<arch>, or package.module:function")
+    g.add_argument("--weights", type=Path,
+                   help="state_dict (.pt/.pth, loaded with weights_only=True, or .safetensors) for timm:, torchvision: and factory models")
+    g.add_argument("--model-arg", dest="model_args", action="append", type=model_arg, metavar="KEY=VALUE", help=MODEL_ARG_HELP)
+    g.add_argument("--classifier-layer",
+                   help="name of the final linear layer; unset: timm's get_classifier(), else the first of fc, classifier, head, heads")
+    g.add_argument("--card", type=Path,
+                   help="model card JSON: input.size/mean/std (+ optional resize, interpolation), classes; unset: the model's own "
+                        "preprocessing (timm, hf:) or ImageNet defaults")
     g = parser.add_argument_group("images")
     g.add_argument("--root", type=Path, help="directory the --list paths are relative to")
     g.add_argument("--list", dest="list_file", type=Path, help="list file, one 'relative/path [label]' per line")
     g.add_argument("--folder", type=Path, help="image-folder tree root/<class>/<image> (instead of --root/--list)")
-    g = parser.add_argument_group("preprocessing (override the card; without a card: ImageNet defaults)")
+    g = parser.add_argument_group("preprocessing (override the card or the model's own config; without either: ImageNet defaults)")
     g.add_argument("--resize", type=int, help="shorter side before the centre crop; unset: the card's, or 256 without a card")
     g.add_argument("--no-resize", action="store_true", help="resize straight to the crop size")
     g.add_argument("--crop", type=_size, help="crop size H or HxW; unset: the card's input.size, or 224 without a card")
     g.add_argument("--mean", type=_floats3, help="R,G,B mean of 0..1 pixels")
     g.add_argument("--std", type=_floats3, help="R,G,B std of 0..1 pixels")
+    g.add_argument("--interpolation", choices=("bilinear", "bicubic"), help="resampling filter of the resize; unset: the card's or the model's, else bilinear")
     g.add_argument("--views", type=int, default=1, help="views per image: 0 clean, 1..N-1 seeded augmentations")
     g.add_argument("--seed", type=int, default=0, help="seed of the augmented views")
     g.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size (no DCT downscale)")
@@ -104,18 +111,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace):
     """argparse Namespace → :class:`ExtractConfig` (the only place that sees the Namespace)."""
     from disalign.feature_extract.extract import ExtractConfig
-    from disalign.feature_extract.preprocess import Preprocessing
+    from disalign.feature_extract.preprocess import PreprocessingOverrides
 
-    prep = None
-    overrides = (args.resize, args.crop, args.mean, args.std)
-    if args.no_resize or any(v is not None for v in overrides):
-        base = Preprocessing.from_card(args.card) if args.card else Preprocessing.imagenet()
-        prep = Preprocessing(
-            resize=None if args.no_resize else (args.resize if args.resize is not None else base.resize),
-            crop=args.crop or base.crop,
-            mean=args.mean or base.mean,
-            std=args.std or base.std,
-        )
+    overrides = PreprocessingOverrides(resize=args.resize, no_resize=args.no_resize, crop=args.crop, mean=args.mean, std=args.std,
+                                       interpolation=args.interpolation)
     return ExtractConfig(
         model=args.model,
         out=args.out,
@@ -123,8 +122,9 @@ def config_from_args(args: argparse.Namespace):
         root=args.root,
         folder=args.folder,
         weights=args.weights,
+        model_args=model_args_dict(args.model_args),
         card=args.card,
-        prep=prep,
+        prep_overrides=overrides,
         classifier_layer=args.classifier_layer,
         views=args.views,
         seed=args.seed,
@@ -188,6 +188,10 @@ def run_dense(args: argparse.Namespace) -> int:
     """Run the segmentation or detection extraction described by ``args``."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    if args.model_args or args.interpolation:
+        from disalign.calib.errors import InputError
+
+        raise InputError(f"--model-arg and --interpolation are for --task classification, not --task {args.task}.")
     prep = None
     if args.crop is not None or args.mean is not None or args.std is not None:
         from disalign.feature_extract.preprocess import Preprocessing

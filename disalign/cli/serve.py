@@ -23,9 +23,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from disalign.calib.defaults import DEFAULT_MAX_PIXELS
-from disalign.cli.common import HelpFormatter, parse_bytes
+from disalign.calib.errors import DisalignError
+from disalign.cli.common import MODEL_ARG_HELP, HelpFormatter, model_arg, model_args_dict, parse_bytes
 
-SETTING_FLAGS = ("model", "weights", "classifier_layer", "card", "calibration", "model_name", "max_body_bytes",
+SETTING_FLAGS = ("model", "weights", "model_args", "classifier_layer", "card", "calibration", "model_name", "max_body_bytes",
                  "max_pixels", "max_images", "max_rows", "torch_threads", "max_batch", "max_wait_ms", "device",
                  "preprocessing", "watch_interval_s", "prior", "prior_window", "prior_update_every", "prior_min_rows")
 # What a client may hold (disalign.service.limits): the request head and body deadlines, the body budget, uvicorn's limits.
@@ -33,8 +34,11 @@ LIMIT_FLAGS = ("max_inflight_body_bytes", "timeout_header", "timeout_body", "tim
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=argparse.SUPPRESS, help="stage-1 model (TorchScript file or model spec); env DISALIGN_MODEL")
+    p.add_argument("--model", default=argparse.SUPPRESS,
+                   help="stage-1 model: TorchScript file, timm:<name>, hf:<dir>, torchvision:<arch> or package.module:function; env DISALIGN_MODEL")
     p.add_argument("--weights", default=argparse.SUPPRESS, help="weights file for model specs that need one; env DISALIGN_WEIGHTS")
+    p.add_argument("--model-arg", dest="model_args", action="append", type=model_arg, metavar="KEY=VALUE", default=argparse.SUPPRESS,
+                   help=f"{MODEL_ARG_HELP}; the same as extract's; env DISALIGN_MODEL_ARGS (a JSON object)")
     p.add_argument("--classifier-layer", default=argparse.SUPPRESS, help="name of the final linear layer; env DISALIGN_CLASSIFIER_LAYER")
     p.add_argument("--card", default=argparse.SUPPRESS, help="model card JSON with the preprocessing (default: the calibration's); env DISALIGN_CARD")
     p.add_argument("--preprocessing", default=argparse.SUPPRESS, choices=("imagenet",),
@@ -80,6 +84,12 @@ def run(args: argparse.Namespace) -> int:
     from disalign.service.settings import Settings
 
     overrides = {name: getattr(args, name) for name in (*SETTING_FLAGS, *LIMIT_FLAGS) if getattr(args, name, None) is not None}
+    if "model_args" in overrides:
+        try:
+            overrides["model_args"] = model_args_dict(overrides["model_args"])
+        except DisalignError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
@@ -119,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
 def setting_names(field: str) -> str:
     """How a user sets a field: ``--calibration / DISALIGN_CALIBRATION`` (the environment only, without a flag)."""
     env = f"DISALIGN_{field.upper()}"
-    return f"--{field.replace('_', '-')} / {env}" if field in SETTING_FLAGS or field in LIMIT_FLAGS else env
+    flag = "--model-arg" if field == "model_args" else f"--{field.replace('_', '-')}"
+    return f"{flag} / {env}" if field in SETTING_FLAGS or field in LIMIT_FLAGS else env
 
 
 def settings_sentence(errors: Sequence[dict[str, Any]]) -> str:

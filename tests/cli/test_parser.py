@@ -72,3 +72,26 @@ def test_python_dash_m_disalign_is_the_command():
 def test_errors_are_one_line_with_exit_2(tmp_path):
     result = run("predict", str(tmp_path / "none.h5"), "--calibration", str(tmp_path), "--out", str(tmp_path / "p.csv"))
     assert (result.returncode, result.stderr) == (2, f"error: {tmp_path} is not a calibration directory: expected current -> versions/<id> (or calibration.json and parameters.safetensors).\n")
+
+
+def test_model_args_are_json_when_they_parse_and_reach_extract_and_serve(tmp_path, monkeypatch):
+    from disalign.calib.errors import InputError
+    from disalign.cli.common import model_arg, model_args_dict
+    from disalign.cli.extract import config_from_args
+    from disalign.service.settings import Settings
+
+    assert [model_arg(t) for t in ("num_classes=10", "drop=0.1", "pretrained=true", "global_pool=avg", 'cfg={"crop_pct": 1.0}')] == [
+        ("num_classes", 10), ("drop", 0.1), ("pretrained", True), ("global_pool", "avg"), ("cfg", {"crop_pct": 1.0})]
+    with pytest.raises(InputError, match=r"^--model-arg k is given twice \(1 and 2\); give it once\.$"):
+        model_args_dict([("k", 1), ("k", 2)])
+    parser = subcommands()["extract"]
+    args = parser.parse_args(["--model", "timm:resnet18", "--model-arg", "num_classes=10", "--interpolation", "bicubic",
+                              "--folder", str(tmp_path), "--out", str(tmp_path / "b.h5")])
+    cfg = config_from_args(args)
+    assert cfg.model_args == {"num_classes": 10} and cfg.prep_overrides.interpolation == "bicubic" and cfg.prep is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--model-arg", "no-equals", "--out", "b.h5"])
+    monkeypatch.setenv("DISALIGN_MODEL_ARGS", '{"num_classes": 10}')
+    assert Settings(model="timm:resnet18", calibration=tmp_path).model_args == {"num_classes": 10}
+    serve = subcommands()["serve"].parse_args(["--model-arg", "num_classes=3"])
+    assert serve.model_args == [("num_classes", 3)]

@@ -61,5 +61,9 @@ def test_packaging_installs_the_disalign_package_and_its_command():
     assert listed == folders
     assert project["project"]["dynamic"] == ["version"]
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "disalign.calib.__version__"}
-    assert "scikit-learn>=1.3" in project["project"]["optional-dependencies"]["test"]
-    assert not any(d.startswith("scikit-learn") for d in project["project"]["dependencies"])  # a test dependency only
+    extras = project["project"]["optional-dependencies"]
+    assert "scikit-learn>=1.6" in extras["test"] and extras["sklearn"] == ["scikit-learn>=1.6"]  # __sklearn_tags__ (1.6)
+    for heavy in ("scikit-learn", "timm", "transformers"):  # optional extras (and test dependencies), never required
+        assert not any(d.startswith(heavy) for d in project["project"]["dependencies"])
+        assert any(d.startswith(heavy) for d in extras["test"])
+    assert extras["timm"] == ["timm>=1.0"] and extras["hf"] == ["transformers>=4.56"]

@@ -55,3 +55,64 @@ def no_head() -> nn.Module:
 
 def not_a_module():
     return "nope"
+
+
+class CustomHead(nn.Module):
+    """A head that is neither a Linear nor a Sequential (as timm's NormMlpClassifierHead): norm, then ``fc``."""
+
+    def __init__(self, width: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.norm(x))
+
+
+class CustomHeadNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = CustomHead(6, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class DictOutput(TinyNet):
+    """Returns ``{"logits": …}``, as a transformers model's ModelOutput holds its logits."""
+
+    def forward(self, x):
+        return {"logits": super().forward(x), "hidden": x}
+
+
+class TupleOutput(TinyNet):
+    def forward(self, x):
+        return super().forward(x), x
+
+
+def tiny_net_of(num_classes: int = 10, *, width: int = 8) -> nn.Module:
+    """A factory with keyword arguments (``--model-arg num_classes=4``); ``width`` is accepted and ignored."""
+    return TinyNet(num_classes)
+
+
+def custom_head() -> nn.Module:
+    return CustomHeadNet()
+
+
+def dict_output() -> nn.Module:
+    return DictOutput()
+
+
+def tuple_output() -> nn.Module:
+    return TupleOutput()
+
+
+def timm_convnext_atto(num_classes: int = 10) -> nn.Module:
+    """A factory returning a timm model (what users wrote before ``timm:``): timm's classifier and config are used."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("convnext_atto", pretrained=False, num_classes=num_classes,
+                             pretrained_cfg_overlay={"input_size": (3, 32, 32), "crop_pct": 1.0})

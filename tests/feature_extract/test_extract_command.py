@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
 from disalign.cli.extract import add_parser, config_from_args, run
+from disalign.feature_extract.extract import resolve_preprocessing
 from disalign.feature_extract.preprocess import Preprocessing
 
 from .conftest import CARD, MODEL, run_module
@@ -36,10 +38,14 @@ def test_extract_subcommand_flags_and_defaults(tmp_path):
 def test_preprocessing_flags_override_the_card():
     args = _subparser().parse_args(["extract", "--model", "m.ts", "--card", str(CARD), "--folder", "f", "--out", "b.h5",
                                       "--crop", "28x30", "--mean", "0.5,0.5,0.5"])
-    prep = config_from_args(args).prep
+    cfg = config_from_args(args)
+    prep, source = resolve_preprocessing(cfg, json.loads(CARD.read_text()), None)
     assert prep == Preprocessing(resize=None, crop=(28, 30), mean=(0.5, 0.5, 0.5), std=Preprocessing.from_card(CARD).std)
-    args = _subparser().parse_args(["extract", "--model", "m.ts", "--folder", "f", "--out", "b.h5", "--resize", "160", "--crop", "128"])
-    assert config_from_args(args).prep == Preprocessing(160, (128, 128), Preprocessing.imagenet().mean, Preprocessing.imagenet().std)
+    assert source == f"model card {CARD}, with the command line's overrides"
+    args = _subparser().parse_args(["extract", "--model", "m.ts", "--folder", "f", "--out", "b.h5", "--resize", "160", "--crop", "128",
+                                      "--interpolation", "bicubic"])
+    assert resolve_preprocessing(config_from_args(args), {}, None)[0] == Preprocessing(
+        160, (128, 128), Preprocessing.imagenet().mean, Preprocessing.imagenet().std, interpolation="bicubic")
 
 
 def test_bad_flag_values_are_argparse_errors(capsys):

@@ -90,7 +90,7 @@ def test_classifier_layer_errors():
 
 
 def test_model_spec_errors(tmp_path):
-    with pytest.raises(ExtractError, match=r"--model should be a TorchScript file, torchvision:<arch> or package.module:function, found 'missing.ts'"):
+    with pytest.raises(ExtractError, match=r"--model should be a TorchScript file, timm:<name>, hf:<dir>, torchvision:<arch> or package.module:function, found 'missing.ts'"):
         load_model("missing.ts")
     with pytest.raises(ExtractError, match=r"module 'no_such_pkg.mod' cannot be imported"):
         load_model("no_such_pkg.mod:build")
@@ -102,7 +102,7 @@ def test_model_spec_errors(tmp_path):
     torch.save(TinyNet().state_dict(), state)
     with pytest.raises(ExtractError, match=r"is not a TorchScript file .*for a state_dict use --model torchvision:<arch> or package.module:function"):
         load_model(str(state))
-    with pytest.raises(ExtractError, match=r"--weights is only for torchvision:<arch> or package.module:function models"):
+    with pytest.raises(ExtractError, match=r"--weights is for timm:, torchvision: and package.module:function models"):
         load_model(str(MODEL), str(state))
 
 

@@ -10,6 +10,11 @@ are computed in float32. The fit report records ``logit_reconstruction_error``, 
 over the first clean rows of the train bank: a large value means the stored weights do not produce the
 stored logits (e.g. a cosine classifier), and τ-norm results are then not comparable. With a background
 column (RoI banks) only the foreground classifier is normalised: the background logit stays the stage-1 one.
+
+From the logits alone: when z = x·Wᵀ + b (the bank's stored layer gives its stored logits), x·W̃_jᵀ =
+(z_j − b_j) / ‖W_j‖^τ, so the fit also stores ``logit_bias`` b (K,) and ``logit_scale`` ‖W_j‖^−τ (K,) and a
+calibration can be applied to logits with ``features=None`` (and fitted on ``features=None`` with
+``classifier=(W, b)``). An artifact written before these two were stored needs the features.
 """
 
 from __future__ import annotations
@@ -48,6 +53,11 @@ def tau_norm_logits(features: torch.Tensor, normalised_weight: torch.Tensor) -> 
     return features.to(torch.float32) @ normalised_weight.T
 
 
+def tau_norm_from_logits(logits: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(z − b) ⊙ ‖W‖^−τ: logits (N, K), bias (K,), scale (K,) → (N, K); equals x · W̃ᵀ when z = x·Wᵀ + b."""
+    return (logits.to(torch.float32) - bias) * scale
+
+
 def reconstruction_error(features: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
     """max |x·Wᵀ + b − z| / max |z| over rows of features (N, d) and logits (N, K)."""
     recon = features.to(torch.float32) @ weight.to(torch.float32).T
@@ -70,25 +80,45 @@ class TauNorm(Baseline):
         check_choice("tau", self.tau)
         grid = check_grid("tau_grid", self.tau_grid)
         weight = stage1_weight(train, "tau-norm")
+        bias = train.classifier_bias if train.classifier_bias is not None else torch.zeros(weight.shape[0])
+        norms = weight.norm(dim=1).clamp(min=torch.finfo(torch.float32).tiny)  # (K,) ‖W_j‖
         features, logits, _ = clean_labelled(train, "train")
-        report: dict[str, Any] = {
-            "logit_reconstruction_error": reconstruction_error(
-                features[:RECONSTRUCTION_ROWS], logits[:RECONSTRUCTION_ROWS], weight, train.classifier_bias
-            )
-        }
+        report: dict[str, Any] = {}
+        if features.shape[1]:  # fitted on logits alone (features=None), there is nothing to reconstruct
+            report["logit_reconstruction_error"] = reconstruction_error(
+                features[:RECONSTRUCTION_ROWS], logits[:RECONSTRUCTION_ROWS], weight, train.classifier_bias)
         background = train.info.background_index
         on_val = None
         if val is not None:
             val_features, val_logits, val_labels = clean_labelled(val, "val")
-            on_val = (lambda t: keep_background(tau_norm_logits(val_features, tau_normalise(weight, t)), val_logits, background),
-                      val_labels)
+
+            def val_logits_for(t: float) -> torch.Tensor:
+                z = (tau_norm_logits(val_features, tau_normalise(weight, t)) if val_features.shape[1]
+                     else tau_norm_from_logits(val_logits, bias, norms.pow(-t)))
+                return keep_background(z, val_logits, background)
+
+            on_val = (val_logits_for, val_labels)
         tau = settle("tau", self.tau, grid, DEFAULT_TAU, report, on_val)
-        return {"weight": tau_normalise(weight, tau), "tau": torch.tensor(tau)}, report
+        return {"weight": tau_normalise(weight, tau), "tau": torch.tensor(tau), "logit_bias": bias.to(torch.float32),
+                "logit_scale": norms.pow(-tau)}, report
+
+    def _fits_without_features(self, train: Bank) -> bool:
+        return train.classifier_weight is not None
+
+    def _predicts_without_features(self) -> bool:
+        return "logit_scale" in self.params_
 
     def _predict_logits(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return keep_background(tau_norm_logits(features, self.params_["weight"]), logits, self.meta_.background_index)
+        if features.shape[1] == 0:  # logits alone (features=None)
+            z = tau_norm_from_logits(logits, self.params_["logit_bias"], self.params_["logit_scale"])
+        else:
+            z = tau_norm_logits(features, self.params_["weight"])
+        return keep_background(z, logits, self.meta_.background_index)
 
     def _check_loaded_params(self) -> None:
         where = "tau-norm calibration"
         require_shape(self.params_, "weight", (self.meta_.num_classes, self.meta_.feature_dim), where)
         require_shape(self.params_, "tau", (), where)
+        if "logit_scale" in self.params_ or "logit_bias" in self.params_:  # written since the logits-only form
+            require_shape(self.params_, "logit_bias", (self.meta_.num_classes,), where)
+            require_shape(self.params_, "logit_scale", (self.meta_.num_classes,), where)
