@@ -27,6 +27,8 @@ from tqdm import tqdm
 
 from disalign.calib.data.bank import FEATURE_DTYPES, BankReader
 from disalign.calib.defaults import DEFAULT_MAX_PIXELS
+from disalign.calib.errors import DisalignError
+from disalign.calib.files import check_output_file
 from disalign.feature_extract import device_decode
 from disalign.feature_extract.data import ImageList, ViewDataset, collate_views, read_list, scan_folder
 from disalign.feature_extract.device_decode import DECODERS, decode_batch_on_device
@@ -367,10 +369,9 @@ def extract_bank(cfg: ExtractConfig, *, dist: DistContext | None = None, model: 
     error = None
     if dist.is_main:  # rank 0 decides; every rank raises the same error
         try:
-            if out.exists() and not cfg.overwrite:
-                raise ExtractError(f"bank file {out} already exists; pass --overwrite to replace it.")
+            check_output_file(out, "--out", overwrite=cfg.overwrite)  # a new name, or a regular file with --overwrite
             workdir.prepare(manifest)
-        except ExtractError as exc:
+        except DisalignError as exc:
             error = str(exc)
     error = dist.broadcast_object(error)
     if error is not None:

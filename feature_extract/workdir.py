@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 
 from disalign.calib.data.bank import REQUIRED_DATASETS, BankReader, BankWriter
-from disalign.calib.files import replace_with, temporary_sibling, write_atomic
+from disalign.calib.files import check_output_file, replace_with, temporary_sibling, write_atomic
 from disalign.feature_extract.errors import ExtractError
 
 PART_COLUMNS = ("features", "logits", "labels", "sample_index", "view")
@@ -142,8 +142,7 @@ def write_virtual_bank(shards: list[Path], out: Path, *, overwrite: bool) -> Pat
     files are referenced relative to ``out``'s directory, so the bank and its shards move together. If a
     shard goes missing, its rows read as NaN features/logits and label -2, which BankReader rejects.
     """
-    if out.exists() and not overwrite:
-        raise ExtractError(f"bank file {out} already exists; pass --overwrite to replace it.")
+    check_output_file(out, "--out", overwrite=overwrite)  # a new name, or a regular file with --overwrite
     sizes = []
     for shard in shards:
         with BankReader(shard) as reader:

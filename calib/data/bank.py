@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from disalign.calib.errors import BankError
-from disalign.calib.files import replace_with, temporary_sibling
+from disalign.calib.files import file_kind, replace_with, temporary_sibling
 
 SCHEMA_VERSION = 1
 FEATURE_DTYPES = ("float16", "float32")
@@ -183,18 +182,6 @@ def _unwritten(ds: h5py.Dataset) -> bool:
     for extent, chunk in zip(ds.shape, ds.chunks, strict=True):
         expected *= -(-extent // chunk)
     return ds.id.get_num_chunks() < expected
-
-
-def file_kind(path: str) -> str | None:
-    """None for a regular file (or a link to one), else what it is: a FIFO, a directory, a device, a socket."""
-    mode = os.stat(path).st_mode
-    if stat.S_ISREG(mode):
-        return None
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return kind
-    return "not a regular file"
 
 
 def available_memory() -> int | None:
@@ -557,6 +544,9 @@ class BankWriter:
         from disalign.calib import __version__
 
         self.path = Path(path)
+        kind = file_kind(self.path, follow_symlinks=False) if os.path.lexists(self.path) else None
+        if kind is not None:  # a rename over it would replace a FIFO, a device or a link with a regular file
+            raise BankError(f"bank file {self.path} is {kind}; expected a regular file or a new name.")
         if self.path.exists() and not overwrite:
             raise BankError(f"bank file {self.path} already exists; pass overwrite to replace it.")
         if feature_dtype not in FEATURE_DTYPES:

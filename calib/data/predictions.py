@@ -106,8 +106,10 @@ class _Writer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def finish(self) -> None:
+        from disalign.calib.files import replace_with
+
         self._close()
-        self.tmp.replace(self.path)
+        replace_with(self.tmp, self.path)
 
     def abort(self) -> None:
         try:

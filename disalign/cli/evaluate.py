@@ -22,9 +22,11 @@ from disalign.cli.common import (
     MAX_STEPS_HELP,
     STDOUT,
     HelpFormatter,
+    add_overwrite_argument,
     add_quiet_argument,
     check_writable_dir,
     check_writable_file,
+    check_writable_files,
     method_names_help,
     note,
     output_path,
@@ -50,18 +52,24 @@ def add_parser(subparsers) -> None:
 
 
 def add_report_arguments(p: argparse.ArgumentParser, *, plots: bool) -> None:
-    """``--json``, ``--plots`` and ``--quiet`` of the eval commands."""
+    """``--json``, ``--plots``, ``--overwrite`` and ``--quiet`` of the eval commands."""
     p.add_argument("--json", type=output_path, metavar="FILE",
                    help="write the report as JSON here; '-' writes it to stdout (the table then goes to stderr)")
     if plots:
         p.add_argument("--plots", type=Path, metavar="DIR", help="write PNG plots into this directory")
+    add_overwrite_argument(p, "--json and PNG files" if plots else "a --json file")
     add_quiet_argument(p)
 
 
 def check_report_outputs(args: argparse.Namespace) -> None:
     """Refuse unusable output paths before any work (nothing is written until the report is complete)."""
-    check_writable_file(args.json, "--json")
-    check_writable_dir(getattr(args, "plots", None), "--plots")
+    check_writable_file(args.json, "--json", overwrite=args.overwrite)
+    plots = getattr(args, "plots", None)
+    check_writable_dir(plots, "--plots")
+    if plots is not None:
+        from disalign.calib.evaluation.plots import PLOT_FILES
+
+        check_writable_files(plots, PLOT_FILES, "--plots", overwrite=args.overwrite)
 
 
 def print_table(table: str, args: argparse.Namespace) -> None:

@@ -201,7 +201,7 @@ def test_fit_refuses_flags_that_do_not_apply_to_the_method(extra, message, lt_ba
 
 def test_fit_without_val_says_once_that_rho_auto_used_the_default(lt_banks, tmp_path, capsys):
     code, out, err = run(capsys, "fit", lt_banks["train"], "--epochs", 1, "--out", tmp_path / "cal")
-    assert code == 0 and '"rho": 1.0' in out
+    assert code == 0 and "rho = 1, magnitude alpha on\n" in out
     assert err == "warning: --rho auto chooses rho on a validation bank and no --val was given: used rho = 1.0.\n"
     code, _, err = run(capsys, "fit", lt_banks["train"], "--rho", "1.5", "--epochs", 1, "--seed", 3, "--out", tmp_path / "cal2")
     assert code == 0 and err == ""  # an explicit rho is not a fallback
@@ -320,10 +320,33 @@ def test_fit_flags_of_the_disalign_head(lt_banks, tmp_path, capsys):
     hyper = meta["hyperparameters"]
     assert (hyper["head_form"], hyper["gate"], hyper["gate_standardize"], hyper["selection"], hyper["val_weight"],
             hyper["use_magnitude"]) == ("blend", "normal", False, "accuracy", 0.2, True)
-    assert meta["report"]["head"] == {"form": "blend", "gate": "normal"} and '"val_weight": 0.2' in out
+    assert meta["report"]["head"] == {"form": "blend", "gate": "normal"} and "val weight = 0.2" in out
     with pytest.raises(SystemExit) as exit_info:  # argparse: usage + one error line, status 2
         main(["fit", str(lt_banks["train"]), "--val-weight", "2", "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2 and "expected a number in [0, 1) or 'auto', found '2'" in capsys.readouterr().err
+
+
+def test_fit_prints_a_summary_for_a_person_and_the_exact_numbers_with_json(lt_banks, tmp_path, capsys):
+    """Issue 21 §5: a human summary (rho, alpha on/off, val scores, time), not a raw JSON line; --json keeps it exact."""
+    import re
+
+    code, out, err = run(capsys, "fit", lt_banks["train"], "--val", lt_banks["val"], "--rho", "auto", "--epochs", 1,
+                         "--out", tmp_path / "cal", "--json", tmp_path / "fit.json", "--quiet")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "fit.json").read_text())
+    lines = out.splitlines()
+    assert re.fullmatch(rf"wrote disalign calibration to {re.escape(str(tmp_path / 'cal'))} in \d+\.\d s \(fit \d+\.\d s\)", lines[0])
+    assert lines[1] == (f"  rho = {summary['rho']:g} (chosen on --val), "
+                        f"magnitude alpha {'on' if summary['magnitude'] else 'off'} (chosen on --val)")
+    validation = summary["validation"]
+    assert lines[2] == (f"  validation: mean-class accuracy {100 * validation['val_mean_class_accuracy']:.2f} %, "
+                        f"accuracy {100 * validation['val_accuracy']:.2f} %, NLL {validation['val_nll']:.3f}")
+    assert len(lines) == 3 and "{" not in out
+    assert summary["method"] == "disalign" and summary["seconds"] >= summary["fit_seconds"] > 0
+    code, out, err = run(capsys, "fit", lt_banks["train"], "--method", "tau-norm", "--val", lt_banks["val"], "--out", tmp_path / "tau",
+                         "--json", "-")
+    assert code == 0 and json.loads(out)["tau"] > 0  # stdout is the JSON; the summary went to stderr
+    assert re.search(r"^  tau = [0-9.]+ \(chosen on --val\)$", err, re.MULTILINE), err
 
 
 def test_fit_magnitude_off_is_a_value_and_conflicts_with_no_magnitude(lt_banks, tmp_path, capsys):
