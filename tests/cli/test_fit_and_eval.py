@@ -141,6 +141,26 @@ def test_fit_out_refuses_anything_but_a_calibration_and_touches_nothing(out, mes
     assert (work / "notes.txt").read_text() == "notes" and (work / "train.h5").stat().st_size == lt_banks["train"].stat().st_size
 
 
+@pytest.mark.parametrize("case", ["notes", "current_file", "versions_file", "current_outside"])
+def test_fit_out_with_a_user_file_of_our_names_is_refused_before_the_fit(case, lt_banks, tmp_path, capsys):
+    """Issue 21 §2: a notes file named calibration.json was deleted (exit 0); current/versions made the fit run, then fail."""
+    out = tmp_path / "d"
+    out.mkdir()
+    if case == "notes":
+        (out / "calibration.json").write_text("my notes")
+    elif case == "current_file":
+        (out / "current").write_text("my notes")
+    elif case == "versions_file":
+        (out / "versions").write_text("my notes")
+    else:
+        (out / "current").symlink_to(tmp_path)
+    code, out_text, err = run(capsys, "fit", tmp_path / "missing.h5", "--out", out)
+    assert (code, out_text) == (2, "") and err.startswith(f"error: --out {out}") and "missing.h5" not in err, err  # before the bank is opened
+    code, _, err = run(capsys, "fit", lt_banks["train"], "--rho", 1, "--epochs", 1, "--out", out)
+    assert code == 2 and err.count("\n") == 1, err
+    assert sorted(os.listdir(out)) == [{"notes": "calibration.json", "versions_file": "versions"}.get(case, "current")]
+
+
 def test_fit_out_is_checked_before_the_fit(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     code, _, err = run(capsys, "fit", tmp_path / "missing.h5", "--out", tmp_path / "file" / "cal")
