@@ -79,6 +79,7 @@ HYPERPARAMETER_FLAGS = (
     ("--no-gate-standardize", "no_gate_standardize", "gate_standardize"),
     ("--selection", "selection", "selection"),
     ("--val-weight", "val_weight", "val_weight"),
+    ("--count-smoothing", "count_smoothing", "count_smoothing"),
 )
 # store_true flags that switch a hyper-parameter which is on by default off
 SWITCH_OFF_FLAGS = ("--no-magnitude", "--no-margin", "--no-grw", "--no-gate-standardize")
@@ -108,6 +109,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--selection", choices=("nll", "accuracy"), help="disalign: what the validation bank picks rho by (default nll)")
     p.add_argument("--val-weight", type=parse_val_weight,
                    help="disalign: share of the loss carried by validation rows mixed into the fit (cross-fitted), or 'auto' (default 0)")
+    p.add_argument("--count-smoothing", type=float,
+                   help="disalign: added to every training class count before the GRW weights (lets classes with no rows have a finite weight; default 0)")
     p.add_argument("--max-memory", type=parse_bytes, help="disalign: stream the training bank when its rows exceed this (e.g. 512M)")
     p.add_argument("--out", type=Path, required=True,
                    help="calibration directory: new, empty or holding a calibration (a new version is published in it)")

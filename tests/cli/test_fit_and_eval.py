@@ -161,6 +161,20 @@ def test_fit_out_with_a_user_file_of_our_names_is_refused_before_the_fit(case, l
     assert sorted(os.listdir(out)) == [{"notes": "calibration.json", "versions_file": "versions"}.get(case, "current")]
 
 
+def test_fit_suggests_only_flags_it_has_and_count_smoothing_is_one(tmp_path, capsys):
+    """Issue 21 §5: the GRW error said 'pass count_smoothing > 0', which had no flag."""
+    rng = np.random.default_rng(0)
+    bank = write_bank(tmp_path / "gap.h5", rng.normal(size=(6, 4)), rng.normal(size=(6, 3)).astype(np.float32), [0, 1, 0, 1, 0, 1],
+                      class_counts=[3, 3, 0], model_fingerprint="sha256:gap")
+    code, out, err = run(capsys, "fit", bank, "--rho", 1, "--epochs", 1, "--out", tmp_path / "cal")
+    assert (code, out) == (2, "") and err.endswith("pass count_smoothing > 0 (disalign fit --count-smoothing).\n"), err
+    code, _, err = run(capsys, "fit", bank, "--rho", 1, "--epochs", 1, "--count-smoothing", 1, "--out", tmp_path / "cal", "--quiet")
+    assert code == 0, err
+    assert json.loads((artifact_dir(tmp_path / "cal") / "calibration.json").read_text())["hyperparameters"]["count_smoothing"] == 1.0
+    code, _, err = run(capsys, "fit", bank, "--method", "lws", "--count-smoothing", 1, "--out", tmp_path / "lws")
+    assert code == 2 and err.startswith("error: --count-smoothing does not apply to --method lws"), err
+
+
 def test_fit_out_is_checked_before_the_fit(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     code, _, err = run(capsys, "fit", tmp_path / "missing.h5", "--out", tmp_path / "file" / "cal")

@@ -63,3 +63,11 @@ def test_packaging_installs_the_disalign_package_and_its_command():
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "disalign.calib.__version__"}
     assert "scikit-learn>=1.3" in project["project"]["optional-dependencies"]["test"]
     assert not any(d.startswith("scikit-learn") for d in project["project"]["dependencies"])  # a test dependency only
+
+
+def test_the_embedded_demo_model_is_the_shared_one(shared_dir):
+    """tests/conftest.py's EXAMPLE_MODEL / EXAMPLE_CARD stand in for the shared ResNet-32 in data-free tests."""
+    from tests.conftest import EXAMPLE_CARD, EXAMPLE_MODEL
+
+    for embedded in (EXAMPLE_MODEL, EXAMPLE_CARD):
+        assert embedded.read_bytes() == (shared_dir / "models" / embedded.name).read_bytes(), embedded.name
