@@ -269,6 +269,9 @@ class BankReader:
         d = f["features"].shape[1]
         if k < 1 or d < 1:
             raise BankError(f"{path}: features/logits need at least one column, found d={d}, K={k}.")
+        if k < 2:
+            raise BankError(f"{path}: the logits have K={k} column{'' if k == 1 else 's'}; a bank needs K >= 2 classes "
+                            "(a calibration balances classes against each other).")
         class_names = _json_attr(f.attrs, "class_names", [str(i) for i in range(k)], list, f"a list of {k} class names", path)
         if len(class_names) != k:
             raise BankError(f"{path}: attribute 'class_names' has {len(class_names)} names but the logits have K={k} columns.")
@@ -554,6 +557,9 @@ class BankWriter:
         if task not in TASKS:
             raise BankError(f"task should be one of {', '.join(TASKS)}, found {task!r}.")
         self.num_classes = len(class_names)
+        if self.num_classes < 2:
+            raise BankError(f"class_names has {self.num_classes} class{'' if self.num_classes == 1 else 'es'}; a bank needs K >= 2 "
+                            "classes (a calibration balances classes against each other).")
         self.feature_dim = int(feature_dim)
         k, d = self.num_classes, self.feature_dim
         # Every argument is checked before the temporary file (or its folder) exists: a refused writer
