@@ -46,6 +46,7 @@ _EXPORTS = {
     "LWS": "disalign.calib.estimators.baselines",
     "CRT": "disalign.calib.estimators.baselines",
     "NCM": "disalign.calib.estimators.baselines",
+    "TDE": "disalign.calib.estimators.baselines",
     "METHODS": "disalign.calib.estimators.methods",
     "method_class": "disalign.calib.estimators.methods",
     "load_calibration": "disalign.calib.estimators.methods",

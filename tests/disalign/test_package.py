@@ -36,6 +36,15 @@ def test_every_public_name_is_the_object_of_its_home_module():
         disalign.nope  # noqa: B018
 
 
+def test_every_method_class_is_exported_under_its_class_name():
+    """Issue 21 §5: TDE, one of the eight methods, was missing from ``import disalign``."""
+    from disalign.calib.estimators.methods import METHODS
+
+    for name in METHODS:
+        cls = disalign.method_class(name)
+        assert getattr(disalign, cls.__name__) is cls, f"disalign.{cls.__name__} ({name})"
+
+
 def test_import_is_light():
     # the command line's --help and --version must not wait for torch
     assert python("import sys, disalign, disalign.cli; print(sorted(m for m in ('torch', 'numpy', 'h5py') if m in sys.modules))") == "[]"
