@@ -46,7 +46,7 @@ def check_output_file(path: str | os.PathLike, field: str, *, overwrite: bool) -
     file is (and ``overwrite``). ``field`` names the path in the sentence (``--json``)."""
     try:
         kind = file_kind(path, follow_symlinks=False)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a new name (a parent that is a file: the caller's parent check)
         return
     if kind == "a directory":
         raise InputError(f"{field} {path} is a directory; expected a file name.")

@@ -43,10 +43,11 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"CI=true and {SHARED_REASON}.")
 
 
-def pytest_report_header(config: pytest.Config) -> str | None:
-    if SHARED_MISSING:
-        return f"{SHARED_REASON}; the tests that need it are skipped."
-    return None
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # one line up front, even under -q (which hides the report header)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if SHARED_MISSING and reporter is not None:
+        reporter.write_line(f"{SHARED_REASON}; the tests that need it are skipped.", yellow=True)
 
 
 def needs_shared_data(item: pytest.Item) -> bool:

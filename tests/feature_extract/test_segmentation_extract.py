@@ -114,6 +114,7 @@ def test_cell_labels_take_the_cell_centre():
     assert cell_labels(mask, 4, 4)[2, 0] == -1  # centre of the cell (2, 0) is pixel (5, 1): ignored
 
 
+@pytest.mark.shared_data  # shared/profiles
 def test_class_stats_of_the_real_ade20k_table():
     counts = read_class_stats(SHARED / "profiles" / "ade20k_objectInfo150.txt", 150)
     assert counts.shape == (150,) and counts[0] == round(0.1576 * RATIO_SCALE)  # wall
