@@ -113,7 +113,8 @@ def check_writable_file(path: Path | str | None, flag: str, *, overwrite: bool) 
 
 
 def check_writable_files(directory: Path | None, names, flag: str, *, overwrite: bool) -> None:
-    """:func:`check_writable_file` for each of ``names`` inside an output ``directory`` (``--plots``)."""
+    """The output-file rule (:func:`disalign.calib.files.check_output_file`) for each of ``names`` inside an
+    existing output ``directory`` (the PNGs of ``--plots``)."""
     if directory is None or not directory.is_dir():
         return
     for name in names:
@@ -121,7 +122,8 @@ def check_writable_files(directory: Path | None, names, flag: str, *, overwrite:
 
 
 def add_overwrite_argument(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--overwrite", action="store_true", help=f"replace {what} that already exist (never a link, FIFO or device)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"allow replacing {what} already there (regular files only: never a link, FIFO or device)")
 
 
 def check_writable_dir(path: Path | None, flag: str) -> None:
