@@ -22,7 +22,7 @@ setup: $(BIN)/disalign
 demo: setup
 	$(BIN)/disalign fit $(DEMO)/train.h5 --val $(DEMO)/val.h5 --rho auto --out $(RUNS)/calibration
 	$(BIN)/disalign eval $(DEMO)/test.h5 --calibration $(RUNS)/calibration --train $(DEMO)/train.h5 --val $(DEMO)/val.h5 \
-		--json $(RUNS)/report.json --plots $(RUNS)/plots
+		--json $(RUNS)/report.json --plots $(RUNS)/plots --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -37,6 +37,14 @@ class NotFittedError(DisalignError, AttributeError):
     ``hasattr(est, "classes_")`` is False before fit)."""
 
 
+def some_of(items, limit: int = 10) -> str:
+    """``"a, b, c"`` or, past ``limit``, ``"a, b, … j and 990 more"``: an error names what it found and counts the rest."""
+    items = [str(item) for item in items]
+    if len(items) <= limit:
+        return ", ".join(items)
+    return f"{', '.join(items[:limit])} and {len(items) - limit} more"
+
+
 class DisalignWarning(UserWarning):
     """A fit or result that is usable but suspect, in one sentence (also recorded where it is kept, e.g.
     the fit report's ``warnings``)."""

@@ -6,6 +6,12 @@ flushed and fsynced, renamed into place, and its directory fsynced: a reader see
 or the new complete one, after a kill and after a power cut. Files are created with ``open(…, "xb")``, so
 their mode follows the process umask (``0644`` under the usual ``022``), as any other file the user writes;
 ``tempfile.mkstemp`` would make them ``0600`` and unreadable to a server running as another user.
+
+What a path *is* is asked in one place, :func:`file_kind`. A reader refuses anything but a regular file (a
+FIFO would block it forever). An output may only be a new name or, with ``overwrite``, an existing regular
+file (:func:`check_output_file`): a rename over a device node, a FIFO or a symlink would replace it with a
+regular file (``--json /dev/null`` run as root did), so those are refused, and :func:`replace_with` checks
+again at the rename itself. Standard output is ``-`` in the command line, never ``/dev/stdout``.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +28,34 @@ from typing import BinaryIO
 from disalign.calib.errors import InputError
 
 FINGERPRINT_BLOCK = 1 << 20  # bytes read at a time when hashing
+
+
+_KINDS = ((stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def file_kind(path: str | os.PathLike, *, follow_symlinks: bool = True) -> str | None:
+    """None for a regular file, else what ``path`` is: ``"a FIFO"``, ``"a directory"``, ``"a character device"`` …
+    (``"a symlink"`` with ``follow_symlinks=False``). Raises FileNotFoundError when nothing is there."""
+    mode = os.stat(path, follow_symlinks=follow_symlinks).st_mode
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _KINDS if test(mode)), "not a regular file")
+
+
+def check_output_file(path: str | os.PathLike, field: str, *, overwrite: bool) -> None:
+    """Raise :class:`InputError` unless ``path`` may become an output file: nothing is there yet, or a regular
+    file is (and ``overwrite``). ``field`` names the path in the sentence (``--json``)."""
+    try:
+        kind = file_kind(path, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):  # a new name (a parent that is a file: the caller's parent check)
+        return
+    if kind == "a directory":
+        raise InputError(f"{field} {path} is a directory; expected a file name.")
+    if kind is not None:
+        raise InputError(f"{field} {path} is {kind}; expected a regular file or a new name (use - for standard output).")
+    if not overwrite:
+        raise InputError(f"{field} {path} already exists; pass --overwrite to replace it.")
 
 
 def temporary_sibling(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
@@ -47,7 +82,11 @@ def write_new(path: str | os.PathLike, data: bytes) -> None:
 
 
 def replace_with(temporary: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Move a complete, closed ``temporary`` file over ``path``: fsync it, rename, fsync the directory."""
+    """Move a complete, closed ``temporary`` file over ``path``: fsync it, rename, fsync the directory.
+
+    ``path`` must be a new name or a regular file (:func:`check_output_file`, checked again here, at the rename).
+    """
+    check_output_file(path, "output", overwrite=True)
     fd = os.open(temporary, os.O_RDONLY)
     try:
         os.fsync(fd)

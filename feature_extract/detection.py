@@ -40,7 +40,7 @@ from disalign.calib.evaluation.detection import (
     detections_to_coco,
     run_heads,
 )
-from disalign.calib.files import file_fingerprint
+from disalign.calib.files import check_output_file, file_fingerprint
 from disalign.calib.progress import progress_bar
 from disalign.feature_extract.detectors import build_detector
 from disalign.feature_extract.errors import ExtractError
@@ -236,8 +236,7 @@ def _counts(cfg: DetectionExtractConfig, coco: dict, k1: int) -> tuple[np.ndarra
 
 def extract_detection_bank(cfg: DetectionExtractConfig) -> Path:
     """Write the RoI bank of ``cfg.annotations``' images; returns its path."""
-    if Path(cfg.out).exists() and not cfg.overwrite:
-        raise ExtractError(f"bank file {cfg.out} already exists; pass --overwrite to replace it.")
+    check_output_file(cfg.out, "--out", overwrite=cfg.overwrite)  # a new name, or a regular file with --overwrite
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ExtractError("--device cuda was requested but torch.cuda.is_available() is False.")
     coco = read_coco(cfg.annotations)

@@ -1,6 +1,7 @@
 """Exceptions raised by feature_extract; all are :class:`disalign.calib.errors.DisalignError` subclasses.
 
 - :class:`ExtractError` — a bad argument, list file, model, or work directory (one clear sentence).
+- :class:`EmptyBankError` — no image could be decoded, so no bank is written.
 - :class:`ImageDecodeError` — an image file is missing, truncated or not an image.
 - :class:`ImageTooLargeError` — an image has more pixels than allowed (checked before the full decode).
 - :class:`ExportError` — a calibration or model that cannot be exported, or an exported graph that disagrees.
@@ -13,6 +14,10 @@ from disalign.calib.errors import DisalignError
 
 class ExtractError(DisalignError):
     """A user-facing extraction error: the argument, what was expected and what was found."""
+
+
+class EmptyBankError(ExtractError):
+    """Every row was skipped: there is nothing to write a bank of."""
 
 
 class ImageDecodeError(ExtractError):

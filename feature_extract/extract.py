@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from collections import deque
@@ -28,11 +29,13 @@ from tqdm import tqdm
 
 from disalign.calib.data.bank import FEATURE_DTYPES, BankReader
 from disalign.calib.defaults import DEFAULT_MAX_PIXELS
+from disalign.calib.errors import DisalignError
+from disalign.calib.files import check_output_file
 from disalign.feature_extract import device_decode
 from disalign.feature_extract.data import ImageList, ViewDataset, collate_views, read_list, scan_folder
 from disalign.feature_extract.device_decode import DECODERS, decode_batch_on_device
 from disalign.feature_extract.distributed import DistContext, chunk_range
-from disalign.feature_extract.errors import ExtractError, ImageDecodeError
+from disalign.feature_extract.errors import EmptyBankError, ExtractError, ImageDecodeError
 from disalign.feature_extract.models import LoadedModel, load_model
 from disalign.feature_extract.preprocess import Preprocessing, PreprocessingOverrides, normalize
 from disalign.feature_extract.workdir import BankHeader, PartsAssembler, WorkDir, write_virtual_bank
@@ -61,7 +64,7 @@ class ExtractConfig:
     seed: int = 0
     batch_size: int = 256
     chunk_size: int = 4096  # list rows per resumable part
-    workers: int = 4
+    workers: int | None = None  # None: available_workers(), the cores this process may use
     prefetch: int = 4  # batches per worker in flight
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads of the main process (None: torch's default)
@@ -84,6 +87,8 @@ class ExtractConfig:
             raise ExtractError(f"--views should be >= 1 (view 0 is the clean view), found {self.views}.")
         if self.batch_size < 1 or self.chunk_size < 1:
             raise ExtractError(f"--batch-size and --chunk-size should be >= 1, found {self.batch_size} and {self.chunk_size}.")
+        if self.workers is None:
+            object.__setattr__(self, "workers", available_workers())  # frozen: resolved once, here
         if self.workers < 0:
             raise ExtractError(f"--workers should be >= 0, found {self.workers}.")
         if self.feature_dtype not in FEATURE_DTYPES:
@@ -185,6 +190,41 @@ def _list_digest(images: ImageList) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
+def available_workers() -> int:
+    """The default ``--workers``: the CPU cores this process may run on (its affinity, not the machine's
+    count), shared among the ranks of this node under torchrun (``LOCAL_WORLD_SIZE``). More decoding
+    processes than cores only contend (and the DataLoader warns about them)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, cores // ranks_here)
+
+
+def _check_images_exist(images: ImageList, list_file: Path | None) -> None:
+    """A list none of whose paths exists (comma-separated fields, a wrong --root) is a mistake, not N skipped images."""
+    if list_file is None:  # --folder found the files itself
+        return
+    if any((images.root / path).is_file() for path in images.paths):
+        return
+    raise ExtractError(f"none of the {len(images)} images of --list {list_file} exists under --root {images.root} "
+                       f"(the first is {images.paths[0]!r}); "
+                       "expected lines 'relative/path [label]' separated by whitespace.")
+
+
+def _check_num_classes(spec: str, k: int) -> None:
+    if k < 2:
+        raise ExtractError(f"--model {spec} has K={k} output class{'' if k == 1 else 'es'}; a bank needs K >= 2 classes "
+                           "(a calibration balances classes against each other).")
+
+
+def _resume_hint(cfg: ExtractConfig, model: LoadedModel) -> dict[str, str]:
+    """Why a changed manifest key makes a resume impossible, where the user cannot see it: a torchvision or
+    factory model without ``--weights`` is a new random initialisation on every run, so its fingerprint changes."""
+    if model.kind in ("torchvision", "factory") and cfg.weights is None:
+        return {"model_fingerprint": (f"--model {cfg.model} has no --weights, so its parameters are a new random initialisation "
+                                      "on every run")}
+    return {}
+
+
 def _check_labels(images: ImageList, k: int) -> None:
     bad = np.flatnonzero(images.labels >= k)
     if len(bad):
@@ -217,6 +257,7 @@ class _Runner:
         self.pending: deque[_InFlight] = deque()
         self.chunk_items: list[_InFlight] = []
         self.skipped: list[int] = []
+        self.first_skip: str | None = None  # why the first skipped image of this run was skipped
         self.rows_written = 0
         # Parts are written (and appended to the bank) by one background thread, in order, so the device
         # never waits for the disk; at most MAX_QUEUED_PARTS completed chunks wait in memory.
@@ -340,7 +381,8 @@ def _run_chunks(runner: _Runner, dataset: ViewDataset, plan: list, cfg: ExtractC
         prefetch_factor=cfg.prefetch if cfg.workers > 0 else None,
     )
     total = sum(len(rows) for _, _, rows in plan)
-    bar = tqdm(total=total, unit="img", file=sys.stderr, disable=not show, smoothing=0.05, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=f"extract {Path(cfg.out).name}", unit="img", file=sys.stderr, disable=not show, smoothing=0.05,
+               dynamic_ncols=True)
     with bar, contextlib.closing(runner):
         for (chunk, last, planned), batch in zip(plan, loader, strict=True):
             x, rows, bad_rows, errors = runner.to_device(batch)
@@ -348,6 +390,7 @@ def _run_chunks(runner: _Runner, dataset: ViewDataset, plan: list, cfg: ExtractC
                 if cfg.strict:
                     raise ImageDecodeError(f"{error} (--strict stops at the first bad image; without it bad images are skipped and listed).")
                 logger.warning("skipped %s", error)
+                runner.first_skip = runner.first_skip or str(error).rstrip(".")
             runner.launch(chunk, last, x, rows, bad_rows)
             bar.update(len(planned))
         runner.flush()
@@ -372,6 +415,8 @@ def extract_bank(cfg: ExtractConfig, *, dist: DistContext | None = None, model: 
     card_classes = card.get("classes") if isinstance(card.get("classes"), list) else None
     # the images before the (slow) model: a bad list or folder is said at once
     images = read_list(cfg.list_file, cfg.root) if cfg.list_file is not None else scan_folder(cfg.folder, card_classes)
+    if cfg.list_file is not None:  # none of the listed paths exists: said before the model loads
+        _check_images_exist(images, cfg.list_file)
     if cfg.decode == "torchvision":
         device_decode.require_torchvision_io()
     if model is None:
@@ -380,6 +425,7 @@ def extract_bank(cfg: ExtractConfig, *, dist: DistContext | None = None, model: 
                            device=str(device), input_size=probe.crop if probe else (224, 224), model_args=cfg.model_args)
     prep, prep_source = resolve_preprocessing(cfg, card, model)
     k = model.num_classes
+    _check_num_classes(cfg.model, k)
     known = card_classes if card_classes is not None else model.class_names  # the card's class names, else the model's config's
     if cfg.folder is not None and card_classes is None and known is not None:  # class folders matched against the model's names
         images = scan_folder(cfg.folder, known)
@@ -409,10 +455,9 @@ def extract_bank(cfg: ExtractConfig, *, dist: DistContext | None = None, model: 
     error = None
     if dist.is_main:  # rank 0 decides; every rank raises the same error
         try:
-            if out.exists() and not cfg.overwrite:
-                raise ExtractError(f"bank file {out} already exists; pass --overwrite to replace it.")
-            workdir.prepare(manifest)
-        except ExtractError as exc:
+            check_output_file(out, "--out", overwrite=cfg.overwrite)  # a new name, or a regular file with --overwrite
+            workdir.prepare(manifest, explain=_resume_hint(cfg, model))
+        except DisalignError as exc:
             error = str(exc)
     error = dist.broadcast_object(error)
     if error is not None:
@@ -470,7 +515,13 @@ def extract_bank(cfg: ExtractConfig, *, dist: DistContext | None = None, model: 
         else:
             dist.barrier()  # every rank's parts are on disk
             if assembler is not None:
-                assembler.finish()
+                try:
+                    assembler.finish()
+                except EmptyBankError:
+                    workdir.remove()  # parts of skipped images only: a rerun after a fix starts over
+                    first = f", the first: {runner.first_skip}" if runner.first_skip else ""
+                    raise ExtractError(f"none of the {len(images)} images of {cfg.list_file or cfg.folder} could be decoded "
+                                       f"(all skipped{first}); no bank was written.") from None
                 finished = True
         if dist.is_main:
             workdir.remove()

@@ -40,7 +40,7 @@ from torch import nn
 from disalign.calib.data.annotations import read_mask, read_pairs
 from disalign.calib.data.bank import FEATURE_DTYPES, BankReader, BankWriter
 from disalign.calib.defaults import IGNORE_INDEX
-from disalign.calib.files import file_fingerprint
+from disalign.calib.files import check_output_file, file_fingerprint
 from disalign.calib.progress import progress_bar
 from disalign.feature_extract.errors import ExtractError
 from disalign.feature_extract.models import TORCHVISION_PREFIX
@@ -249,8 +249,7 @@ def _class_names(card: Path | None, k: int) -> list[str]:
 
 def extract_segmentation_bank(cfg: SegmentationExtractConfig) -> Path:
     """Write the pixel bank of ``cfg.list_file``; returns its path."""
-    if Path(cfg.out).exists() and not cfg.overwrite:
-        raise ExtractError(f"bank file {cfg.out} already exists; pass --overwrite to replace it.")
+    check_output_file(cfg.out, "--out", overwrite=cfg.overwrite)  # a new name, or a regular file with --overwrite
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ExtractError("--device cuda was requested but torch.cuda.is_available() is False.")
     prep = _preprocessing(cfg)

@@ -28,8 +28,8 @@ import h5py
 import numpy as np
 
 from disalign.calib.data.bank import REQUIRED_DATASETS, BankReader, BankWriter
-from disalign.calib.files import replace_with, temporary_sibling, write_atomic
-from disalign.feature_extract.errors import ExtractError
+from disalign.calib.files import check_output_file, replace_with, temporary_sibling, write_atomic
+from disalign.feature_extract.errors import EmptyBankError, ExtractError
 
 PART_COLUMNS = ("features", "logits", "labels", "sample_index", "view")
 MANIFEST_VERSION = 1
@@ -41,8 +41,12 @@ class WorkDir:
     def __init__(self, bank_path: Path):
         self.path = bank_path.with_name(bank_path.name + ".parts")
 
-    def prepare(self, manifest: dict) -> None:
-        """Create the directory, or check that an existing one was started with the same manifest."""
+    def prepare(self, manifest: dict, *, explain: dict[str, str] | None = None) -> None:
+        """Create the directory, or check that an existing one was started with the same manifest.
+
+        ``explain``: for a manifest key whose change the user did not make (a random model's fingerprint),
+        the reason, said instead of "rerun with the same arguments".
+        """
         manifest = json.loads(json.dumps({"version": MANIFEST_VERSION, **manifest}))
         manifest_path = self.path / "manifest.json"
         if manifest_path.exists():
@@ -51,9 +55,14 @@ class WorkDir:
             except (OSError, json.JSONDecodeError) as exc:
                 raise ExtractError(f"{manifest_path} is not readable JSON ({exc}); delete {self.path} to start over.") from exc
             if old != manifest:
-                changed = [f"{key}: {old.get(key)!r:.60} → {manifest.get(key)!r:.60}" for key in sorted(set(old) | set(manifest)) if old.get(key) != manifest.get(key)]
+                keys = [key for key in sorted(set(old) | set(manifest)) if old.get(key) != manifest.get(key)]
+                changed = "; ".join(f"{key}: {old.get(key)!r:.60} → {manifest.get(key)!r:.60}" for key in keys)
+                reasons = [(explain or {})[key] for key in keys if key in (explain or {})]
+                if reasons and len(reasons) == len(keys):
+                    raise ExtractError(f"{self.path} holds an unfinished extraction of another model: {'; '.join(reasons)} ({changed}); "
+                                       f"pass --weights (a state_dict) to make the extraction resumable, or delete {self.path} to start over.")
                 raise ExtractError(
-                    f"{self.path} holds an unfinished extraction started with different arguments ({'; '.join(changed)}); "
+                    f"{self.path} holds an unfinished extraction started with different arguments ({changed}); "
                     f"rerun with the same arguments to resume, or delete {self.path} to start over."
                 )
             return
@@ -126,6 +135,8 @@ class PartsAssembler:
     def finish(self) -> Path:
         """Append the remaining parts (all must exist now), add ``skipped``, mark complete and rename."""
         self._drain(everything_on_disk=True)
+        if self.writer.rows == 0:
+            raise EmptyBankError(f"no row to write to {self.writer.path}: every image was skipped.")
         skipped = np.sort(np.concatenate(self.skipped or [np.zeros(0, np.int64)])).astype(np.int64)
         # BankWriter has no hook for a dataset of another length than N; write it before finish() renames.
         self.writer.write_dataset("skipped", skipped)
@@ -142,8 +153,7 @@ def write_virtual_bank(shards: list[Path], out: Path, *, overwrite: bool) -> Pat
     files are referenced relative to ``out``'s directory, so the bank and its shards move together. If a
     shard goes missing, its rows read as NaN features/logits and label -2, which BankReader rejects.
     """
-    if out.exists() and not overwrite:
-        raise ExtractError(f"bank file {out} already exists; pass --overwrite to replace it.")
+    check_output_file(out, "--out", overwrite=overwrite)  # a new name, or a regular file with --overwrite
     sizes = []
     for shard in shards:
         with BankReader(shard) as reader:

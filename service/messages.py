@@ -19,8 +19,26 @@ def _location(loc: Sequence[Any]) -> str:
     return prefix + (text or "the request body")
 
 
+MAX_LISTED = 5  # further problems named in one sentence; the rest are counted
+
+
+def further_problems(descriptions: Sequence[str]) -> str:
+    """`` (and N more problems: a; b; …; and M others)``, naming up to :data:`MAX_LISTED`; '' for none."""
+    n = len(descriptions)
+    if not n:
+        return ""
+    rest = n - min(n, MAX_LISTED)
+    tail = f"; and {rest} other{'s' if rest != 1 else ''}" if rest else ""
+    return f" (and {n} more problem{'s' if n != 1 else ''}: {'; '.join(descriptions[:MAX_LISTED])}{tail})"
+
+
+def _problem(error: dict[str, Any]) -> str:
+    msg = str(error.get("msg", "is invalid")).rstrip(".")
+    return f"{_location(error.get('loc', ()))}: {msg[:1].lower()}{msg[1:]}"
+
+
 def validation_sentence(errors: Sequence[dict[str, Any]]) -> str:
-    """One sentence for a list of pydantic errors: the first one, and how many more there are."""
+    """One sentence for a list of pydantic errors: the first one, then the others, named (up to a few) and counted."""
     if not errors:
         return "the request is invalid."
     first = errors[0]
@@ -30,6 +48,4 @@ def validation_sentence(errors: Sequence[dict[str, Any]]) -> str:
     where = _location(first.get("loc", ()))
     if first.get("type") == "missing" and where == "the request body":
         return "the request body is required."
-    msg = str(first.get("msg", "is invalid")).rstrip(".")
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    return f"{where}: {msg[:1].lower()}{msg[1:]}{more}."
+    return f"{_problem(first)}{further_problems([_problem(e) for e in errors[1:]])}."

@@ -1,4 +1,11 @@
-"""Fixtures shared by all test packages: the shared real data and small synthetic banks."""
+"""Fixtures shared by all test packages: the shared real data and small synthetic banks.
+
+The shared data (``../shared`` beside the repository, or ``$DISALIGN_SHARED_DIR``; the README says where it
+comes from) is checked once, up front. When it is missing, the tests that need it — every test that
+requests the ``shared_dir`` fixture, directly or through another fixture, or carries the ``shared_data``
+mark — are skipped with one reason, printed once, and the rest of the suite runs; with ``CI=true`` a
+missing shared directory is one immediate error instead, since CI must run everything.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +23,42 @@ from disalign.calib.data.synthetic import write_synthetic_bank
 REPO = Path(__file__).resolve().parents[1]
 # CI clones the repository with shared/ beside it; a developer checkout has it at ../shared as well.
 SHARED = Path(os.environ.get("DISALIGN_SHARED_DIR", REPO.parent / "shared"))
+SHARED_MISSING = not (SHARED / "models").is_dir()
+SHARED_REASON = (f"the shared data directory {SHARED} is missing: put shared/ beside the repository or set "
+                 "DISALIGN_SHARED_DIR (README, 'Tests')")
+# The embedded demo model and card: byte for byte the shared cifar10lt-ir50-resnet32.{ts,json}
+# (tests/disalign/test_package.py checks it), so the tests that need only the model run without shared/.
+EXAMPLE_MODEL = REPO / "examples" / "cifar10lt" / "cifar10lt-ir50-resnet32.ts"
+EXAMPLE_CARD = REPO / "examples" / "cifar10lt" / "cifar10lt-ir50-resnet32.json"
 LT_COUNTS = (5000 * (1 / 50) ** (np.arange(10) / 9)).astype(np.int64)  # CIFAR-10-LT IR50 shape
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "shared_data: needs the shared data directory (skipped when it is missing)")
+    if SHARED_MISSING and in_ci():
+        raise pytest.UsageError(f"CI=true and {SHARED_REASON}.")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # one line up front, even under -q (which hides the report header)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if SHARED_MISSING and reporter is not None:
+        reporter.write_line(f"{SHARED_REASON}; the tests that need it are skipped.", yellow=True)
+
+
+def needs_shared_data(item: pytest.Item) -> bool:
+    return "shared_dir" in getattr(item, "fixturenames", ()) or item.get_closest_marker("shared_data") is not None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # raised here, before any fixture, and always from this line: `-ra` folds every such skip into one line
+    if SHARED_MISSING and needs_shared_data(item):
+        pytest.skip(SHARED_REASON)
 
 
 @pytest.fixture(scope="session")

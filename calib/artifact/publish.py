@@ -20,6 +20,10 @@ the cheap check (one ``readlink``) a server polls to notice a new version.
 
 The old flat layout (the two files directly in ``DIR``) still loads. Publishing into it converts it:
 ``current`` is created (readers prefer it from then on), and only after that are the flat files removed.
+Only files that are an artifact are ever removed: both present, regular, ``calibration.json`` a JSON object
+with ``method``, ``num_classes`` and ``artifact_version``, ``parameters.safetensors`` with a readable
+safetensors header. A user's notes named ``calibration.json`` are refused, as are a ``current`` that is
+not a link to ``versions/<id>`` and a ``versions`` that is not a directory (:func:`check_publish_target`).
 
 Files are written with the process umask (``0644`` under the usual ``022``), so a server running as
 another user can read an artifact fitted on the host. Nothing here imports torch.
@@ -27,16 +31,18 @@ another user can read an artifact fitted on the host. Nothing here imports torch
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
 import shutil
+import struct
 import time
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from disalign.calib.errors import ArtifactError
-from disalign.calib.files import fsync_dir, write_new
+from disalign.calib.files import file_kind, fsync_dir, write_new
 
 METADATA_FILE = "calibration.json"
 PARAMETERS_FILE = "parameters.safetensors"
@@ -46,6 +52,8 @@ VERSIONS = "versions"
 KEEP_VERSIONS = 3
 VERSION_TEMP_PREFIX = ".tmp-"  # in DIR/versions/
 LINK_TEMP_PREFIX = ".current.tmp-"  # in DIR
+FLAT_IDENTITY_KEYS = ("method", "num_classes", "artifact_version")  # what makes a flat calibration.json ours
+MAX_SAFETENSORS_HEADER = 100_000_000  # bytes; safetensors' own limit
 STALE_TEMP_S = 3600.0  # a temporary entry this old belongs to a killed writer, not a concurrent one
 VERSION_ID = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
 
@@ -88,7 +96,8 @@ def check_publish_target(directory: str | os.PathLike, *, role: str = "calibrati
 
     Allowed: a path that does not exist yet (its nearest existing parent must be a writable directory), an
     empty directory, or a directory that holds only a calibration (published or flat). Refused: a file,
-    a directory with anything else in it (nothing of it is ever deleted), an unwritable directory.
+    a directory with anything else in it (nothing of it is ever deleted), entries with our names that are
+    not ours (:func:`_check_own_names`), an unwritable directory.
     """
     directory = Path(directory)
     if not directory.exists():
@@ -108,6 +117,7 @@ def check_publish_target(directory: str | os.PathLike, *, role: str = "calibrati
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         raise ArtifactError(f"{role} {directory} holds files that are not a calibration ({shown}); "
                             "give a new or empty directory, or one that holds a calibration.")
+    _check_own_names(directory, role)
     if not overwrite and current_version(directory) is not None:
         raise ArtifactError(f"{role} {directory} already holds a calibration.")
     if not os.access(directory, os.W_OK | os.X_OK):
@@ -181,6 +191,65 @@ def collect_garbage(directory: Path, *, keep: int = KEEP_VERSIONS, protected: fr
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+def _check_own_names(directory: Path, role: str) -> None:
+    """Raise unless what carries our names in ``directory`` is ours: ``current`` a link to ``versions/<id>``,
+    ``versions`` a directory (not a link), and flat files (without ``current``) an artifact."""
+    if os.path.lexists(directory / CURRENT):
+        try:
+            _pointer(directory)  # a file, a directory, or a link anywhere but versions/<id>
+        except ArtifactError as exc:
+            raise ArtifactError(f"{role} {directory}: {exc}") from None
+    versions = directory / VERSIONS
+    if os.path.lexists(versions):
+        kind = file_kind(versions, follow_symlinks=False)
+        if kind != "a directory":
+            raise ArtifactError(f"{role} {directory}: {versions} should be a directory of versions, found {kind or 'a file'}; it is not replaced: "
+                                "move it away or give another directory.")
+    present = [name for name in ARTIFACT_FILES if os.path.lexists(directory / name)]
+    if not present or os.path.lexists(directory / CURRENT):
+        return  # with current, the flat files are never read, and a publish does not remove them
+    for name in present:
+        kind = file_kind(directory / name, follow_symlinks=False)
+        if kind is not None:
+            raise ArtifactError(f"{role} {directory}: {directory / name} is {kind}; a calibration's files are regular files, "
+                                "so it is not replaced; move it away or give another directory.")
+    if len(present) == 1:
+        missing = next(name for name in ARTIFACT_FILES if name not in present)
+        raise ArtifactError(f"{role} {directory} holds {present[0]} without {missing}, so it is not a calibration and is not "
+                            "replaced; move it away or give another directory.")
+    why = _not_an_artifact(directory)
+    if why:
+        raise ArtifactError(f"{role} {directory}: {why}, so the two files are not replaced; move them away or give another directory.")
+
+
+def _not_an_artifact(directory: Path) -> str:
+    """Why the flat files in ``directory`` are not a calibration artifact ('' when they are one): the identity
+    of ``calibration.json`` and the header of ``parameters.safetensors`` (their full checks are
+    :mod:`disalign.calib.artifact.format`'s, on load)."""
+    meta = directory / METADATA_FILE
+    try:
+        raw = json.loads(meta.read_bytes())
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deeply to be ours
+        raw = None
+    if not isinstance(raw, dict):
+        return f"{meta} is not a calibration artifact's metadata (not a JSON object)"
+    missing = [key for key in FLAT_IDENTITY_KEYS if key not in raw]
+    if missing:
+        return f"{meta} is not a calibration artifact's metadata (no {', '.join(repr(k) for k in missing)})"
+    parameters = directory / PARAMETERS_FILE
+    with open(parameters, "rb") as fh:
+        head = fh.read(8)
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        body = fh.read(size) if 0 < size <= MAX_SAFETENSORS_HEADER else b""
+    try:
+        header = json.loads(body) if len(body) == size else None
+    except (ValueError, RecursionError):
+        header = None
+    if not isinstance(header, dict):
+        return f"{parameters} is not a safetensors file (no readable header)"
+    return ""
+
+
 def _pointer(directory: Path) -> str | None:
     """The target of ``DIR/current`` (``versions/<id>``), None when there is no such link."""
     link = directory / CURRENT

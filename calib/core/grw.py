@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from disalign.calib.errors import InputError
+from disalign.calib.errors import InputError, some_of
 
 
 def grw_weights(
@@ -44,9 +44,11 @@ def grw_weights(
         raise InputError("class_counts must be non-negative.")
     if (fg_counts == 0).any() and rho > 0:
         missing = torch.nonzero(fg, as_tuple=True)[0][fg_counts == 0].tolist()
+        one = len(missing) == 1
         raise InputError(
-            f"class_counts: class(es) {missing[:10]} have no training samples, so their GRW weight is infinite; "
-            "add training samples or pass count_smoothing > 0."
+            f"class_counts: {len(missing)} of {counts.numel()} classes {'has' if one else 'have'} no training samples "
+            f"({'class' if one else 'classes'} {some_of(missing)}), so {'its' if one else 'their'} GRW weight is infinite; "
+            "add training samples or pass count_smoothing > 0 (disalign fit --count-smoothing)."
         )
     freq = fg_counts / fg_counts.sum()
     inv = freq.pow(-rho) if rho > 0 else torch.ones_like(freq)

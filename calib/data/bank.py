@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from disalign.calib.errors import BankError, InputError
-from disalign.calib.files import replace_with, temporary_sibling
+from disalign.calib.files import file_kind, replace_with, temporary_sibling
 
 SCHEMA_VERSION = 1
 FEATURE_DTYPES = ("float16", "float32")
@@ -257,18 +256,6 @@ def _unwritten(ds: h5py.Dataset) -> bool:
     return ds.id.get_num_chunks() < expected
 
 
-def file_kind(path: str) -> str | None:
-    """None for a regular file (or a link to one), else what it is: a FIFO, a directory, a device, a socket."""
-    mode = os.stat(path).st_mode
-    if stat.S_ISREG(mode):
-        return None
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
 def available_memory() -> int | None:
     """Bytes this process can still allocate: MemAvailable, capped by a cgroup v2 limit (containers); None if unknown."""
     available = None
@@ -354,6 +341,9 @@ class BankReader:
         d = f["features"].shape[1]
         if k < 1 or d < 1:
             raise BankError(f"{path}: features/logits need at least one column, found d={d}, K={k}.")
+        if k < 2:
+            raise BankError(f"{path}: the logits have K={k} column{'' if k == 1 else 's'}; a bank needs K >= 2 classes "
+                            "(a calibration balances classes against each other).")
         class_names = _json_attr(f.attrs, "class_names", [str(i) for i in range(k)], list, f"a list of {k} class names", path)
         if len(class_names) != k:
             raise BankError(f"{path}: attribute 'class_names' has {len(class_names)} names but the logits have K={k} columns.")
@@ -629,6 +619,9 @@ class BankWriter:
         from disalign.calib import __version__
 
         self.path = Path(path)
+        kind = file_kind(self.path, follow_symlinks=False) if os.path.lexists(self.path) else None
+        if kind is not None:  # a rename over it would replace a FIFO, a device or a link with a regular file
+            raise BankError(f"bank file {self.path} is {kind}; expected a regular file or a new name.")
         if self.path.exists() and not overwrite:
             raise BankError(f"bank file {self.path} already exists; pass overwrite to replace it.")
         if feature_dtype not in FEATURE_DTYPES:
@@ -636,6 +629,9 @@ class BankWriter:
         if task not in TASKS:
             raise BankError(f"task should be one of {', '.join(TASKS)}, found {task!r}.")
         self.num_classes = len(class_names)
+        if self.num_classes < 2:
+            raise BankError(f"class_names has {self.num_classes} class{'' if self.num_classes == 1 else 'es'}; a bank needs K >= 2 "
+                            "classes (a calibration balances classes against each other).")
         self.feature_dim = int(feature_dim)
         k, d = self.num_classes, self.feature_dim
         # Every argument is checked before the temporary file (or its folder) exists: a refused writer

@@ -5,17 +5,20 @@
 The format follows the extension of ``--out``: ``.csv``, ``.jsonl`` (or ``.ndjson``), ``.h5`` (or ``.hdf5``).
 Per row of the bank (every view, labelled or not), in bank order:
 
-- ``row``, ``sample_index`` (the row of the source list), ``view``, ``label`` (-1: unlabelled);
-- ``path``: the list row's image path, when the list the bank was extracted from is known (``--list``, or
-  the bank's ``source`` attribute when that file is still there; a COCO JSON gives ``file_name``);
-- the calibrated top-k: class index, class name and probability, best first;
+- ``row``, ``sample_index`` (the row of the source list), ``view``, the bank's own label as ``true_index`` (-1:
+  unlabelled) and ``true_label`` (its class name; empty / null when unlabelled);
+- ``path``: the list row's image path, with ``--list`` (the list or COCO JSON the bank was extracted from;
+  a COCO JSON gives ``file_name``). The bank's ``source`` attribute only names that file: paths in a bank
+  are data, never files to open;
+- the calibrated top-k, best first, in the server's vocabulary (``service/schemas.py``, ``Prediction``):
+  ``label`` (the class name), ``index`` (the class index), ``probability``;
 - with ``--stage1``: the same top-k of the raw stage-1 logits (softmax), to see what the calibration changed.
 
-CSV has one column per field (``top1_label, top1_name, top1_probability, top2_label, …``, then
+CSV has one column per field (``top1_label, top1_index, top1_probability, top2_label, …``, then
 ``stage1_top1_label, …``); JSON Lines one object per row with lists ``top_k`` / ``stage1_top_k`` of
-``{"label", "name", "probability"}``; HDF5 the datasets ``row``, ``sample_index``, ``view``, ``label``,
-``path`` and ``top_k_labels`` (N, k) int64 / ``top_k_probabilities`` (N, k) float32 (+ ``stage1_…``), with
-``class_names`` (JSON) among the attributes. The bank is read in blocks, so its size is not bounded by
+``{"label", "index", "probability"}``; HDF5 the datasets ``row``, ``sample_index``, ``view``, ``true_index``,
+``path`` and ``top_k_indices`` (N, k) int64 / ``top_k_probabilities`` (N, k) float32 (+ ``stage1_…``), with
+``class_names`` (JSON) among the attributes (the names of the indices). The bank is read in blocks, so its size is not bounded by
 memory; the output is written to a temporary sibling and renamed into place when complete.
 """
 
@@ -40,10 +43,10 @@ class Predictions:
     row: np.ndarray
     sample_index: np.ndarray
     view: np.ndarray
-    label: np.ndarray
-    top_labels: np.ndarray
+    true_index: np.ndarray  # the bank's labels (-1: unlabelled)
+    top_indices: np.ndarray
     top_probabilities: np.ndarray
-    stage1_labels: np.ndarray | None
+    stage1_indices: np.ndarray | None
     stage1_probabilities: np.ndarray | None
     paths: list[str] | None
 
@@ -53,9 +56,9 @@ def source_paths(bank: Path, sample_index: np.ndarray, list_file: Path | None) -
     """``(paths, why_not)``: the image path of every list row the bank's ``sample_index`` refers to, or None
     and the reason when unknown.
 
-    ``list_file`` given: it must exist and cover every sample_index. Otherwise the bank's ``source``
-    attribute is tried (as written, then relative to the bank's directory); when that is not a readable
-    list covering the bank, there is no path column.
+    Only ``list_file``, the user's own argument, is ever opened: it must exist and cover every sample_index.
+    The bank's ``source`` attribute is data (anyone who wrote the bank chose it), so it is only named in
+    the reason, never read.
     """
     needed = int(sample_index.max()) + 1 if sample_index.size else 0
     if list_file is not None:
@@ -71,13 +74,8 @@ def source_paths(bank: Path, sample_index: np.ndarray, list_file: Path | None) -
         source = f.attrs.get("source")
     if not isinstance(source, str) or not source:
         return None, "the bank records no source list: no path column (pass --list to add one)."
-    for candidate in (Path(source), bank.parent / source):
-        if candidate.is_file():
-            paths = read_source(candidate)
-            if paths is not None and len(paths) >= needed:
-                return paths, ""
-    return None, (f"the bank's source list {source} is not readable here or does not cover the bank: no path column "
-                  "(pass --list to add one).")
+    return None, (f"no path column: the bank records its source list as {source!r}, which is not opened unless you pass it "
+                  f"(--list {source}).")
 
 
 def read_source(path: Path) -> list[str] | None:
@@ -106,8 +104,10 @@ class _Writer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def finish(self) -> None:
+        from disalign.calib.files import replace_with
+
         self._close()
-        self.tmp.replace(self.path)
+        replace_with(self.tmp, self.path)
 
     def abort(self) -> None:
         try:
@@ -125,19 +125,20 @@ class CsvWriter(_Writer):
         super().__init__(path, **kwargs)
         self.file = open(self.tmp, "w", newline="")
         self.csv = csv.writer(self.file)
-        header = ["row", "sample_index", "view", "label"] + (["path"] if self.with_paths else [])
+        header = ["row", "sample_index", "view", "true_index", "true_label"] + (["path"] if self.with_paths else [])
         for prefix in ("", "stage1_") if self.stage1 else ("",):
             for i in range(1, self.k + 1):
-                header += [f"{prefix}top{i}_label", f"{prefix}top{i}_name", f"{prefix}top{i}_probability"]
+                header += [f"{prefix}top{i}_label", f"{prefix}top{i}_index", f"{prefix}top{i}_probability"]
         self.csv.writerow(header)
 
     def write(self, block: Predictions, names: np.ndarray) -> None:
-        columns = [block.row.tolist(), block.sample_index.tolist(), block.view.tolist(), block.label.tolist()]
+        columns = [block.row.tolist(), block.sample_index.tolist(), block.view.tolist(), block.true_index.tolist(),
+                   [str(names[y]) if y >= 0 else "" for y in block.true_index.tolist()]]
         if block.paths is not None:
             columns.append(block.paths)
-        for labels, probabilities in _top_k_pairs(block):
+        for indices, probabilities in _top_k_pairs(block):
             for i in range(self.k):
-                columns += [labels[:, i].tolist(), names[labels[:, i]].tolist(), [f"{p:.6g}" for p in probabilities[:, i].tolist()]]
+                columns += [names[indices[:, i]].tolist(), indices[:, i].tolist(), [f"{p:.6g}" for p in probabilities[:, i].tolist()]]
         self.csv.writerows(zip(*columns, strict=True))
 
     def _close(self) -> None:
@@ -150,11 +151,12 @@ class JsonlWriter(_Writer):
         self.file = open(self.tmp, "w")
 
     def write(self, block: Predictions, names: np.ndarray) -> None:
-        tops = [[[{"label": int(c), "name": str(names[c]), "probability": round(float(p), 6)} for c, p in zip(lab, prob, strict=True)]
-                 for lab, prob in zip(labels.tolist(), probabilities.tolist(), strict=True)] for labels, probabilities in _top_k_pairs(block)]
+        tops = [[[{"label": str(names[c]), "index": int(c), "probability": round(float(p), 6)} for c, p in zip(ind, prob, strict=True)]
+                 for ind, prob in zip(indices.tolist(), probabilities.tolist(), strict=True)] for indices, probabilities in _top_k_pairs(block)]
         for j in range(block.row.size):
+            true = int(block.true_index[j])
             record = {"row": int(block.row[j]), "sample_index": int(block.sample_index[j]), "view": int(block.view[j]),
-                      "label": int(block.label[j])}
+                      "true_index": true, "true_label": str(names[true]) if true >= 0 else None}
             if block.paths is not None:
                 record["path"] = block.paths[j]
             record["top_k"] = tops[0][j]
@@ -172,10 +174,10 @@ class Hdf5Writer(_Writer):
 
         super().__init__(path, **kwargs)
         self.file = h5py.File(self.tmp, "w")
-        self.columns = {"row": ((), "int64"), "sample_index": ((), "int64"), "view": ((), "int16"), "label": ((), "int64"),
-                        "top_k_labels": ((self.k,), "int64"), "top_k_probabilities": ((self.k,), "float32")}
+        self.columns = {"row": ((), "int64"), "sample_index": ((), "int64"), "view": ((), "int16"), "true_index": ((), "int64"),
+                        "top_k_indices": ((self.k,), "int64"), "top_k_probabilities": ((self.k,), "float32")}
         if self.stage1:
-            self.columns |= {"stage1_top_k_labels": ((self.k,), "int64"), "stage1_top_k_probabilities": ((self.k,), "float32")}
+            self.columns |= {"stage1_top_k_indices": ((self.k,), "int64"), "stage1_top_k_probabilities": ((self.k,), "float32")}
         if self.with_paths:
             self.columns["path"] = ((), h5py.string_dtype())
         for name, (tail, dtype) in self.columns.items():
@@ -187,9 +189,9 @@ class Hdf5Writer(_Writer):
         self.rows = 0
 
     def write(self, block: Predictions, names: np.ndarray) -> None:
-        values = {"row": block.row, "sample_index": block.sample_index, "view": block.view, "label": block.label,
-                  "top_k_labels": block.top_labels, "top_k_probabilities": block.top_probabilities,
-                  "stage1_top_k_labels": block.stage1_labels, "stage1_top_k_probabilities": block.stage1_probabilities,
+        values = {"row": block.row, "sample_index": block.sample_index, "view": block.view, "true_index": block.true_index,
+                  "top_k_indices": block.top_indices, "top_k_probabilities": block.top_probabilities,
+                  "stage1_top_k_indices": block.stage1_indices, "stage1_top_k_probabilities": block.stage1_probabilities,
                   "path": block.paths}
         n = block.row.size
         for name in self.columns:
@@ -203,9 +205,9 @@ class Hdf5Writer(_Writer):
 
 
 def _top_k_pairs(block: Predictions) -> list[tuple[np.ndarray, np.ndarray]]:
-    pairs = [(block.top_labels, block.top_probabilities)]
-    if block.stage1_labels is not None:
-        pairs.append((block.stage1_labels, block.stage1_probabilities))
+    pairs = [(block.top_indices, block.top_probabilities)]
+    if block.stage1_indices is not None:
+        pairs.append((block.stage1_indices, block.stage1_probabilities))
     return pairs
 
 

@@ -13,16 +13,19 @@ no evaluated class). The report is plain JSON (floats, lists, None):
      "class_counts": [K ints], "num_rows": int, "many_above": int, "few_below": int,
      "per_class_accuracy": {name: [K floats, None for classes absent from the test bank]},
      "reliability": {name: {"count", "confidence", "accuracy": [num_bins values, None for empty bins], "ece"}},
-     "bootstrap": {"resamples", "level", "seed", "mean_class_accuracy": {name: [low, high]},
+     "bootstrap": {"resamples", "level", "seed", "seeds", "mean_class_accuracy": {name: [low, high]},
                    "difference_to_best": {name: [low, high]}},             (with bootstrap_resamples > 0)
      "validation": {"num_rows", "mean_class_accuracy": {name: float}, "nll": {name: float}, "best": name,
                     "lowest_nll": name}}  (with val)
 
 Uncertainty: a stratified percentile bootstrap of the test rows (each class's rows resampled within the
-class, so every resample keeps the test bank's class sizes; 1,000 resamples, seed 0) gives a 95 %
-interval of each method's mean-class accuracy; the resamples are shared by all methods, so
-``difference_to_best`` — the interval of (method − best-on-val method) — is a paired comparison: a
-difference whose interval holds 0 is within the noise of this test bank. The method "best on the
+class, so every resample keeps the test bank's class sizes; 1,000 resamples) gives a 95 % interval of
+each method's mean-class accuracy. Each interval is drawn with a seed of its own, made from the report's
+``seed`` (0) and the method's name (:func:`method_seed`), from that method's predictions alone, so a
+method's interval is the same whichever other methods are evaluated beside it, in whatever order.
+``difference_to_best`` — the interval of (method − best-on-val method) — is a paired comparison, drawn
+on resamples shared by exactly those two methods (seeded by both names): a difference whose interval
+holds 0 is within the noise of this test bank. The method "best on the
 validation bank" has the highest mean-class accuracy on the clean labelled rows of ``val`` (ties: lower
 NLL, then the order given); it is the choice a user can make without looking at the test bank.
 """
@@ -30,6 +33,7 @@ NLL, then the order given); it is the choice a user can make without looking at 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -105,6 +109,11 @@ def bootstrap_mean_class_accuracy(correct: torch.Tensor, labels: torch.Tensor, *
             drawn = np.bincount(picks.ravel(), minlength=resamples * groups).reshape(resamples, groups)
         out += drawn @ bits / size  # (B, M) accuracy on the class
     return torch.from_numpy(out / classes.size).T.contiguous()
+
+
+def method_seed(*names: str, seed: int = 0) -> int:
+    """The bootstrap seed of one method (or one pair): ``seed`` and the names, stable across runs and machines."""
+    return zlib.crc32("\0".join((str(seed), *names)).encode())
 
 
 def percentile_interval(samples: torch.Tensor, level: float = BOOTSTRAP_LEVEL) -> list[list[float]]:
@@ -194,14 +203,20 @@ def evaluate_methods(
     if val is not None:
         report["validation"] = validation_scores(as_bank(val, "val"), estimators)
     if bootstrap_resamples and estimators:
-        samples = bootstrap_mean_class_accuracy(correct, labels, resamples=bootstrap_resamples)
         names = list(estimators)
+        intervals = {name: percentile_interval(bootstrap_mean_class_accuracy(
+            correct[m : m + 1], labels, resamples=bootstrap_resamples, seed=method_seed(name)))[0] for m, name in enumerate(names)}
         report["bootstrap"] = {"resamples": bootstrap_resamples, "level": BOOTSTRAP_LEVEL, "seed": 0,
-                               "mean_class_accuracy": dict(zip(names, percentile_interval(samples), strict=True))}
+                               "seeds": "per method: crc32 of the seed and the method's name (per pair for difference_to_best)",
+                               "mean_class_accuracy": intervals}
         best = report.get("validation", {}).get("best")
         if best is not None:
-            differences = samples - samples[names.index(best)]
-            report["bootstrap"]["difference_to_best"] = dict(zip(names, percentile_interval(differences), strict=True))
+            b = names.index(best)
+            differences = {}
+            for m, name in enumerate(names):
+                pair = bootstrap_mean_class_accuracy(correct[[m, b]], labels, resamples=bootstrap_resamples, seed=method_seed(name, best))
+                differences[name] = percentile_interval((pair[0] - pair[1]).unsqueeze(0))[0]
+            report["bootstrap"]["difference_to_best"] = differences
     return report
 
 
@@ -225,14 +240,19 @@ def fit_baselines(names: list[str], train: Bank, val: Bank | None, *, seed: int 
     return fitted
 
 
+def _fixed(value: float, digits: int) -> str:
+    """``value`` with ``digits`` decimals, never ``-0.0`` (a value that rounds to zero is zero)."""
+    return f"{round(value, digits) + 0.0:.{digits}f}"
+
+
 def _cell(value: float | None, kind: str) -> str:
     if value is None:
         return "-"
-    return f"{100 * value:.1f}" if kind == "percent" else f"{value:.3f}"
+    return _fixed(100 * value, 1) if kind == "percent" else _fixed(value, 3)
 
 
 def _interval(bounds: list[float] | None) -> str:
-    return "-" if bounds is None else f"[{100 * bounds[0]:.1f}, {100 * bounds[1]:.1f}]"
+    return "-" if bounds is None else f"[{_fixed(100 * bounds[0], 1)}, {_fixed(100 * bounds[1], 1)}]"
 
 
 def format_table(report: dict) -> str:

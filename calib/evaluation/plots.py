@@ -36,6 +36,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator
 
 from disalign.calib.files import write_atomic
 
+PLOT_FILES = ("per_class_accuracy.png", "reliability.png", "rho_curve.png")  # every name render_plots may write
+
 NAMED_CLASSES_UP_TO = 30  # up to this many classes, every class is drawn and named
 COUNT_BINS = 16  # log-spaced training-count bins above that
 FEW_SAMPLES = 10  # reliability bins with fewer rows are hatched

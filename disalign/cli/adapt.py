@@ -33,6 +33,7 @@ from disalign.calib.errors import InputError
 from disalign.cli.common import (
     STDOUT,
     HelpFormatter,
+    add_overwrite_argument,
     add_quiet_argument,
     check_writable_file,
     note,
@@ -95,6 +96,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", type=Path, help="write a calibration aligned to the estimated prior here")
     p.add_argument("--json", type=output_path, help="write the estimate here (the prior-file format; - for stdout)")
     p.add_argument("--no-test", action="store_true", help="align --out to the estimate even when the test keeps the reference")
+    add_overwrite_argument(p, "a --json file")
     add_estimate_arguments(p)
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the intervals (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
@@ -118,7 +120,7 @@ def run_adapt(args: argparse.Namespace) -> int:
     from disalign.calib.data.bank import load_bank
     from disalign.calib.estimators.methods import load_calibration
 
-    check_writable_file(args.json, "--json")  # every output checked before any work
+    check_writable_file(args.json, "--json", overwrite=args.overwrite)  # every output checked before any work
     if args.out is not None:
         check_publish_target(args.out, role="--out")
     calibrator = load_calibration(args.calibration)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from disalign.calib import sizes
 from disalign.calib.errors import DisalignError, DisalignWarning, InputError
-from disalign.calib.files import write_atomic
+from disalign.calib.files import check_output_file, write_atomic
 
 STDOUT = "-"  # an output path that means standard output
 MAX_STEPS_HELP = "cap on the SGD steps of lws and crt (default: the full classifier-balancing recipe; epochs are shortened alike)"
@@ -129,17 +129,29 @@ def output_path(text: str) -> Path | str:
 
 
 # -- outputs: checked before any work, written atomically at the end ----------------------------------
-def check_writable_file(path: Path | str | None, flag: str, *, overwrite: bool = True) -> None:
-    """Raise if ``path`` cannot become a file: it is a directory, exists without ``overwrite``, or its
-    nearest existing parent is not a writable directory. ``-`` (standard output) and None pass."""
+def check_writable_file(path: Path | str | None, flag: str, *, overwrite: bool) -> None:
+    """Raise if ``path`` cannot become a file (:func:`disalign.calib.files.check_output_file`): it is a
+    directory, a symlink, a FIFO or a device, exists without ``overwrite``, or its nearest existing parent is
+    not a writable directory. ``-`` (standard output) and None pass."""
     if path is None or path == STDOUT:
         return
     path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{flag} {path} is a directory; expected a file name.")
-    if path.exists() and not overwrite:
-        raise InputError(f"{flag} {path} already exists; pass --overwrite to replace it.")
+    check_output_file(path, flag, overwrite=overwrite)
     _check_parent(path, flag)
+
+
+def check_writable_files(directory: Path | None, names, flag: str, *, overwrite: bool) -> None:
+    """The output-file rule (:func:`disalign.calib.files.check_output_file`) for each of ``names`` inside an
+    existing output ``directory`` (the PNGs of ``--plots``)."""
+    if directory is None or not directory.is_dir():
+        return
+    for name in names:
+        check_output_file(directory / name, flag, overwrite=overwrite)
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"allow replacing {what} already there (regular files only: never a link, FIFO or device)")
 
 
 def check_writable_dir(path: Path | None, flag: str) -> None:

@@ -22,9 +22,11 @@ from disalign.cli.common import (
     MAX_STEPS_HELP,
     STDOUT,
     HelpFormatter,
+    add_overwrite_argument,
     add_quiet_argument,
     check_writable_dir,
     check_writable_file,
+    check_writable_files,
     method_names_help,
     note,
     output_path,
@@ -50,18 +52,24 @@ def add_parser(subparsers) -> None:
 
 
 def add_report_arguments(p: argparse.ArgumentParser, *, plots: bool) -> None:
-    """``--json``, ``--plots`` and ``--quiet`` of the eval commands."""
+    """``--json``, ``--plots``, ``--overwrite`` and ``--quiet`` of the eval commands."""
     p.add_argument("--json", type=output_path, metavar="FILE",
                    help="write the report as JSON here; '-' writes it to stdout (the table then goes to stderr)")
     if plots:
         p.add_argument("--plots", type=Path, metavar="DIR", help="write PNG plots into this directory")
+    add_overwrite_argument(p, "--json and PNG files" if plots else "a --json file")
     add_quiet_argument(p)
 
 
 def check_report_outputs(args: argparse.Namespace) -> None:
     """Refuse unusable output paths before any work (nothing is written until the report is complete)."""
-    check_writable_file(args.json, "--json")
-    check_writable_dir(getattr(args, "plots", None), "--plots")
+    check_writable_file(args.json, "--json", overwrite=args.overwrite)
+    plots = getattr(args, "plots", None)
+    check_writable_dir(plots, "--plots")
+    if plots is not None:
+        from disalign.calib.evaluation.plots import PLOT_FILES
+
+        check_writable_files(plots, PLOT_FILES, "--plots", overwrite=args.overwrite)
 
 
 def print_table(table: str, args: argparse.Namespace) -> None:
@@ -80,7 +88,7 @@ def run_eval(args: argparse.Namespace) -> int:
     report = evaluate_methods(test, estimators, class_counts=class_counts, many_above=args.many_above, few_below=args.few_below, val=val)
     report["class_names"] = list(test.info.class_names)
     report["provenance"] = provenance(args, calibration, {"test": test, "train": train, "val": val})
-    print_table(format_table(report), args)
+    print_table(format_table(report) + row_notes(calibration), args)
     write_report(report, calibration, json_path=args.json, plots_dir=args.plots, quiet=args.quiet)
     return 0
 
@@ -136,7 +144,26 @@ def eval_estimators(methods: str | None, calibration, train, val, test, *, all_w
             bar.update()
     fitted[calibration.method] = calibration
     counts = calibration.meta_.class_counts if calibration.meta_.class_counts is not None else test.training_class_counts()
-    return {name: fitted[name] for name in names}, np.asarray(counts)
+    return {row_name(name, calibration): fitted[name] for name in names}, np.asarray(counts)
+
+
+TARGET_PRIOR_ROW = "{method}@target-prior"
+
+
+def row_name(name: str, calibration) -> str:
+    """The table row (and report key) of a method: a calibration aligned to a target prior (``disalign adapt
+    --out``) is not the balanced method of that name, and says so."""
+    if name == calibration.method and calibration.meta_.target_prior is not None:
+        return TARGET_PRIOR_ROW.format(method=name)
+    return name
+
+
+def row_notes(calibration) -> str:
+    """What a labelled row means, printed under the table ('' when nothing needs saying)."""
+    if calibration.meta_.target_prior is None:
+        return ""
+    return (f"\n{TARGET_PRIOR_ROW.format(method=calibration.method)}: aligned to the class prior recorded in the calibration "
+            "(disalign adapt --out), not balanced.")
 
 
 def provenance(args: argparse.Namespace, calibration, banks: dict, files: dict[str, Path] | None = None) -> dict:

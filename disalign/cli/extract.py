@@ -92,7 +92,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
     g.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     g.add_argument("--chunk-size", type=int, default=4096, help="list rows per resumable part")
-    g.add_argument("--workers", type=int, default=4, help="DataLoader decoding processes (0: decode in the main process)")
+    g.add_argument("--workers", type=int,
+                   help="DataLoader decoding processes (0: decode in the main process); default: the cores available to this "
+                        "process, shared by the ranks of a node under torchrun")
     g.add_argument("--prefetch", type=int, default=4, help="batches in flight per worker")
     g.add_argument("--threads", type=int, help="torch threads of the main process; unset: torch's choice")
     add_quiet_argument(g)

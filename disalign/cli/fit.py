@@ -1,10 +1,12 @@
 """``disalign fit``: fit a calibration (DisAlign or a baseline) on a training bank and publish it.
 
     disalign fit TRAIN.h5 [--val VAL.h5] [--method disalign|joint|logit-adjust|…] [--rho FLOAT|auto] [--epochs N]
-                 [--magnitude auto|on|off] [--max-memory 512M] --out CALIB_DIR
+                 [--magnitude auto|on|off] [--max-memory 512M] --out CALIB_DIR [--json SUMMARY.json|-]
 
 A thin layer over the estimators (:mod:`disalign.calib.estimators`): flags become hyper-parameters of the
-method's ``__init__`` (a flag the method does not have is refused), ``fit`` runs, ``save`` publishes.
+method's ``__init__`` (a flag the method does not have is refused), ``fit`` runs, ``save`` publishes. It
+ends with a short human summary (what the validation bank chose, its scores, the time); ``--json`` writes
+the same as JSON (``-``: to stdout, the summary then goes to stderr).
 """
 
 from __future__ import annotations
@@ -12,15 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from disalign.calib.errors import InputError
 from disalign.cli.common import (
     MAX_STEPS_HELP,
+    STDOUT,
     HelpFormatter,
+    add_overwrite_argument,
     add_quiet_argument,
+    check_writable_file,
     method_names_help,
+    output_path,
     parse_bytes,
+    write_text_atomic,
 )
 
 
@@ -71,6 +79,7 @@ HYPERPARAMETER_FLAGS = (
     ("--no-gate-standardize", "no_gate_standardize", "gate_standardize"),
     ("--selection", "selection", "selection"),
     ("--val-weight", "val_weight", "val_weight"),
+    ("--count-smoothing", "count_smoothing", "count_smoothing"),
 )
 # store_true flags that switch a hyper-parameter which is on by default off
 SWITCH_OFF_FLAGS = ("--no-magnitude", "--no-margin", "--no-grw", "--no-gate-standardize")
@@ -100,10 +109,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--selection", choices=("nll", "accuracy"), help="disalign: what the validation bank picks rho by (default nll)")
     p.add_argument("--val-weight", type=parse_val_weight,
                    help="disalign: share of the loss carried by validation rows mixed into the fit (cross-fitted), or 'auto' (default 0)")
+    p.add_argument("--count-smoothing", type=float,
+                   help="disalign: added to every training class count before the GRW weights (lets classes with no rows have a finite weight; default 0)")
     p.add_argument("--max-memory", type=parse_bytes, help="disalign: stream the training bank when its rows exceed this (e.g. 512M)")
     p.add_argument("--out", type=Path, required=True,
                    help="calibration directory: new, empty or holding a calibration (a new version is published in it)")
     p.add_argument("--max-steps", type=int, help=MAX_STEPS_HELP)
+    p.add_argument("--json", type=output_path, metavar="FILE",
+                   help="write the fit summary (choices, validation scores, time) as JSON here; '-' writes it to stdout")
+    add_overwrite_argument(p, "a --json file")
     add_quiet_argument(p)
     p.set_defaults(func=run_fit)
 
@@ -132,8 +146,10 @@ def run_fit(args: argparse.Namespace) -> int:
     from disalign.calib.artifact.publish import check_publish_target
     from disalign.calib.estimators.methods import method_class
 
+    start = time.perf_counter()
     cls = method_class(args.method)
     check_publish_target(args.out, role="--out")  # before the fit, and nothing but a calibration is ever replaced
+    check_writable_file(args.json, "--json", overwrite=args.overwrite)
     estimator = cls(**fit_hyperparameters(args, cls))
     estimator.fit(args.train, val=args.val, max_memory=args.max_memory, progress=not args.quiet)
     estimator.save(args.out)
@@ -143,6 +159,46 @@ def run_fit(args: argparse.Namespace) -> int:
         # said once the fit succeeded, so that a bad input still gives exactly one error line
         print(f"warning: --rho auto chooses rho on a validation bank and no --val was given: used rho = {float(report['rho'])}.",
               file=sys.stderr)
-    summary = {k: report[k] for k in ("rho", "magnitude", "val_weight", "tau", "temperature", "validation", "fit_seconds") if k in report}
-    print(f"wrote {args.method} calibration to {args.out}: {json.dumps(summary)}")
+    summary = {"method": args.method, "out": str(args.out),
+               **{k: report[k] for k in SUMMARY_FIELDS if k in report}, "seconds": time.perf_counter() - start}
+    print(format_summary(summary, hyperparameters, has_val=args.val is not None),
+          file=sys.stderr if args.json == STDOUT else sys.stdout)
+    if args.json:
+        write_text_atomic(args.json, json.dumps(summary, indent=2) + "\n")
     return 0
+
+
+SUMMARY_FIELDS = ("rho", "magnitude", "val_weight", "tau", "temperature", "validation", "fit_seconds")
+VALIDATION_SCORES = (("val_mean_class_accuracy", "mean-class accuracy", True), ("val_accuracy", "accuracy", True),
+                     ("val_nll", "NLL", False))
+
+
+def format_summary(summary: dict, hyperparameters: dict, *, has_val: bool) -> str:
+    """The fit summary for a person: where it went, what was chosen (and whether --val chose it), the
+    validation scores, the time. Numbers rounded; the JSON of --json keeps them exact."""
+    chosen_by_val = " (chosen on --val)"
+    lines = [f"wrote {summary['method']} calibration to {summary['out']} in {summary['seconds']:.1f} s"
+             + (f" (fit {summary['fit_seconds']:.1f} s)" if "fit_seconds" in summary else "")]
+    choices = []
+    if "rho" in summary and summary["rho"] is not None:
+        auto = hyperparameters.get("rho") == "auto" and has_val
+        choices.append(f"rho = {summary['rho']:g}" + (chosen_by_val if auto else ""))
+    if "magnitude" in summary:
+        auto = hyperparameters.get("use_magnitude") == "auto" and has_val
+        choices.append(f"magnitude alpha {'on' if summary['magnitude'] else 'off'}" + (chosen_by_val if auto else ""))
+    if "val_weight" in summary:
+        choices.append(f"val weight = {summary['val_weight']:g}")
+    if summary.get("tau") is not None:
+        choices.append(f"tau = {summary['tau']:.3g}" + (chosen_by_val if has_val else ""))
+    if summary.get("temperature") is not None:
+        choices.append(f"temperature = {summary['temperature']:.3g}")
+    if choices:
+        lines.append("  " + ", ".join(choices))
+    validation = summary.get("validation") or {}
+    scores = [f"{label} {100 * validation[key]:.2f} %" if percent else f"{label} {validation[key]:.3f}"
+              for key, label, percent in VALIDATION_SCORES if isinstance(validation.get(key), int | float)]
+    if scores:
+        lines.append("  validation: " + ", ".join(scores))
+    elif not has_val:
+        lines.append("  no --val: nothing was chosen or scored on a validation bank")
+    return "\n".join(lines)

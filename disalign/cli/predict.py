@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=5, help="classes per row, best first (at most K)")
     p.add_argument("--stage1", action="store_true", help="also write the top-k of the raw stage-1 logits")
     p.add_argument("--list", dest="list_file", type=Path,
-                   help="list file (or COCO JSON) the bank was extracted from, for the path column (default: the bank's 'source')")
+                   help="list file (or COCO JSON) the bank was extracted from, for the path column (the bank's 'source' attribute is never opened)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_quiet_argument(p)
     p.set_defaults(func=run_predict)
@@ -65,9 +65,9 @@ def run_predict(args: argparse.Namespace) -> int:
                     n = logits.shape[0]
                     sample_index = block["sample_index"]
                     writer.write(Predictions(
-                        row=np.arange(start, start + n), sample_index=sample_index, view=block["view"], label=block["labels"],
-                        top_labels=top_i.numpy(), top_probabilities=top_p.numpy(),
-                        stage1_labels=stage1.indices.numpy() if stage1 else None,
+                        row=np.arange(start, start + n), sample_index=sample_index, view=block["view"], true_index=block["labels"],
+                        top_indices=top_i.numpy(), top_probabilities=top_p.numpy(),
+                        stage1_indices=stage1.indices.numpy() if stage1 else None,
                         stage1_probabilities=stage1.values.numpy() if stage1 else None,
                         paths=[paths[i] for i in sample_index] if paths is not None else None), names)
                     bar.update(n)

@@ -134,20 +134,26 @@ def setting_names(field: str) -> str:
 
 
 def settings_sentence(errors: Sequence[dict[str, Any]]) -> str:
-    """One sentence for invalid settings, naming what the user typed rather than pydantic's field names."""
-    first = errors[0]
-    loc = first.get("loc") or ()
-    message = str(first.get("msg", "is invalid")).removeprefix("Value error, ").rstrip(".")
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    """One sentence for invalid settings, naming what the user typed rather than pydantic's field names;
+    the first problem, then the others (named, up to a few, and counted)."""
+    from disalign.service.messages import further_problems
+
+    return f"{setting_problem(errors[0])}{further_problems([setting_problem(e) for e in errors[1:]])}."
+
+
+def setting_problem(error: dict[str, Any]) -> str:
+    """One invalid setting: ``--flag / DISALIGN_FLAG: what is wrong, found …``."""
+    loc = error.get("loc") or ()
+    message = str(error.get("msg", "is invalid")).removeprefix("Value error, ").rstrip(".")
     if not loc:  # a check across several settings: its message names them
-        return f"{message}{more}."
+        return message
     where = setting_names(str(loc[0]))
-    if first.get("type") == "missing":
-        return f"{where} is required{more}."
-    found = first.get("input")
+    if error.get("type") == "missing":
+        return f"{where} is required"
+    found = error.get("input")
     secret = str(loc[0]) == "admin_token"
     shown = "" if secret or not isinstance(found, str | int | float) or "found" in message else f", found {found!r}"
-    return f"{where}: {message[:1].lower()}{message[1:]}{shown}{more}."
+    return f"{where}: {message[:1].lower()}{message[1:]}{shown}"
 
 
 class _Stop(Exception):

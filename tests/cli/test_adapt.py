@@ -84,6 +84,19 @@ def test_adapt_prints_the_estimate_and_writes_a_derived_calibration(fitted, shif
     assert accuracy["train"] > accuracy["uniform"]  # the training prior is forward-shifted too (IR50)
 
 
+def test_eval_labels_the_row_of_a_prior_adapted_calibration(fitted, shifted, tmp_path, capsys):
+    """Issue 21 §5: eval on `adapt --out`'s calibration labelled its row just with the method name."""
+    assert main(["adapt", str(shifted), "--calibration", str(fitted), "--out", str(tmp_path / "aligned"), "--bootstrap", "0",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    code, out, err = run(capsys, "eval", shifted, "--calibration", tmp_path / "aligned", "--json", tmp_path / "r.json")
+    assert code == 0, err
+    assert list(json.loads((tmp_path / "r.json").read_text())["methods"]) == ["joint", "logit-adjust@target-prior"]
+    rows = [line.split()[0] for line in out.splitlines()[2:4]]
+    assert rows == ["joint", "logit-adjust@target-prior"]
+    assert "logit-adjust@target-prior: aligned to the class prior recorded in the calibration (disalign adapt --out)" in out
+
+
 def test_adapt_keeps_the_reference_on_balanced_traffic(fitted, lt_banks, tmp_path, capsys):
     code, out, err = run(capsys, "adapt", lt_banks["test"], "--calibration", fitted, "--out", tmp_path / "kept", "--bootstrap", 0)
     assert code == 0, err

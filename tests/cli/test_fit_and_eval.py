@@ -141,6 +141,40 @@ def test_fit_out_refuses_anything_but_a_calibration_and_touches_nothing(out, mes
     assert (work / "notes.txt").read_text() == "notes" and (work / "train.h5").stat().st_size == lt_banks["train"].stat().st_size
 
 
+@pytest.mark.parametrize("case", ["notes", "current_file", "versions_file", "current_outside"])
+def test_fit_out_with_a_user_file_of_our_names_is_refused_before_the_fit(case, lt_banks, tmp_path, capsys):
+    """Issue 21 §2: a notes file named calibration.json was deleted (exit 0); current/versions made the fit run, then fail."""
+    out = tmp_path / "d"
+    out.mkdir()
+    if case == "notes":
+        (out / "calibration.json").write_text("my notes")
+    elif case == "current_file":
+        (out / "current").write_text("my notes")
+    elif case == "versions_file":
+        (out / "versions").write_text("my notes")
+    else:
+        (out / "current").symlink_to(tmp_path)
+    code, out_text, err = run(capsys, "fit", tmp_path / "missing.h5", "--out", out)
+    assert (code, out_text) == (2, "") and err.startswith(f"error: --out {out}") and "missing.h5" not in err, err  # before the bank is opened
+    code, _, err = run(capsys, "fit", lt_banks["train"], "--rho", 1, "--epochs", 1, "--out", out)
+    assert code == 2 and err.count("\n") == 1, err
+    assert sorted(os.listdir(out)) == [{"notes": "calibration.json", "versions_file": "versions"}.get(case, "current")]
+
+
+def test_fit_suggests_only_flags_it_has_and_count_smoothing_is_one(tmp_path, capsys):
+    """Issue 21 §5: the GRW error said 'pass count_smoothing > 0', which had no flag."""
+    rng = np.random.default_rng(0)
+    bank = write_bank(tmp_path / "gap.h5", rng.normal(size=(6, 4)), rng.normal(size=(6, 3)).astype(np.float32), [0, 1, 0, 1, 0, 1],
+                      class_counts=[3, 3, 0], model_fingerprint="sha256:gap")
+    code, out, err = run(capsys, "fit", bank, "--rho", 1, "--epochs", 1, "--out", tmp_path / "cal")
+    assert (code, out) == (2, "") and err.endswith("pass count_smoothing > 0 (disalign fit --count-smoothing).\n"), err
+    code, _, err = run(capsys, "fit", bank, "--rho", 1, "--epochs", 1, "--count-smoothing", 1, "--out", tmp_path / "cal", "--quiet")
+    assert code == 0, err
+    assert json.loads((artifact_dir(tmp_path / "cal") / "calibration.json").read_text())["hyperparameters"]["count_smoothing"] == 1.0
+    code, _, err = run(capsys, "fit", bank, "--method", "lws", "--count-smoothing", 1, "--out", tmp_path / "lws")
+    assert code == 2 and err.startswith("error: --count-smoothing does not apply to --method lws"), err
+
+
 def test_fit_out_is_checked_before_the_fit(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     code, _, err = run(capsys, "fit", tmp_path / "missing.h5", "--out", tmp_path / "file" / "cal")
@@ -201,7 +235,7 @@ def test_fit_refuses_flags_that_do_not_apply_to_the_method(extra, message, lt_ba
 
 def test_fit_without_val_says_once_that_rho_auto_used_the_default(lt_banks, tmp_path, capsys):
     code, out, err = run(capsys, "fit", lt_banks["train"], "--epochs", 1, "--out", tmp_path / "cal")
-    assert code == 0 and '"rho": 1.0' in out
+    assert code == 0 and "rho = 1, magnitude alpha on\n" in out
     assert err == "warning: --rho auto chooses rho on a validation bank and no --val was given: used rho = 1.0.\n"
     code, _, err = run(capsys, "fit", lt_banks["train"], "--rho", "1.5", "--epochs", 1, "--seed", 3, "--out", tmp_path / "cal2")
     assert code == 0 and err == ""  # an explicit rho is not a fallback
@@ -320,10 +354,33 @@ def test_fit_flags_of_the_disalign_head(lt_banks, tmp_path, capsys):
     hyper = meta["hyperparameters"]
     assert (hyper["head_form"], hyper["gate"], hyper["gate_standardize"], hyper["selection"], hyper["val_weight"],
             hyper["use_magnitude"]) == ("blend", "normal", False, "accuracy", 0.2, True)
-    assert meta["report"]["head"] == {"form": "blend", "gate": "normal"} and '"val_weight": 0.2' in out
+    assert meta["report"]["head"] == {"form": "blend", "gate": "normal"} and "val weight = 0.2" in out
     with pytest.raises(SystemExit) as exit_info:  # argparse: usage + one error line, status 2
         main(["fit", str(lt_banks["train"]), "--val-weight", "2", "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2 and "expected a number in [0, 1) or 'auto', found '2'" in capsys.readouterr().err
+
+
+def test_fit_prints_a_summary_for_a_person_and_the_exact_numbers_with_json(lt_banks, tmp_path, capsys):
+    """Issue 21 §5: a human summary (rho, alpha on/off, val scores, time), not a raw JSON line; --json keeps it exact."""
+    import re
+
+    code, out, err = run(capsys, "fit", lt_banks["train"], "--val", lt_banks["val"], "--rho", "auto", "--epochs", 1,
+                         "--out", tmp_path / "cal", "--json", tmp_path / "fit.json", "--quiet")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "fit.json").read_text())
+    lines = out.splitlines()
+    assert re.fullmatch(rf"wrote disalign calibration to {re.escape(str(tmp_path / 'cal'))} in \d+\.\d s \(fit \d+\.\d s\)", lines[0])
+    assert lines[1] == (f"  rho = {summary['rho']:g} (chosen on --val), "
+                        f"magnitude alpha {'on' if summary['magnitude'] else 'off'} (chosen on --val)")
+    validation = summary["validation"]
+    assert lines[2] == (f"  validation: mean-class accuracy {100 * validation['val_mean_class_accuracy']:.2f} %, "
+                        f"accuracy {100 * validation['val_accuracy']:.2f} %, NLL {validation['val_nll']:.3f}")
+    assert len(lines) == 3 and "{" not in out
+    assert summary["method"] == "disalign" and summary["seconds"] >= summary["fit_seconds"] > 0
+    code, out, err = run(capsys, "fit", lt_banks["train"], "--method", "tau-norm", "--val", lt_banks["val"], "--out", tmp_path / "tau",
+                         "--json", "-")
+    assert code == 0 and json.loads(out)["tau"] > 0  # stdout is the JSON; the summary went to stderr
+    assert re.search(r"^  tau = [0-9.]+ \(chosen on --val\)$", err, re.MULTILINE), err
 
 
 def test_fit_magnitude_off_is_a_value_and_conflicts_with_no_magnitude(lt_banks, tmp_path, capsys):

@@ -60,20 +60,21 @@ def test_csv_has_every_row_with_path_topk_and_stage1(lt_banks, setup, tmp_path, 
     assert err == f"note: wrote 2000 rows of disalign predictions (top 3) to {out}\n"
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
-    header = ["row", "sample_index", "view", "label", "path"] + [f"{p}top{i}_{c}" for p in ("", "stage1_") for i in (1, 2, 3)
-                                                                    for c in ("label", "name", "probability")]
+    header = ["row", "sample_index", "view", "true_index", "true_label", "path"] + [
+        f"{p}top{i}_{c}" for p in ("", "stage1_") for i in (1, 2, 3) for c in ("label", "index", "probability")]
     assert list(rows[0]) == header and len(rows) == 2000
     (labels, probabilities), (raw_labels, raw_probabilities) = expected_top(setup, 3)
     for j in (0, 1, 777, 1999):
         row = rows[j]
-        assert int(row["row"]) == j and int(row["sample_index"]) == setup["sample_index"][j] and int(row["label"]) == setup["labels"][j]
+        assert int(row["row"]) == j and int(row["sample_index"]) == setup["sample_index"][j]
+        assert int(row["true_index"]) == setup["labels"][j] and row["true_label"] == f"class_{setup['labels'][j]}"
         assert row["path"] == f"img/{setup['sample_index'][j]:05d}.jpg"
         for i in range(3):
-            assert int(row[f"top{i + 1}_label"]) == labels[j, i] and row[f"top{i + 1}_name"] == f"class_{labels[j, i]}"
+            assert int(row[f"top{i + 1}_index"]) == labels[j, i] and row[f"top{i + 1}_label"] == f"class_{labels[j, i]}"
             assert float(row[f"top{i + 1}_probability"]) == pytest.approx(probabilities[j, i], rel=1e-5)
-            assert int(row[f"stage1_top{i + 1}_label"]) == raw_labels[j, i]
+            assert int(row[f"stage1_top{i + 1}_index"]) == raw_labels[j, i]
             assert float(row[f"stage1_top{i + 1}_probability"]) == pytest.approx(raw_probabilities[j, i], rel=1e-4)
-    top1 = np.array([int(r["top1_label"]) for r in rows])
+    top1 = np.array([int(r["top1_index"]) for r in rows])
     assert np.array_equal(top1, labels[:, 0])
 
 
@@ -83,37 +84,54 @@ def test_jsonl_and_hdf5_hold_the_same_predictions(lt_banks, setup, tmp_path, cap
                        "--top-k", 50, "--quiet")  # more than K: K classes
     assert (code, err) == (0, "")
     records = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
-    assert len(records) == 2000 and set(records[0]) == {"row", "sample_index", "view", "label", "top_k"}  # no list known: no path
-    assert [t["label"] for t in records[5]["top_k"]] == labels[5].tolist()
-    assert [t["name"] for t in records[5]["top_k"]] == [f"class_{c}" for c in labels[5]]
+    assert len(records) == 2000 and set(records[0]) == {"row", "sample_index", "view", "true_index", "true_label", "top_k"}  # no --list: no path
+    assert [t["index"] for t in records[5]["top_k"]] == labels[5].tolist()
+    assert [t["label"] for t in records[5]["top_k"]] == [f"class_{c}" for c in labels[5]]
     assert np.allclose([t["probability"] for t in records[5]["top_k"]], probabilities[5], atol=1e-6)
     code, _, err = run(capsys, "predict", lt_banks["test"], "--calibration", setup["cal"], "--out", tmp_path / "p.h5", "--top-k", 2,
                        "--stage1", "--list", setup["list"], "--quiet")
     assert (code, err) == (0, "")
     with h5py.File(tmp_path / "p.h5", "r") as f:
         assert json.loads(f.attrs["class_names"]) == [f"class_{i}" for i in range(K)] and f.attrs["top_k"] == 2
-        assert np.array_equal(f["top_k_labels"][...], labels[:, :2]) and np.array_equal(f["stage1_top_k_labels"][...], raw_labels[:, :2])
+        assert np.array_equal(f["top_k_indices"][...], labels[:, :2]) and np.array_equal(f["stage1_top_k_indices"][...], raw_labels[:, :2])
+        assert np.array_equal(f["true_index"][...], setup["labels"]) and "label" not in f
         assert np.allclose(f["top_k_probabilities"][...], probabilities[:, :2], atol=1e-6)
         assert np.array_equal(f["row"][...], np.arange(2000)) and f["path"][7].decode() == "img/00007.jpg"
 
 
-def test_path_column_from_the_bank_source_attribute(lt_banks, setup, tmp_path, capsys):
+def test_one_vocabulary_with_the_server_index_label_probability(lt_banks, setup, tmp_path, capsys):
+    """Issue 21 §5: the CLI said label = index and name = class, the server label = class and index = index."""
+    from disalign.service.schemas import Prediction
+
+    unlabelled = write_bank(tmp_path / "u.h5", setup["features"][:3], setup["logits"][:3], np.full(3, -1),
+                            class_names=[f"class_{i}" for i in range(K)], model_fingerprint="sha256:synthetic-1234-10-32")
+    code, _, err = run(capsys, "predict", unlabelled, "--calibration", setup["cal"], "--out", tmp_path / "p.jsonl", "--top-k", 2,
+                       "--stage1", "--quiet")
+    assert code == 0, err
+    record = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])
+    assert list(record["top_k"][0]) == list(record["stage1_top_k"][0]) == list(Prediction.model_fields) == ["label", "index", "probability"]
+    assert record["top_k"][0]["label"] == f"class_{record['top_k'][0]['index']}"
+    assert (record["true_index"], record["true_label"]) == (-1, None)
+
+
+def test_the_bank_source_attribute_is_data_never_a_file_to_open(lt_banks, setup, tmp_path, capsys):
+    """Issue 21 §2: `source` named a list file that predict read, so any local file's first fields became the path column."""
     bank = tmp_path / "bank.h5"
     bank.write_bytes(lt_banks["test"].read_bytes())
-    (tmp_path / "lists").mkdir()
-    (tmp_path / "lists" / "test.txt").write_text(setup["list"].read_text())
+    secret = tmp_path / "secret.txt"
+    secret.write_text("".join(f"password{i} x\n" for i in range(2000)))
     with h5py.File(bank, "r+") as f:
-        f.attrs["source"] = "lists/test.txt"  # relative to the bank's directory here
+        f.attrs["source"] = str(secret)
     code, _, err = run(capsys, "predict", bank, "--calibration", setup["cal"], "--out", tmp_path / "p.jsonl", "--top-k", 1)
     assert code == 0, err
-    assert json.loads((tmp_path / "p.jsonl").read_text().splitlines()[-1])["path"] == "img/01999.jpg"
-    with h5py.File(bank, "r+") as f:
-        f.attrs["source"] = "lists/gone.txt"
-    code, _, err = run(capsys, "predict", bank, "--calibration", setup["cal"], "--out", tmp_path / "q.csv", "--top-k", 1)
-    assert code == 0
-    assert err.startswith("note: the bank's source list lists/gone.txt is not readable here or does not cover the bank: no path column")
-    with open(tmp_path / "q.csv", newline="") as f:
-        assert "path" not in next(csv.reader(f))
+    assert err.splitlines()[0] == (f"note: no path column: the bank records its source list as {str(secret)!r}, which is not "
+                                   f"opened unless you pass it (--list {secret}).")
+    assert "path" not in json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])
+    assert "password" not in (tmp_path / "p.jsonl").read_text()
+    code, _, err = run(capsys, "predict", bank, "--calibration", setup["cal"], "--out", tmp_path / "q.jsonl", "--top-k", 1,
+                       "--list", setup["list"])
+    assert code == 0, err
+    assert json.loads((tmp_path / "q.jsonl").read_text().splitlines()[-1])["path"] == "img/01999.jpg"  # the user's list: read
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,15 @@ def test_every_public_name_is_the_object_of_its_home_module():
         disalign.nope  # noqa: B018
 
 
+def test_every_method_class_is_exported_under_its_class_name():
+    """Issue 21 §5: TDE, one of the eight methods, was missing from ``import disalign``."""
+    from disalign.calib.estimators.methods import METHODS
+
+    for name in METHODS:
+        cls = disalign.method_class(name)
+        assert getattr(disalign, cls.__name__) is cls, f"disalign.{cls.__name__} ({name})"
+
+
 def test_import_is_light():
     # the command line's --help and --version must not wait for torch
     assert python("import sys, disalign, disalign.cli; print(sorted(m for m in ('torch', 'numpy', 'h5py') if m in sys.modules))") == "[]"
@@ -67,3 +76,11 @@ def test_packaging_installs_the_disalign_package_and_its_command():
         assert not any(d.startswith(heavy) for d in project["project"]["dependencies"])
         assert any(d.startswith(heavy) for d in extras["test"])
     assert extras["timm"] == ["timm>=1.0"] and extras["hf"] == ["transformers>=4.56"]
+
+
+def test_the_embedded_demo_model_is_the_shared_one(shared_dir):
+    """tests/conftest.py's EXAMPLE_MODEL / EXAMPLE_CARD stand in for the shared ResNet-32 in data-free tests."""
+    from tests.conftest import EXAMPLE_CARD, EXAMPLE_MODEL
+
+    for embedded in (EXAMPLE_MODEL, EXAMPLE_CARD):
+        assert embedded.read_bytes() == (shared_dir / "models" / embedded.name).read_bytes(), embedded.name

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import EXAMPLE_CARD, EXAMPLE_MODEL, REPO
 from tests.conftest import SHARED as SHARED_AS_GIVEN
 
 SHARED = SHARED_AS_GIVEN.resolve()
-MODEL = SHARED / "models" / "cifar10lt-ir50-resnet32.ts"
-CARD = SHARED / "models" / "cifar10lt-ir50-resnet32.json"
+MODEL, CARD = EXAMPLE_MODEL, EXAMPLE_CARD  # the shared ResNet-32, embedded in the repository
 LISTS = SHARED / "data" / "cifar10lt-ir50"
 
 

@@ -57,6 +57,23 @@ def not_a_module():
     return "nope"
 
 
+class RandomInit(nn.Module):
+    """Initialised from torch's global generator, unseeded: different parameters on every call (as any
+    torchvision model without weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def one_class() -> nn.Module:
+    return TinyNet(num_classes=1)
+
+
 class CustomHead(nn.Module):
     """A head that is neither a Linear nor a Sequential (as timm's NormMlpClassifierHead): norm, then ``fc``."""
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from disalign.calib.data.bank import load_bank
+from disalign.calib.errors import DisalignError
 from disalign.feature_extract.errors import ExtractError, ImageDecodeError
 from disalign.feature_extract.extract import ExtractConfig, extract_bank
 from disalign.feature_extract.preprocess import Preprocessing, clean_view, decode_image
@@ -142,7 +143,7 @@ def test_folder_input_uses_the_card_class_names(tmp_path, cifar_root):
 
 def test_refuses_to_overwrite_a_complete_bank(tmp_path, cifar_root, small_lists, bank64):
     cfg = _config(tmp_path, cifar_root, small_lists["val20"], out=bank64[0].out)
-    with pytest.raises(ExtractError, match=r"bank file .*bank.h5 already exists; pass --overwrite to replace it"):
+    with pytest.raises(DisalignError, match=r"--out .*bank.h5 already exists; pass --overwrite to replace it"):
         extract_bank(cfg)
     copy = tmp_path / "copy.h5"
     shutil.copy(bank64[0].out, copy)

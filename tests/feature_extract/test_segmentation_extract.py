@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from disalign.calib.data.bank import load_bank
-from disalign.calib.errors import InputError
+from disalign.calib.errors import DisalignError, InputError
 from disalign.cli import main as cli_main
 from disalign.feature_extract.errors import ExtractError
 from disalign.feature_extract.segmentation import (
@@ -114,6 +114,7 @@ def test_cell_labels_take_the_cell_centre():
     assert cell_labels(mask, 4, 4)[2, 0] == -1  # centre of the cell (2, 0) is pixel (5, 1): ignored
 
 
+@pytest.mark.shared_data  # shared/profiles
 def test_class_stats_of_the_real_ade20k_table():
     counts = read_class_stats(SHARED / "profiles" / "ade20k_objectInfo150.txt", 150)
     assert counts.shape == (150,) and counts[0] == round(0.1576 * RATIO_SCALE)  # wall
@@ -144,7 +145,7 @@ def test_errors_name_the_input(scene, tmp_path):
     with pytest.raises(InputError, match=r"has class id 7; ids should be 0..2 or 255"):
         extract_segmentation_bank(SegmentationExtractConfig(**{**cfg, "root": Path("/"), "list_file": tmp_path / "l.txt"}, out=tmp_path / "x.h5"))
     (tmp_path / "exists.h5").write_text("")
-    with pytest.raises(ExtractError, match="already exists; pass --overwrite"):
+    with pytest.raises(DisalignError, match="--out .*exists.h5 already exists; pass --overwrite"):
         extract_segmentation_bank(SegmentationExtractConfig(**cfg, out=tmp_path / "exists.h5"))
     with pytest.raises(ExtractError, match="--pixels-per-image should be >= 1, found 0"):
         SegmentationExtractConfig(**cfg, out=tmp_path / "y.h5", pixels_per_image=0)

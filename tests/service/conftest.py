@@ -32,10 +32,9 @@ from disalign.calib.data.bank import write_bank
 from disalign.calib.estimators.disalign import DisAlign
 from disalign.service.main import create_app
 from disalign.service.settings import Settings
-from tests.conftest import REPO, SHARED
+from tests.conftest import EXAMPLE_CARD, EXAMPLE_MODEL, REPO, SHARED
 
-MODEL = SHARED / "models" / "cifar10lt-ir50-resnet32.ts"
-CARD = SHARED / "models" / "cifar10lt-ir50-resnet32.json"
+MODEL, CARD = EXAMPLE_MODEL, EXAMPLE_CARD  # the shared ResNet-32, embedded in the repository
 ARCHIVE = SHARED / "data" / "cifar10-jpeg.tar.gz"
 ADMIN_TOKEN = "test-admin-token-0123456789"
 IMAGES_PER_CLASS = 2
@@ -59,7 +58,7 @@ def fingerprint(model_file: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def cifar_jpegs(tmp_path_factory) -> list[Path]:
+def cifar_jpegs(shared_dir, tmp_path_factory) -> list[Path]:
     """The first IMAGES_PER_CLASS test JPEGs of each CIFAR-10 class, extracted to a temporary directory."""
     root = tmp_path_factory.mktemp("cifar")
     wanted = {f"test/{c}/{i:04d}.jpg" for c in json.loads(CARD.read_text())["classes"] for i in range(IMAGES_PER_CLASS)}

@@ -147,6 +147,64 @@ def test_publish_refuses_what_is_not_a_calibration_and_touches_nothing(two, tmp_
     assert which(load_calibration(empty), two) == 0
 
 
+@pytest.mark.parametrize("case", ["notes", "junk_pair", "half_pair", "json_not_an_artifact", "symlinked"])
+def test_a_flat_calibration_json_that_is_not_an_artifact_is_never_replaced(case, two, tmp_path):
+    """Issue 21 §2: a user's notes named calibration.json (or junk beside a parameters.safetensors) was deleted, exit 0."""
+    target = tmp_path / "cal"
+    target.mkdir()
+    files = {"notes": {"calibration.json": b"my notes, not JSON"},
+             "junk_pair": {"calibration.json": b"junk", "parameters.safetensors": b"junk"},
+             "half_pair": {"calibration.json": files_of(two[0])["calibration.json"]},
+             "json_not_an_artifact": {"calibration.json": b'{"my": "settings"}', "parameters.safetensors": files_of(two[0])["parameters.safetensors"]},
+             "symlinked": {}}[case]
+    for name, data in files.items():
+        (target / name).write_bytes(data)
+    if case == "symlinked":
+        (tmp_path / "mine.json").write_bytes(files_of(two[0])["calibration.json"])
+        (target / "calibration.json").symlink_to(tmp_path / "mine.json")
+        (target / "parameters.safetensors").write_bytes(files_of(two[0])["parameters.safetensors"])
+    before = {name: (target / name).read_bytes() for name in os.listdir(target)}
+    message = {"notes": r"cal holds calibration\.json without parameters\.safetensors",
+               "junk_pair": r"cal/calibration\.json is not a calibration artifact's metadata \(not a JSON object\)",
+               "half_pair": r"cal holds calibration\.json without parameters\.safetensors",
+               "json_not_an_artifact": r"cal/calibration\.json is not a calibration artifact's metadata \(no 'method', 'num_classes', "
+                                       r"'artifact_version'\)",
+               "symlinked": r"cal/calibration\.json is a symlink; a calibration's files are regular files"}[case]
+    with pytest.raises(ArtifactError, match=message + r".*; move (it|them) away or give another directory\."):
+        two[1].save(target)
+    assert {name: (target / name).read_bytes() for name in os.listdir(target)} == before
+    assert sorted(os.listdir(target)) == sorted(before)  # no versions/, no current
+
+
+@pytest.mark.parametrize("case", ["current_file", "versions_file", "current_outside", "current_absolute", "versions_symlink"])
+def test_a_current_or_versions_that_is_not_ours_is_refused_by_the_check(case, two, tmp_path):
+    """Issue 21 §2: these passed check_publish_target, so `fit` ran and then failed, leaving an empty versions/."""
+    target = tmp_path / "cal"
+    target.mkdir()
+    (tmp_path / "outside").mkdir()
+    if case == "current_file":
+        (target / CURRENT).write_text("my current notes")
+    elif case == "versions_file":
+        (target / VERSIONS).write_text("my version list")
+    elif case == "current_outside":
+        (target / CURRENT).symlink_to("../outside")
+    elif case == "current_absolute":
+        (target / CURRENT).symlink_to(tmp_path / "outside")
+    else:
+        (target / VERSIONS).symlink_to(tmp_path / "outside")
+    before = sorted(os.listdir(target))
+    message = {"current_file": r"cal/current should be a symlink to versions/<id>, found a file",
+               "versions_file": r"cal/versions should be a directory of versions, found a file",
+               "current_outside": r"cal/current should point to versions/<id> \(a relative path\), found '\.\./outside'",
+               "current_absolute": r"cal/current should point to versions/<id> \(a relative path\), found '/",
+               "versions_symlink": r"cal/versions should be a directory of versions, found a symlink"}[case]
+    with pytest.raises(ArtifactError, match=message):
+        check_publish_target(target)
+    with pytest.raises(ArtifactError, match=message):
+        two[0].save(target)
+    assert sorted(os.listdir(target)) == before and os.listdir(tmp_path / "outside") == []
+
+
 # -- atomicity --------------------------------------------------------------------------------------
 WRITER = r"""
 import os, signal, sys

@@ -119,6 +119,7 @@ def ade20k_counts() -> np.ndarray:
     return read_class_stats(SHARED / "profiles" / "ade20k_objectInfo150.txt", 150)
 
 
+@pytest.mark.shared_data  # the real ADE20K table in shared/profiles
 def test_ade20k_statistics_get_the_official_index_slices():
     counts = ade20k_counts()
     grouping, groups = class_groups(counts)
@@ -133,6 +134,7 @@ def test_ade20k_statistics_get_the_official_index_slices():
     assert class_groups(noisy)[0] == "ade20k-official"
 
 
+@pytest.mark.shared_data
 def test_other_statistics_keep_the_ratio_thresholds():
     counts = ade20k_counts()
     assert class_groups(counts[::-1].copy())[0] == "pixel-ratio"  # 150 classes, not ADE20K's order

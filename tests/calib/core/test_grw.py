@@ -29,12 +29,21 @@ def test_background_weight_is_one_and_foreground_normalised_over_k():
 
 
 def test_zero_count_class_is_a_clear_error_unless_smoothed():
-    with pytest.raises(InputError, match=r"class\(es\) \[2\] have no training samples"):
+    with pytest.raises(InputError, match=r"^class_counts: 1 of 3 classes has no training samples \(class 2\), so its GRW weight"):
         grw_weights([6, 3, 0], 1.0)
     w = grw_weights([6, 3, 0], 1.0, count_smoothing=1.0)  # counts [7, 4, 1]
     inv = torch.tensor([12 / 7, 12 / 4, 12.0])
     assert torch.allclose(w, inv / inv.sum() * 3)
     assert torch.equal(grw_weights([6, 3, 0], 0.0), torch.ones(3))  # ρ = 0 needs no frequencies
+
+
+def test_many_empty_classes_are_counted_not_just_the_first_ten():
+    """Issue 21 §5: the error showed 10 of 990 empty classes without the count, and suggested a setting with no flag."""
+    with pytest.raises(InputError) as info:
+        grw_weights([5] * 10 + [0] * 990, 1.0)
+    assert str(info.value) == ("class_counts: 990 of 1000 classes have no training samples (classes 10, 11, 12, 13, 14, 15, 16, 17, "
+                               "18, 19 and 980 more), so their GRW weight is infinite; add training samples or pass count_smoothing "
+                               "> 0 (disalign fit --count-smoothing).")
 
 
 def test_negative_rho_rejected():

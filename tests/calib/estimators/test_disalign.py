@@ -102,7 +102,7 @@ def test_bad_hyper_parameters_and_banks(lt_banks, tmp_path):
     with pytest.raises(InputError, match="val bank .* has K=4 classes but the training bank has K=10"):
         DisAlign().fit(lt_banks["train"], val=tmp_path / "k4.h5")
     write_bank(tmp_path / "empty.h5", np.zeros((3, 2)), np.zeros((3, 3)), [0, 1, 0], class_counts=[2, 1, 0])
-    with pytest.raises(InputError, match=r"class\(es\) \[2\] have no training samples"):
+    with pytest.raises(InputError, match=r"1 of 3 classes has no training samples \(class 2\)"):
         DisAlign(rho=1.0).fit(tmp_path / "empty.h5")
 
 

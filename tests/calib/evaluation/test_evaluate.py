@@ -193,6 +193,34 @@ def test_eval_report_has_intervals_and_names_the_method_best_on_val(long_tailed_
     assert "bootstrap" not in plain and "validation" not in plain
 
 
+def test_a_methods_interval_does_not_depend_on_the_other_methods(long_tailed_banks):
+    """Issue 21 §5: the interval of one method changed with which other methods were evaluated (one draw for all)."""
+    b = long_tailed_banks
+    joint, adjusted, crt = Joint().fit(b.train), LogitAdjustment().fit(b.train, b.val), CRT(max_steps=2).fit(b.train)
+
+    def intervals(estimators):
+        return evaluate_methods(b.test, estimators, class_counts=b.counts, val=b.val)["bootstrap"]
+
+    alone = intervals({"logit-adjust": adjusted})["mean_class_accuracy"]["logit-adjust"]
+    pair = intervals({"joint": joint, "logit-adjust": adjusted})
+    three = intervals({"crt": crt, "logit-adjust": adjusted, "joint": joint})
+    assert pair["mean_class_accuracy"]["logit-adjust"] == alone == three["mean_class_accuracy"]["logit-adjust"]
+    assert pair["mean_class_accuracy"]["joint"] == three["mean_class_accuracy"]["joint"]
+    # the paired difference of joint against the best depends on those two only
+    assert pair["difference_to_best"]["joint"] == three["difference_to_best"]["joint"]
+    assert pair["seed"] == 0 and "per method" in pair["seeds"]
+
+
+def test_the_table_never_prints_negative_zero():
+    report = {"methods": {"joint": {"accuracy": -1e-9, "mean_class_accuracy": 0.5, "many": -0.0, "medium": None, "few": 0.0,
+                                    "ece": -0.0, "nll": -0.0}},
+              "bootstrap": {"level": 0.95, "mean_class_accuracy": {"joint": [0.49, 0.51]}, "difference_to_best": {"joint": [-0.0001, 0.0]}},
+              "validation": {"best": "joint", "num_rows": 10, "mean_class_accuracy": {"joint": 0.5}, "nll": {"joint": 0.1},
+                             "lowest_nll": "joint"}}
+    table = format_table(report)
+    assert "-0.0" not in table and "[0.0, 0.0]" in table, table
+
+
 def test_table_names_the_lowest_validation_nll_when_it_is_not_the_most_accurate():
     methods = {name: {"accuracy": 0.76, "mean_class_accuracy": 0.76, "many": None, "medium": None, "few": None, "ece": 0.05, "nll": 0.7}
                for name in ("disalign", "logit-adjust")}

@@ -20,7 +20,6 @@ from disalign.calib.evaluation.plots import (
     rho_figure,
     write_plots,
 )
-from tests.conftest import SHARED
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METHODS = ("joint", "disalign", "logit-adjust", "tau-norm", "lws", "crt", "ncm")
@@ -48,8 +47,8 @@ def make_report(counts, names=None, methods=METHODS, num_bins: int = 15) -> dict
 
 
 @pytest.fixture(scope="module")
-def imagenet_lt_counts() -> list[int]:
-    return json.loads((SHARED / "profiles" / "long_tail_profiles.json").read_text())["imagenet_lt_train"]["counts"]
+def imagenet_lt_counts(shared_dir) -> list[int]:
+    return json.loads((shared_dir / "profiles" / "long_tail_profiles.json").read_text())["imagenet_lt_train"]["counts"]
 
 
 def method_lines(ax):
