@@ -68,6 +68,19 @@ def test_not_ready_before_the_lifespan_ran(calibration_dir: Path):
     assert_error(c.get("/v2/models/disalign"), 503, "not loaded")
 
 
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("PUT", "/admin/prior", "GET, POST"),  # two routes on one path: once "Allow: GET" only
+    ("DELETE", "/admin/prior", "GET, POST"),
+    ("POST", "/v2/health/live", "GET, HEAD"),
+    ("GET", "/calibrate", "POST"),
+    ("GET", "/admin/reload", "POST"),
+])
+def test_405_lists_every_method_of_the_path(client: TestClient, method: str, path: str, allowed: str):
+    response = client.request(method, path, headers=AUTH)
+    assert_error(response, 405, f"{method} is not allowed on {path}")
+    assert response.headers["allow"] == allowed
+
+
 def test_unknown_model_and_route_are_404(client: TestClient):
     assert_error(client.get("/v2/models/resnet"), 404, "model 'resnet' is not served here")
     assert_error(client.post("/v2/models/resnet/infer", json={"inputs": []}), 404, "not served here")
