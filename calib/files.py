@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from disalign.calib.errors import DisalignError
 
 FINGERPRINT_BLOCK = 1 << 20  # bytes read at a time when hashing
 
@@ -80,3 +83,38 @@ def file_fingerprint(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(FINGERPRINT_BLOCK), b""):
             digest.update(block)
     return f"sha256:{digest.hexdigest()}"
+
+
+# -- reading a file that must be a regular one ----------------------------------------------------------------
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def kind_of_mode(mode: int) -> str | None:
+    """None for a regular file's ``st_mode``, else what it is: ``a FIFO``, ``a directory``, ``a character device`` …"""
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _KINDS if test(mode)), "not a regular file")
+
+
+def read_regular_file(path: str | os.PathLike, error: type[DisalignError], *, max_bytes: int | None = None) -> bytes:
+    """The bytes of ``path``, which must be a regular file (a link to one is followed); else ``error`` with
+    one sentence. Never blocks on what is not a file: it is opened non-blocking (a FIFO with no writer opens
+    at once instead of waiting for one) and checked on the open descriptor (no race with a rename) before a
+    byte is read, so neither a FIFO nor a device such as ``/dev/zero`` can hold the reader.
+
+    Raises FileNotFoundError as ``open`` does (callers that retry on a vanished file rely on it).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        kind = kind_of_mode(info.st_mode)
+        if kind is not None:
+            raise error(f"{path} should be a regular file, found {kind}.")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise error(f"{path} has {info.st_size} bytes; at most {max_bytes} are expected of it.")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read()
+    finally:
+        os.close(fd)

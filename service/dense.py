@@ -48,7 +48,7 @@ def card_task(card: Path | None) -> str:
     that cannot be read (the classification runtime then refuses to start with that card's own error)."""
     try:
         info = json.loads(Path(card).read_text()) if card is not None else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return "classification"
     return str(info.get("task", "classification")) if isinstance(info, dict) else "classification"
 

@@ -14,6 +14,7 @@ request line and headers over 64 KiB  431
 calibration does not fit the model    409
 wrong shape, K, d, NaN/inf, schema    422
 model not loaded yet / shutting down  503
+a reload slower than its timeout      503
 too many bodies in flight             503
 client gone before its body ended     499
 ====================================  ======
@@ -42,6 +43,7 @@ from disalign.feature_extract.preprocess import ImageDecodeError, ImageTooLargeE
 from disalign.service.batcher import BatcherStopped
 from disalign.service.checks import InvalidBase64
 from disalign.service.messages import validation_sentence
+from disalign.service.reloader import ReloadTimeout
 from disalign.service.runtime import IncompatibleCalibration
 
 log = logging.getLogger("service")
@@ -64,6 +66,8 @@ def disalign_status(exc: DisalignError) -> int:
         return 400
     if isinstance(exc, IncompatibleCalibration):
         return 409
+    if isinstance(exc, ReloadTimeout):
+        return 503
     return 422
 
 
@@ -110,7 +114,8 @@ def install_error_handlers(app: FastAPI, routers: Sequence[APIRouter]) -> None:
         if exc.status_code == 404 and sentence == "Not Found":
             sentence = f"there is no route {request.url.path}."
         elif exc.status_code == 400 and sentence == "There was an error parsing the body":
-            sentence = "the request body could not be parsed; send UTF-8 JSON."
+            sentence = ("the request body is not valid JSON (nested too deeply)." if isinstance(exc.__cause__, RecursionError)
+                        else "the request body could not be parsed; send UTF-8 JSON.")
         elif exc.status_code == 405:
             if sentence == "Method Not Allowed":
                 sentence = f"{request.method} is not allowed on {request.url.path}."

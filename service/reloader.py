@@ -7,6 +7,10 @@ swap, the last step and one that cannot fail: the runtime's calibration referenc
 ``/v2`` metadata change together, with no ``await`` in between. On any failure the old calibration keeps
 serving and ``disalign_calibration_reloads_total{outcome}`` counts it (``unreadable`` or ``incompatible``).
 
+No reload holds the reload path for longer than ``reload_timeout_s``: a read that takes longer (a hung network
+mount; FIFOs and devices are refused at once by the artifact reader) is abandoned — its result, should it come,
+is dropped — the old calibration keeps serving, and the next publish is read as usual.
+
 Several replicas on one directory: each polls ``DIR/current`` every ``watch_interval_s`` (one readlink,
 :func:`disalign.calib.artifact.publish.current_version`) and reloads when it points elsewhere, so all of them serve a newly
 published version within about one interval. A new version that fails the checks is logged and counted
@@ -28,6 +32,10 @@ from disalign.service.state import CalibrationState
 log = logging.getLogger("service")
 
 
+class ReloadTimeout(ArtifactError):
+    """Reading and checking the calibration took longer than ``reload_timeout_s`` (503)."""
+
+
 class CalibrationReloader:
     """Serialises reloads of one runtime and watches its calibration directory."""
 
@@ -44,8 +52,13 @@ class CalibrationReloader:
         async with self.lock:
             previous = runtime.calibration
             self.seen = await run_in_threadpool(current_version, runtime.settings.calibration)
+            timeout = runtime.settings.reload_timeout_s
             try:
-                state = await run_in_threadpool(runtime.read_checked_calibration)
+                state = await asyncio.wait_for(run_in_threadpool(runtime.read_checked_calibration), timeout)
+            except TimeoutError:
+                metrics.reloads.labels("timeout").inc()
+                raise ReloadTimeout(f"reading and checking the calibration in {runtime.settings.calibration} took longer than "
+                                    f"{timeout:g} s (DISALIGN_RELOAD_TIMEOUT_S); still serving {previous.version}.") from None
             except IncompatibleCalibration:
                 metrics.reloads.labels("incompatible").inc()
                 raise

@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     calibration: Path = Field(description="calibration directory; /admin/reload and the watcher re-read it")
     # Each replica polls DIR/current (one readlink) and reloads a newly published version by itself.
     watch_interval_s: float = Field(1.0, ge=0.0, le=3600.0, description="seconds between checks for a newly published calibration (0: never)")
+    reload_timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="longest a reload may read and check a calibration")
     model_name: str = Field("disalign", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="name in the /v2 routes")
     admin_token: SecretStr | None = Field(None, description="Bearer token of the /admin routes (disabled when unset)")
     admin_token_file: Path | None = Field(None, description="file holding the admin token (a secret), instead of admin_token")

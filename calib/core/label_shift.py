@@ -46,9 +46,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from disalign.calib import json_text
 from disalign.calib.data.bank import clean_labelled_rows
 from disalign.calib.defaults import PRIOR_CONCENTRATION, PRIOR_SIGNIFICANCE, PRIOR_TOLERANCE
 from disalign.calib.errors import InputError
+from disalign.calib.files import read_regular_file
 
 DEFAULT_BIAS_PENALTIES = (0.0, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge on b, chosen by cross-validation
 # Dirichlet pseudo-counts, the test's level, and the nats per row that miscalibration may explain (module
@@ -62,7 +64,14 @@ MIN_CALIBRATION_ROWS = 20  # fewer labelled val rows: no probability calibration
 # and cross-validating them costs 31 L-BFGS fits over (N, K) logits: minutes at K = 1000.
 BIAS_MIN_ROWS_PER_CLASS = 20
 MAX_CALIBRATION_ROWS = 50_000  # a random subset of larger val banks (pixel banks) is plenty for K + 1 parameters
+MAX_PRIOR_FILE_BYTES = 64 * 2**20  # K numbers and K names: a few MB at the largest K we know
 PRIOR_FLOOR = 1e-12  # a prior of 0 becomes this, so that adjusted logits stay finite
+# What a stored probability calibration may hold (checked on read, and what a fit returns). Serving computes
+# z / T + b + log π in float32: T = 1e-300 or b = 1e300 are valid floats that overflow it on every row. The
+# temperature range is fit_temperature's own bracket for 1 / T; biases are log-odds, and ±1000 nats is
+# already a certainty no calibration needs (fitted ones stay within ±10 on our banks).
+TEMPERATURE_RANGE = (1e-4, 1e4)
+MAX_ABS_BIAS = 1e3
 
 
 @dataclass(frozen=True)
@@ -196,7 +205,8 @@ def fit_temperature_bias(logits: torch.Tensor, labels: torch.Tensor, bias_penalt
         return torch.tensor(nll + bias_penalty * float(params[1:].square().sum()), dtype=torch.float64)
 
     optimizer.step(closure)
-    return float(params[0].exp()), params[1:].clone()
+    low, high = TEMPERATURE_RANGE  # a degenerate bank (separable, one class) can send log T or b off to infinity
+    return float(params[0].exp().clamp(low, high)), params[1:].clamp(-MAX_ABS_BIAS, MAX_ABS_BIAS)
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, tolerance: float = 1e-8, max_iterations: int = 100) -> float:
@@ -278,7 +288,10 @@ def check_prior(prior: torch.Tensor | list[float], num_classes: int, what: str) 
         raise InputError(f"{what} should have {num_classes} values (one per class), found shape {tuple(p.shape)}.")
     if not torch.isfinite(p).all() or (p < 0).any() or float(p.sum()) <= 0:
         raise InputError(f"{what} should hold finite numbers >= 0 with a positive sum.")
-    return p / p.sum()
+    total = float(p.sum())
+    if not math.isfinite(total):  # [1e308] * 10: each finite, the sum not; p / sum would be all zeros
+        raise InputError(f"{what} should hold finite numbers >= 0 with a positive, finite sum; found a sum of {total}.")
+    return p / total
 
 
 def uniform_prior(num_classes: int) -> torch.Tensor:
@@ -393,7 +406,7 @@ def read_prior_file(path: str | Path, class_names: list[str]) -> torch.Tensor:
     """
     path = Path(path)
     try:
-        raw = json.loads(path.read_text())
+        raw = json_text.loads(read_regular_file(path, InputError, max_bytes=MAX_PRIOR_FILE_BYTES), f"prior file {path}", InputError)
     except FileNotFoundError:
         raise InputError(f"prior file {path} does not exist.") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,8 +20,9 @@ import h5py
 import numpy as np
 import torch
 
+from disalign.calib import json_text
 from disalign.calib.errors import BankError
-from disalign.calib.files import replace_with, temporary_sibling
+from disalign.calib.files import kind_of_mode, replace_with, temporary_sibling
 
 SCHEMA_VERSION = 1
 FEATURE_DTYPES = ("float16", "float32")
@@ -117,7 +117,7 @@ def _json_attr(attrs, name: str, default, kind: type, what: str, path: str):
     if not isinstance(raw, str):
         raise BankError(f"{path}: attribute '{name}' should be JSON text ({what}), found {_kind_of(raw)}.")
     try:
-        value = json.loads(raw)
+        value = json_text.loads(raw, f"{path}: attribute '{name}'", BankError)
     except json.JSONDecodeError as exc:
         raise BankError(f"{path}: attribute '{name}' should be JSON text ({what}), found {raw!r:.80}.") from exc
     if not isinstance(value, kind):
@@ -187,14 +187,7 @@ def _unwritten(ds: h5py.Dataset) -> bool:
 
 def file_kind(path: str) -> str | None:
     """None for a regular file (or a link to one), else what it is: a FIFO, a directory, a device, a socket."""
-    mode = os.stat(path).st_mode
-    if stat.S_ISREG(mode):
-        return None
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return kind
-    return "not a regular file"
+    return kind_of_mode(os.stat(path).st_mode)
 
 
 def available_memory() -> int | None:

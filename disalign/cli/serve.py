@@ -27,7 +27,7 @@ from disalign.cli.common import HelpFormatter, parse_bytes
 
 SETTING_FLAGS = ("model", "weights", "classifier_layer", "card", "calibration", "model_name", "max_body_bytes",
                  "max_pixels", "max_images", "max_rows", "torch_threads", "max_batch", "max_wait_ms", "device",
-                 "preprocessing", "watch_interval_s", "prior", "prior_window", "prior_update_every", "prior_min_rows")
+                 "preprocessing", "watch_interval_s", "reload_timeout_s", "prior", "prior_window", "prior_update_every", "prior_min_rows")
 # What a client may hold (disalign.service.limits): the request head and body deadlines, the body budget, uvicorn's limits.
 LIMIT_FLAGS = ("max_inflight_body_bytes", "timeout_header", "timeout_body", "timeout_keep_alive", "limit_concurrency")
 
@@ -59,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=argparse.SUPPRESS, help="torch device of the model (default cpu)")
     p.add_argument("--watch-interval-s", default=argparse.SUPPRESS, type=float,
                    help="seconds between checks of the calibration directory for a new version (default 1; 0: never)")
+    p.add_argument("--reload-timeout-s", default=argparse.SUPPRESS, type=float,
+                   help="longest a reload may spend reading and checking a calibration; 503 beyond (default 60)")
     p.add_argument("--prior", default=argparse.SUPPRESS, help="class prior of the answers: balanced (default), adaptive or a prior file (JSON)")
     p.add_argument("--prior-window", default=argparse.SUPPRESS, type=int, help="adaptive prior: rows of traffic kept (default 5000)")
     p.add_argument("--prior-update-every", default=argparse.SUPPRESS, type=int, help="adaptive prior: requests between estimates (default 100)")

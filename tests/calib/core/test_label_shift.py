@@ -184,6 +184,8 @@ def test_temperature_bias_nll_and_its_gradients_equal_autograd():
     (lambda: ls.estimate_prior(torch.full((2, 2), 0.5), significance=0), "significance should be"),
     (lambda: ls.adjust_to_prior(torch.zeros(1, 3), torch.tensor([0.5, 0.5]), None), "3 values"),
     (lambda: ls.adjust_to_prior(torch.zeros(1, 2), torch.tensor([0.0, 0.0]), None), "positive sum"),
+    # each finite, their sum not: once normalised to all zeros and reported as such
+    (lambda: ls.check_prior([1e308] * 10, 10, "prior"), r"prior should hold finite numbers >= 0 with a positive, finite sum; found a sum of inf\."),
 ])
 def test_bad_arguments_are_one_sentence(call, match):
     with pytest.raises(InputError, match=match):
@@ -191,12 +193,17 @@ def test_bad_arguments_are_one_sentence(call, match):
 
 
 @pytest.mark.parametrize(("field", "value", "match"), [
-    ("probability_calibration", {"temperature": 0, "bias": [0.0] * 10}, "temperature should be a finite number > 0"),
+    ("probability_calibration", {"temperature": 0, "bias": [0.0] * 10}, r"temperature should be a number in \[0.0001, 10000\], found 0\."),
+    # in range of a float, not of serving: z / T and z / T + b overflow float32, every answer with a prior a 422
+    ("probability_calibration", {"temperature": 1e-300, "bias": [0.0] * 10}, r"temperature should be a number in \[0.0001, 10000\], found 1e-300\."),
+    ("probability_calibration", {"temperature": 1e5, "bias": [0.0] * 10}, r"temperature should be a number in"),
+    ("probability_calibration", {"temperature": 1.0, "bias": [1e300] * 10}, r"bias should be 10 finite numbers within ±1000, found \[1e\+300"),
     ("probability_calibration", {"temperature": 1.0, "bias": [0.0] * 3}, "bias should be 10 finite numbers"),
     ("probability_calibration", [1.0], "should be an object"),
     ("probability_calibration", {"temperature": 1.0, "bias": [0.0] * 10, "bias_penalty": "big"}, "bias_penalty should be"),
     ("target_prior", [0.1] * 9, "target_prior should be 10 finite numbers"),
     ("target_prior", [-0.1] + [0.1] * 9, "target_prior should be 10"),
+    ("target_prior", [1e308] * 10, r"target_prior should be 10 finite numbers >= 0 with a positive, finite sum, found \[1e\+308"),
 ])
 def test_artifact_fields_are_checked_on_read(field, value, match, tmp_path: Path, lt_banks):
     from disalign.calib.estimators.baselines.prior import Joint
