@@ -18,16 +18,15 @@ event loop, large ones on a calibration thread.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from disalign.calib.artifact.format import version_name
 from disalign.calib.errors import ArtifactError, DisalignError, InputError
 from disalign.calib.estimators.base import Calibrator
 from disalign.calib.estimators.methods import load_calibration
@@ -97,15 +96,9 @@ class RowResult:
 
 
 def calibration_version(calibrator: Calibrator) -> str:
-    """``<method>-<12 hex>``: a digest of the parameters and the metadata, stable across reloads of the same artifact."""
-    digest = hashlib.sha256()
-    for name in sorted(calibrator.params_):
-        tensor = calibrator.params_[name].detach().to(torch.float32).contiguous()
-        digest.update(name.encode())
-        digest.update(json.dumps(list(tensor.shape)).encode())
-        digest.update(tensor.numpy().tobytes())
-    digest.update(json.dumps(asdict(calibrator.meta_), sort_keys=True, default=str).encode())
-    return f"{calibrator.meta_.method}-{digest.hexdigest()[:12]}"
+    """``<method>-<12 hex>``: a digest of the parameters and the metadata, stable across reloads of the same artifact
+    (:func:`disalign.calib.artifact.format.version_name`; a published prior names it)."""
+    return version_name(calibrator.params_, calibrator.meta_)
 
 
 def read_calibration(directory: Path) -> Calibrator:

@@ -275,6 +275,21 @@ def canary(calibrator, where: str) -> None:
                                 "(its parameters are out of range).")
 
 
+def version_name(params: dict[str, torch.Tensor], meta: CalibrationMeta) -> str:
+    """``<method>-<12 hex>``: a digest of the parameters and the metadata, the same for the same artifact on
+    every reader (what a server reports as its calibration version, and a published prior is bound to)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(params):
+        tensor = params[name].detach().to(torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(json.dumps(list(tensor.shape)).encode())
+        digest.update(tensor.numpy().tobytes())
+    digest.update(json.dumps(dataclasses.asdict(meta), sort_keys=True, default=str).encode())
+    return f"{meta.method}-{digest.hexdigest()[:12]}"
+
+
 def artifact_bytes(params: dict[str, torch.Tensor], metadata: dict[str, Any], method: str) -> dict[str, bytes]:
     """The two files of an artifact as bytes (written by :func:`disalign.calib.artifact.publish.publish`)."""
     return {PARAMETERS_FILE: save_tensors(params, metadata={"method": method}),

@@ -384,6 +384,105 @@ def bootstrap_interval(probabilities: torch.Tensor, estimate: PriorEstimate, *, 
     return torch.quantile(stacked, tail, dim=0), torch.quantile(stacked, 1.0 - tail, dim=0)
 
 
+# -- moving a served prior: who may move it, how far, and when ------------------------------------------
+@dataclass(frozen=True)
+class PriorUpdate:
+    """What :func:`next_prior` decided for a served prior, from the rows of the traffic.
+
+    prior (K,): the prior to serve next, None for balanced; changed: whether that differs from ``current``;
+    estimate: the MAP estimate and its test against the reference (uniform); statistic, p_value: the test of
+    the target (the estimate, or the reference when the estimate's own test kept it) against ``current``;
+    stepped: the move was cut to ``max_step``.
+    """
+
+    prior: torch.Tensor | None
+    changed: bool
+    estimate: PriorEstimate
+    target: torch.Tensor
+    statistic: float
+    p_value: float
+    stepped: bool
+    reason: str
+
+
+def capped_counts(counts: dict[str, int], max_share: dict[str, float]) -> dict[str, int]:
+    """Rows each source may contribute so that no source holds more than its ``max_share`` of the total kept.
+
+    The kept total T is the largest with g(T) = Σ_s min(n_s, c_s·T) − T ≥ 0 (``counts`` n_s, shares c_s in
+    (0, 1]); g is concave with g(0) = 0, so {g ≥ 0} is an interval [0, T*], found by bisection over whole rows. Source s then
+    keeps min(n_s, ⌊c_s·T*⌋) rows (its most recent, in the caller's order). One source with c < 1 can
+    therefore contribute nothing on its own: a share is a share of what the others send too.
+    """
+    def gain(total: float) -> float:
+        return sum(min(n, max_share[s] * total) for s, n in counts.items()) - total
+
+    low, high = 0, sum(counts.values())  # whole rows: the largest integer T with g(T) >= 0
+    if gain(high) >= -1e-9:
+        low = high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if gain(middle) >= -1e-9 else (low, middle)
+    return {s: int(min(n, math.floor(max_share[s] * low + 1e-9))) for s, n in counts.items()}
+
+
+def step_toward(current: torch.Tensor, target: torch.Tensor, max_step: float) -> tuple[torch.Tensor, bool]:
+    """``current`` moved toward ``target`` (both (K,), summing to 1) by at most ``max_step`` in L1 → (prior, cut?).
+
+    A convex combination, so it stays a prior and never overshoots the target."""
+    distance = l1_distance(current, target)
+    if distance <= max_step:
+        return target.double(), False
+    w = max_step / distance
+    return (1.0 - w) * current.double() + w * target.double(), True
+
+
+def log_likelihood_ratio(probabilities: torch.Tensor, prior: torch.Tensor, other: torch.Tensor,
+                         reference: torch.Tensor | None = None) -> float:
+    """2 Σ_i log (Σ_y p_iy π_y / π_ref,y) / (Σ_y p_iy π'_y / π_ref,y): how much better ``prior`` explains the
+    rows than ``other`` (negative when worse); probabilities (N, K) calibrated for ``reference`` (uniform)."""
+    k = probabilities.shape[1]
+    ref = uniform_prior(k) if reference is None else reference.double()
+    p = probabilities.double()
+    a = (p * (prior.double() / ref)).sum(dim=1).clamp_min(1e-300)
+    b = (p * (other.double() / ref)).sum(dim=1).clamp_min(1e-300)
+    return 2.0 * float((a.log() - b.log()).sum())
+
+
+def next_prior(probabilities: torch.Tensor, current: torch.Tensor | None, *, max_step: float,
+               concentration: float = DEFAULT_CONCENTRATION, significance: float = DEFAULT_SIGNIFICANCE,
+               tolerance: float = DEFAULT_TOLERANCE) -> PriorUpdate:
+    """The prior to serve after ``current`` (K,) (None: balanced), from N rows of trusted traffic (N, K).
+
+    1. the target: the MAP estimate if its likelihood-ratio test rejects the balanced reference, else the
+       reference (uniform) itself (:func:`estimate_prior`);
+    2. significance: move only if the target explains the rows significantly better than ``current`` does,
+       with the same allowance for miscalibration (Λ − 2·N·``tolerance`` against χ²(K−1) at ``significance``);
+    3. a bounded step: at most ``max_step`` in L1 towards the target (:func:`step_toward`), so that no
+       single window — however its rows were chosen — moves the served prior further than that.
+
+    A result within 1e-9 of uniform, reached by stepping to a uniform target, is balanced (None).
+    """
+    if not 0 < max_step <= 2:
+        raise InputError(f"max_step should be in (0, 2] (an L1 distance between priors), found {max_step}.")
+    estimate = estimate_prior(probabilities, concentration=concentration, significance=significance, tolerance=tolerance)
+    n, k = probabilities.shape
+    uniform = uniform_prior(k)
+    start = uniform if current is None else check_prior(current, k, "the current prior")
+    target = estimate.prior if estimate.adapt else uniform
+    statistic = log_likelihood_ratio(probabilities, target, start)
+    p_value = chi2_survival(statistic - 2.0 * n * tolerance, k - 1)
+    if current is None and not estimate.adapt:
+        return PriorUpdate(None, False, estimate, target, statistic, p_value, False, "the traffic is balanced")
+    if p_value >= significance:
+        return PriorUpdate(current, False, estimate, target, statistic, p_value, False,
+                           f"not significantly better than the current prior (p = {p_value:.3g})")
+    moved, stepped = step_toward(start, target, max_step)
+    if not estimate.adapt and l1_distance(moved, uniform) < 1e-9:
+        return PriorUpdate(None, current is not None, estimate, target, statistic, p_value, stepped, "back to balanced")
+    return PriorUpdate(moved, True, estimate, target, statistic, p_value, stepped,
+                       "a step of at most the bound" if stepped else "the target")
+
+
 # -- applying a prior --------------------------------------------------------------------------------
 def adjust_to_prior(logits: torch.Tensor, prior: torch.Tensor, calibration: ProbabilityCalibration | None,
                     reference: torch.Tensor | None = None) -> torch.Tensor:
@@ -426,11 +525,13 @@ def l1_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 __all__ = [
     "PriorEstimate",
+    "PriorUpdate",
     "ProbabilityCalibration",
     "adjust_to_prior",
     "bootstrap_interval",
     "calibrated_logits",
     "calibration_rows",
+    "capped_counts",
     "check_prior",
     "chi2_survival",
     "em_prior",
@@ -439,7 +540,10 @@ __all__ = [
     "fit_temperature_bias",
     "l1_distance",
     "likelihood_ratio",
+    "log_likelihood_ratio",
+    "next_prior",
     "prior_logits",
     "read_prior_file",
+    "step_toward",
     "uniform_prior",
 ]
