@@ -174,7 +174,7 @@ class DenseRuntime(Runtime):
 
         return [np.array(decode_image(blob, max_pixels=self.settings.max_pixels)) for blob in blobs]
 
-    async def classify(self, images, use_prior=True):  # /v2 image input
+    async def classify(self, images, use_prior=True, source=None):  # /v2 image input
         raise InputError(f"this server serves a {self.task} model: send images to /predict (the /v2 image input is for classifiers).")
 
     async def predict(self, request: DenseRequest) -> DenseResult:

@@ -12,6 +12,7 @@ unsupported Content-Type              415
 body or image too large               413
 request line and headers over 64 KiB  431
 calibration does not fit the model    409
+the prior cannot be published         409
 wrong shape, K, d, NaN/inf, schema    422
 model not loaded yet / shutting down  503
 a reload slower than its timeout      503
@@ -43,6 +44,7 @@ from disalign.feature_extract.preprocess import ImageDecodeError, ImageTooLargeE
 from disalign.service.batcher import BatcherStopped
 from disalign.service.checks import InvalidBase64
 from disalign.service.messages import validation_sentence
+from disalign.service.prior import PriorStoreError
 from disalign.service.reloader import ReloadTimeout
 from disalign.service.runtime import IncompatibleCalibration
 
@@ -68,6 +70,8 @@ def disalign_status(exc: DisalignError) -> int:
         return 409
     if isinstance(exc, ReloadTimeout):
         return 503
+    if isinstance(exc, PriorStoreError):
+        return 409
     return 422
 
 

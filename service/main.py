@@ -65,6 +65,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.ready = False
         if watcher is not None:
             watcher.cancel()
+        runtime.prior.stop()
         await runtime.batcher.stop()
         await runtime.row_batcher.stop()
 

@@ -11,6 +11,8 @@ No reload holds the reload path for longer than ``reload_timeout_s``: a read tha
 mount; FIFOs and devices are refused at once by the artifact reader) is abandoned — its result, should it come,
 is dropped — the old calibration keeps serving, and the next publish is read as usual.
 
+The same loop follows the deployment's published class prior (``DIR/prior/published/current``, adaptive mode).
+
 Several replicas on one directory: each polls ``DIR/current`` every ``watch_interval_s`` (one readlink,
 :func:`disalign.calib.artifact.publish.current_version`) and reloads when it points elsewhere, so all of them serve a newly
 published version within about one interval. A new version that fails the checks is logged and counted
@@ -70,10 +72,15 @@ class CalibrationReloader:
         return previous, state
 
     async def watch(self, interval_s: float) -> None:
-        """Poll the calibration directory every ``interval_s`` seconds and reload a newly published version."""
+        """Poll the calibration directory every ``interval_s`` seconds and reload a newly published version; and
+        serve a newly published prior (adaptive mode: :meth:`disalign.service.prior.PriorTracker.follow`)."""
         directory = self.runtime.settings.calibration
         while True:
             await asyncio.sleep(interval_s)
+            try:
+                await run_in_threadpool(self.runtime.prior.follow)
+            except Exception:  # a bug: keep watching, and keep serving the prior served now
+                log.exception("following the prior published in %s failed", directory)
             pointer = await run_in_threadpool(current_version, directory)
             if pointer is None or pointer == self.seen:
                 continue

@@ -61,6 +61,7 @@ class ImageRequest:
 
     images: torch.Tensor
     use_prior: bool = True  # False: the request asked for prior=balanced
+    source: str | None = None  # the trusted traffic source that sent it (disalign.service.traffic); None: untrusted
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class RowRequest:
     logits: np.ndarray
     top_k: int = 0
     use_prior: bool = True  # False: the request asked for prior=balanced
+    source: str | None = None  # the trusted traffic source that sent it (disalign.service.traffic); None: untrusted
 
 
 @dataclass(frozen=True)
@@ -203,8 +205,10 @@ class Runtime:
         with torch.inference_mode():
             # Not validated again: each request's rows were checked (shapes, finite) by its router.
             calibrated = state.calibrator.predict_logits(torch.from_numpy(features), torch.from_numpy(logits), validate=False)  # (N, K)
-            flags = row_flags([r.use_prior for r in requests], [r.features.shape[0] for r in requests])
-            calibrated, prior = self.prior.apply(calibrated, flags, state, requests=len(requests))
+            sizes = [r.features.shape[0] for r in requests]
+            flags = row_flags([r.use_prior for r in requests], sizes)
+            calibrated, prior = self.prior.apply(calibrated, flags, state, requests=len(requests),
+                                                 sources=[(r.source, n) for r, n in zip(requests, sizes, strict=True)])
             probabilities = torch.softmax(calibrated, dim=1)
             top_p, top_i = probabilities.topk(k, dim=1)  # (N, k), k = 0 included
         out, start = [], 0
@@ -222,9 +226,10 @@ class Runtime:
         views = [clean_view(decode_image(blob, max_pixels=limit, draft_size=prep.draft_size), prep) for blob in blobs]
         return torch.stack(views)
 
-    async def classify(self, images: torch.Tensor, use_prior: bool = True) -> ImageResult:
-        """Run a request's images (n, 3, H, W) uint8 through the micro-batcher (``use_prior``: align to the served prior)."""
-        return await self.batcher.submit(ImageRequest(images, use_prior))
+    async def classify(self, images: torch.Tensor, use_prior: bool = True, source: str | None = None) -> ImageResult:
+        """Run a request's images (n, 3, H, W) uint8 through the micro-batcher (``use_prior``: align to the served
+        prior; ``source``: the trusted traffic source that sent them, if any)."""
+        return await self.batcher.submit(ImageRequest(images, use_prior, source))
 
     def _forward_batch(self, requests: list[ImageRequest]) -> list[ImageResult]:
         """Inference thread: one forward pass (in chunks of max_batch) for all requests of a batch."""
@@ -243,6 +248,6 @@ class Runtime:
             raise InputError("the model produced NaN or inf for an image.")
         calibrated = state.calibrator.predict_logits(features, raw)
         calibrated, prior = self.prior.apply(calibrated, row_flags([r.use_prior for r in requests], sizes), state,
-                                             requests=len(requests))
+                                             requests=len(requests), sources=[(r.source, n) for r, n in zip(requests, sizes, strict=True)])
         return [ImageResult(r, c, state, prior.version_for(request.use_prior))
                 for r, c, request in zip(raw.split(sizes), calibrated.split(sizes), requests, strict=True)]

@@ -85,14 +85,15 @@ class PriorVersion:
     def to_json(self) -> bytes:
         return (json.dumps(asdict(self), indent=2) + "\n").encode()
 
-    @property
-    def digest(self) -> str:
-        """12 hex of the prior and the calibration it applies to: the same on every replica (the served version's name)."""
-        prior = np.asarray(self.prior if self.prior is not None else [], dtype=np.float64)
-        return hashlib.sha256(prior.tobytes() + self.calibration_version.encode()).hexdigest()[:12]
 
 
 _VERSION = TypeAdapter(PriorVersion)
+
+
+def prior_digest(prior: np.ndarray, calibration_version: str) -> str:
+    """12 hex of a prior (K,) and the calibration it applies to: every replica serving the same published version
+    names it alike (``<source>-<12 hex>``)."""
+    return hashlib.sha256(np.asarray(prior, dtype=np.float64).tobytes() + calibration_version.encode()).hexdigest()[:12]
 
 
 def check_version(raw: Any, where: str) -> PriorVersion:
