@@ -53,8 +53,8 @@ class PriorMetrics:
         self.window_rows = Gauge("disalign_prior_window_rows", "Rows of trusted traffic in this replica's windows.", registry=registry)
         self.last_update = Gauge("disalign_prior_last_update_timestamp_seconds", "Unix time of the latest prior estimate.",
                                  registry=registry)
-        self.p_value = Gauge("disalign_prior_test_p_value", "p-value of the latest estimate's test against the balanced "
-                             "reference.", registry=registry)
+        self.p_value = Gauge("disalign_prior_test_p_value", "p-value of this replica's latest estimate's test against the "
+                             "prior served (published when below 0.01).", registry=registry)
         self.estimates = Counter("disalign_prior_estimates", "This replica's prior estimates by outcome: publish (a new "
                                  "version), keep (the checks kept the current one), error.", ("decision",), registry=registry)
 

@@ -8,10 +8,11 @@
   Only trusted traffic moves it: rows of requests that carry a source's token (:mod:`disalign.service.traffic`,
   ``DISALIGN_PRIOR_SOURCES``) are kept in that source's window; every ``prior_update_every`` trusted requests
   a replica writes its window to the store and, if no other replica is doing so (a lock), pools every
-  replica's windows, caps each source at its ``max_share`` of the rows, estimates the prior (MAP-EM) and
-  publishes a new version only after the checks of :func:`disalign.calib.core.label_shift.next_prior`: the
-  estimate must beat the balanced reference and the current prior significantly, and the published prior
-  moves at most ``prior_max_step`` (L1) from the current one. Untrusted requests are answered with the
+  replica's windows, caps each source at its ``max_share`` of the rows, estimates each source's prior
+  (MAP-EM, kept only if that source's rows reject the balanced reference), averages them by share and
+  publishes a new version only after the checks of :func:`disalign.calib.core.label_shift.next_prior`: it
+  must explain the rows significantly better than the current prior, and moves at most ``prior_max_step``
+  (L1) from it. A source with share w thus moves the target by at most 2w, whatever rows it sends. Untrusted requests are answered with the
   published prior and never looked at again. A server without sources only follows (``disalign adapt
   --publish`` or another replica publishes).
 
@@ -59,7 +60,6 @@ log = logging.getLogger("service")
 
 BALANCED = "balanced"
 ADAPTIVE = "adaptive"
-INITIAL_EPOCH = "initial"  # the epoch of a store that was never reset
 ADMIN_LOCK_WAIT_S = 10.0  # an admin command waits this long for a replica's estimate to finish
 
 
@@ -112,10 +112,10 @@ def make_state(source: str, prior: np.ndarray | None, calibration: CalibrationSt
 class Estimate:
     """The latest estimate this replica made, and what came of it."""
 
-    prior: list[float]
-    statistic: float  # the estimate's test against the balanced reference
+    prior: list[float]  # the target: the sources' priors weighted by their (capped) shares
+    statistic: float  # its test against the prior served
     p_value: float
-    adapt: bool
+    adapt: bool  # whether any source's rows rejected the balanced reference
     rows: int
     time: float
     rows_by_source: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -180,7 +180,7 @@ class PriorTracker:
 
     @property
     def epoch(self) -> str:
-        return self._published[1].epoch if self._published is not None else INITIAL_EPOCH
+        return self._published[1].epoch if self._published is not None else priors.INITIAL_EPOCH
 
     def source_of(self, token: str | None) -> str | None:
         """The trusted source a request's ``Disalign-Traffic-Token`` names (None: untrusted, or not adaptive)."""
@@ -332,7 +332,7 @@ class PriorTracker:
                 version = priors.PriorVersion(
                     prior=None if prior is None else [float(v) for v in prior], classes=list(calibration.class_names),
                     calibration_version=calibration.version, source=source,
-                    epoch=epoch or (current[1].epoch if current else INITIAL_EPOCH), created=priors.now_iso(), frozen=frozen)
+                    epoch=epoch or (current[1].epoch if current else priors.INITIAL_EPOCH), created=priors.now_iso(), frozen=frozen)
                 if epoch is not None:
                     priors.clear_traffic(self.store)
                 pointer = priors.publish_version(self.store, version)
@@ -432,7 +432,7 @@ class PriorTracker:
         applies = version is not None and version.calibration_version == calibration.version
         if applies and version.frozen:
             return current if current != self._published else None
-        epoch = version.epoch if version else INITIAL_EPOCH
+        epoch = version.epoch if version else priors.INITIAL_EPOCH
         k = calibration.meta.num_classes
         pooled, skipped = priors.read_traffic(self.store, epoch=epoch, calibration_version=calibration.version,
                                               num_classes=k, max_age_s=self.traffic_max_age_s)
@@ -441,14 +441,14 @@ class PriorTracker:
         pooled = {name: parts for name, parts in pooled.items() if name in self.sources.max_share}  # sources we trust
         allowed = label_shift.capped_counts({n: sum(p.shape[0] for p in parts) for n, parts in pooled.items()},
                                             self.sources.max_share)
-        rows = np.concatenate([most_recent(pooled[n], allowed[n]) for n in pooled] or [np.empty((0, k), np.float32)])
-        if rows.shape[0] < self.min_rows:
+        groups = {n: torch.from_numpy(most_recent(pooled[n], allowed[n])) for n in pooled if allowed[n] > 0}
+        rows = sum(g.shape[0] for g in groups.values())
+        if rows < self.min_rows:
             return None
         current_prior = torch.tensor(version.prior, dtype=torch.float64) if applies and version.prior is not None else None
-        update = label_shift.next_prior(torch.from_numpy(rows), current_prior, max_step=self.max_step)
-        est = update.estimate
-        estimate = Estimate(est.prior.tolist(), est.statistic, est.p_value, est.adapt, int(rows.shape[0]), time.time(),
-                            {n: c for n, c in allowed.items() if c}, update.changed, update.reason)
+        update = label_shift.next_prior(groups, current_prior, max_step=self.max_step)
+        estimate = Estimate(update.target.tolist(), update.statistic, update.p_value, update.adapt, rows, time.time(),
+                            {n: int(g.shape[0]) for n, g in groups.items()}, update.changed, update.reason)
         with self._lock:
             if generation != self._generation:
                 return None  # the windows were emptied meanwhile (a reset or a reload)
@@ -460,10 +460,7 @@ class PriorTracker:
         new = priors.PriorVersion(
             prior=None if update.prior is None else update.prior.tolist(), classes=list(calibration.class_names),
             calibration_version=calibration.version, source="estimate", epoch=epoch, created=priors.now_iso(),
-            rows=int(rows.shape[0]), rows_by_source=estimate.rows_by_source,
-            test={"statistic": update.statistic, "p_value": update.p_value, "reference_p_value": est.p_value,
-                  "stepped": update.stepped, "max_step": self.max_step, "reason": update.reason,
-                  "estimate": est.prior.tolist()})
+            rows=rows, rows_by_source=estimate.rows_by_source, test=update_record(update, self.max_step))
         return priors.publish_version(self.store, new), new
 
     def wait_for_estimate(self, timeout: float = 10.0) -> None:
@@ -489,6 +486,14 @@ class PriorTracker:
                     "pointer": published[0], "source": published[1].source, "created": published[1].created,
                     "calibration_version": published[1].calibration_version, "epoch": published[1].epoch,
                     "rows": published[1].rows, "rows_by_source": published[1].rows_by_source, "frozen": published[1].frozen}}
+
+
+def update_record(update: label_shift.PriorUpdate, max_step: float) -> dict:
+    """What a published version records of the decision behind it (``prior.json``'s ``test``)."""
+    return {"statistic": update.statistic, "p_value": update.p_value, "stepped": update.stepped, "max_step": max_step,
+            "reason": update.reason, "target": update.target.tolist(),
+            "sources": {name: {"prior": e.prior.tolist(), "p_value": e.p_value, "adapt": e.adapt, "rows": e.num_samples}
+                        for name, e in update.estimates.items()}}
 
 
 def most_recent(parts: list[np.ndarray], keep: int) -> np.ndarray:

@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from disalign.calib.defaults import DEFAULT_MAX_PIXELS
+from disalign.calib.defaults import DEFAULT_MAX_PIXELS, PRIOR_MAX_STEP
 from disalign.calib.sizes import parse_bytes
 
 MiB = 1024 * 1024
@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     # deployment's prior is published (disalign.calib.artifact.priors); docs/service.md, "Threat model".
     prior_sources: Sources = Field(default_factory=dict, description="trusted traffic sources: name -> token and max_share")
     prior_sources_file: Path | None = Field(None, description="a JSON file holding prior_sources instead (a secret)")
-    prior_max_step: float = Field(0.2, gt=0.0, le=2.0, description="adaptive prior: largest L1 move of one published estimate")
+    prior_max_step: float = Field(PRIOR_MAX_STEP, gt=0.0, le=2.0, description="adaptive prior: largest L1 move of one published estimate")
     prior_dir: Path | None = Field(None, description="where the deployment's prior is published (default: <calibration>/prior)")
     prior_traffic_max_age_s: float = Field(600.0, gt=0.0, description="a replica's window older than this is not pooled")
 

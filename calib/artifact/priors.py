@@ -58,6 +58,7 @@ TRAFFIC = "traffic"
 LOCK_FILE = "estimate.lock"
 PRIOR_FILE = "prior.json"
 FORMAT_VERSION = 1
+INITIAL_EPOCH = "initial"  # the epoch of a store no one has reset
 KEEP_VERSIONS = 10  # a published prior is small; the newest ten say how it moved
 MAX_PRIOR_BYTES = 64 * 2**20
 MAX_TRAFFIC_BYTES = 2**31  # one replica's window: rows x K float32 (5000 x 1000 is 20 MB)
