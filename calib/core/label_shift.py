@@ -416,23 +416,29 @@ class PriorUpdate:
 
 
 def capped_counts(counts: dict[str, int], max_share: dict[str, float]) -> dict[str, int]:
-    """Rows each source may contribute so that no source holds more than its ``max_share`` of the total kept.
+    """Rows each source may contribute so that no source holds more than its ``max_share`` of the rows kept.
 
-    The kept total T is the largest with g(T) = Σ_s min(n_s, c_s·T) − T ≥ 0 (``counts`` n_s, shares c_s in
-    (0, 1]); g is concave with g(0) = 0, so {g ≥ 0} is an interval [0, T*], found by bisection over whole rows. Source s then
-    keeps min(n_s, ⌊c_s·T*⌋) rows (its most recent, in the caller's order). One source with c < 1 can
-    therefore contribute nothing on its own: a share is a share of what the others send too.
+    Source s keeps k_s(T) = min(n_s, ⌊c_s·T⌋) rows (``counts`` n_s, shares c_s in (0, 1]; its most recent, in
+    the caller's order) for the largest whole T with Σ_s k_s(T) ≥ T: then k_s ≤ c_s·T ≤ c_s·Σ k. Without the
+    floors, g(T) = Σ_s min(n_s, c_s·T) − T is concave with g(0) = 0, so its largest root is found by bisection;
+    the floors cost at most a row per source, so T steps down from that root to the first T that holds. One
+    source with c < 1 can contribute nothing on its own: a share is a share of what the others send too.
     """
+    def kept(total: int) -> dict[str, int]:
+        return {s: int(min(n, math.floor(max_share[s] * total + 1e-9))) for s, n in counts.items()}
+
     def gain(total: float) -> float:
         return sum(min(n, max_share[s] * total) for s, n in counts.items()) - total
 
-    low, high = 0, sum(counts.values())  # whole rows: the largest integer T with g(T) >= 0
+    low, high = 0, sum(counts.values())
     if gain(high) >= -1e-9:
         low = high
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if gain(middle) >= -1e-9 else (low, middle)
-    return {s: int(min(n, math.floor(max_share[s] * low + 1e-9))) for s, n in counts.items()}
+    while low > 0 and sum(kept(low).values()) < low:
+        low -= 1
+    return kept(low)
 
 
 def step_toward(current: torch.Tensor, target: torch.Tensor, max_step: float) -> tuple[torch.Tensor, bool]:
