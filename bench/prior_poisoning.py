@@ -157,12 +157,19 @@ def served_versions(urls: list[str]) -> list[str]:
     return [httpx.post(f"{url}/calibrate", json=row, timeout=10).json()["prior_version"] for url in urls]
 
 
-def seconds_until_all_serve(urls: list[str], before: str, limit: float = 30.0) -> tuple[float, str]:
+def seconds_until_all_serve(urls: list[str], before: str, store: Path, limit: float = 30.0) -> tuple[float, str]:
+    """Seconds from the publish (the version's ``created`` time, written just before ``current`` switches) until
+    all replicas answer with one new prior version."""
+    from datetime import datetime
+
+    from disalign.calib.artifact import priors
+
     start = time.monotonic()
     while time.monotonic() - start < limit:
         versions = served_versions(urls)
+        now = time.time()
         if len(set(versions)) == 1 and versions[0] != before:
-            return time.monotonic() - start, versions[0]
+            return now - datetime.fromisoformat(priors.read_current(store)[1].created).timestamp(), versions[0]
         time.sleep(0.05)
     return float("inf"), ",".join(served_versions(urls))
 
@@ -188,14 +195,14 @@ def replicas(calibration: Path, bank: Bank, work: Path) -> None:
         published = time.monotonic()
         if result.returncode != 0:
             raise SystemExit(result.stderr)
-        seconds, version = seconds_until_all_serve(urls, before)
+        seconds, version = seconds_until_all_serve(urls, before, directory / "prior")
         print(f"disalign adapt --publish: {result.stdout.strip().splitlines()[-1]}")
         print(f"  all 3 replicas serve {version} {seconds:.2f} s after the publish (adapt itself took {published - start:.1f} s)")
         prior = np.linspace(2.0, 1.0, 10)
         start = time.monotonic()
         assert httpx.post(f"{urls[0]}/admin/prior", headers=AUTH, json={"action": "set", "prior": prior.tolist()}, timeout=30).status_code == 200
-        seconds, version = seconds_until_all_serve(urls, version)
-        print(f"POST /admin/prior set on replica 0: all 3 replicas serve {version} {seconds:.2f} s later")
+        seconds, version = seconds_until_all_serve(urls, version, directory / "prior")
+        print(f"POST /admin/prior set on replica 0: all 3 replicas serve {version} {seconds:.2f} s after the publish")
     finally:
         for process, _ in started:
             process.terminate()
