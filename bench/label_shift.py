@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ EXAMPLES = REPO / "examples" / "cifar10lt"
 SETS = (("forward", 10.0), ("forward", 50.0), ("backward", 10.0), ("backward", 50.0), ("uniform", 1.0))
 SAMPLE_SIZES = (100, 1000, 5000)
 ADMIN_TOKEN = "bench-label-shift-admin-token"  # the in-process server's, to reset its prior between sets
+TRAFFIC_TOKEN = "bench-label-shift-traffic-token"  # the traffic is the trusted source 'bench' (disalign.service.traffic)
 
 
 def class_profile(kind: str, imbalance: float, num_classes: int) -> np.ndarray:
@@ -68,7 +70,7 @@ def served_accuracy(client, bank: Bank, rows: np.ndarray, rows_per_request: int)
         part = rows[start:start + rows_per_request]
         body = {"rows": [{"features": bank.features[i].float().tolist(), "logits": bank.logits[i].tolist()} for i in part.tolist()],
                 "top_k": 1}
-        results = client.post("/calibrate", json=body).json()["results"]
+        results = client.post("/calibrate", json=body, headers={"Disalign-Traffic-Token": TRAFFIC_TOKEN}).json()["results"]
         predicted = np.array([r["top_k"][0]["index"] for r in results])
         correct += int((predicted == bank.labels[part].numpy()).sum())
     client.app.state.runtime.prior.wait_for_estimate()
@@ -108,7 +110,8 @@ def main() -> None:
 
         settings = Settings(model=str(EXAMPLES / "cifar10lt-ir50-resnet32.ts"), card=EXAMPLES / "cifar10lt-ir50-resnet32.json",
                             calibration=args.calibration, admin_token=ADMIN_TOKEN, torch_threads=1, prior="adaptive",
-                            prior_window=args.window, prior_update_every=args.update_every, prior_min_rows=args.min_rows)
+                            prior_window=args.window, prior_update_every=args.update_every, prior_min_rows=args.min_rows,
+                            prior_sources={"bench": TRAFFIC_TOKEN}, prior_dir=Path(tempfile.mkdtemp(prefix="label-shift-prior-")))
         client = TestClient(create_app(settings)).__enter__()
         print(f"server: adaptive, window {settings.prior_window} rows, estimate every {settings.prior_update_every} requests "
               f"of {args.rows_per_request} rows once {settings.prior_min_rows} rows are in")

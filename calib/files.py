@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from disalign.calib.errors import InputError
+from disalign.calib.errors import DisalignError, InputError
 
 FINGERPRINT_BLOCK = 1 << 20  # bytes read at a time when hashing
 
@@ -37,7 +37,11 @@ _KINDS = ((stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR,
 def file_kind(path: str | os.PathLike, *, follow_symlinks: bool = True) -> str | None:
     """None for a regular file, else what ``path`` is: ``"a FIFO"``, ``"a directory"``, ``"a character device"`` …
     (``"a symlink"`` with ``follow_symlinks=False``). Raises FileNotFoundError when nothing is there."""
-    mode = os.stat(path, follow_symlinks=follow_symlinks).st_mode
+    return kind_of_mode(os.stat(path, follow_symlinks=follow_symlinks).st_mode)
+
+
+def kind_of_mode(mode: int) -> str | None:
+    """None for a regular file's ``st_mode``, else what it is: ``a FIFO``, ``a directory``, ``a character device`` …"""
     if stat.S_ISREG(mode):
         return None
     return next((kind for test, kind in _KINDS if test(mode)), "not a regular file")
@@ -178,3 +182,25 @@ def fsync_tree(root: str | os.PathLike) -> None:
             finally:
                 os.close(fd)
         fsync_dir(folder)
+# -- reading a file that must be a regular one ----------------------------------------------------------------
+def read_regular_file(path: str | os.PathLike, error: type[DisalignError], *, max_bytes: int | None = None) -> bytes:
+    """The bytes of ``path``, which must be a regular file (a link to one is followed); else ``error`` with
+    one sentence. Never blocks on what is not a file: it is opened non-blocking (a FIFO with no writer opens
+    at once instead of waiting for one) and checked on the open descriptor (no race with a rename) before a
+    byte is read, so neither a FIFO nor a device such as ``/dev/zero`` can hold the reader.
+
+    Raises FileNotFoundError as ``open`` does (callers that retry on a vanished file rely on it).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        kind = kind_of_mode(info.st_mode)
+        if kind is not None:
+            raise error(f"{path} should be a regular file, found {kind}.")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise error(f"{path} has {info.st_size} bytes; at most {max_bytes} are expected of it.")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read()
+    finally:
+        os.close(fd)

@@ -33,8 +33,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from disalign.calib import json_text
+from disalign.calib.files import read_regular_file
 from disalign.feature_extract.errors import ExtractError, ImageDecodeError, ImageTooLargeError
 
+MAX_CARD_BYTES = 64 * 2**20  # a model card: sizes, mean, std and the class names
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SMALL_INPUT = 64  # crops up to this size use pad-and-crop augmentation instead of random resized crop
@@ -100,10 +103,10 @@ class Preprocessing:
         ``input.interpolation`` (bilinear, the default, or bicubic)."""
         path = Path(path)
         try:
-            card = json.loads(path.read_text())
+            card = json_text.loads(read_regular_file(path, ExtractError, max_bytes=MAX_CARD_BYTES), f"model card {path}", ExtractError)
         except FileNotFoundError as exc:
             raise ExtractError(f"model card {path} does not exist.") from exc
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ExtractError(f"model card {path} is not readable JSON ({exc}).") from exc
         spec = card.get("input") if isinstance(card, dict) else None
         if not isinstance(spec, dict):

@@ -48,7 +48,7 @@ def card_task(card: Path | None) -> str:
     that cannot be read (the classification runtime then refuses to start with that card's own error)."""
     try:
         info = json.loads(Path(card).read_text()) if card is not None else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return "classification"
     return str(info.get("task", "classification")) if isinstance(info, dict) else "classification"
 
@@ -174,7 +174,7 @@ class DenseRuntime(Runtime):
 
         return [np.array(decode_image(blob, max_pixels=self.settings.max_pixels)) for blob in blobs]
 
-    async def classify(self, images, use_prior=True):  # /v2 image input
+    async def classify(self, images, use_prior=True, source=None):  # /v2 image input
         raise InputError(f"this server serves a {self.task} model: send images to /predict (the /v2 image input is for classifiers).")
 
     async def predict(self, request: DenseRequest) -> DenseResult:

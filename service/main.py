@@ -65,6 +65,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.ready = False
         if watcher is not None:
             watcher.cancel()
+        runtime.prior.stop()
         await runtime.batcher.stop()
         await runtime.row_batcher.stop()
 
@@ -80,9 +81,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = ServiceMetrics()
     app.state.runtime = None
     app.state.startup_error = None
-    for module in (health, calibrate, v2, predict, admin, prior, metrics):  # matched in this order: the busy routes first
-        app.include_router(module.router)
-    install_error_handlers(app)
+    routers = [module.router for module in (health, calibrate, v2, predict, admin, prior, metrics)]
+    for router in routers:  # matched in this order: the busy routes first
+        app.include_router(router)
+    install_error_handlers(app, routers)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        max_inflight_body_bytes=settings.max_inflight_body_bytes, timeout_body=settings.timeout_body)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: counts 413s too

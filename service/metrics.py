@@ -45,15 +45,18 @@ class PriorMetrics:
     """The ``disalign_prior_*`` metrics, in the app's registry."""
 
     def __init__(self, registry: CollectorRegistry):
-        self.info = Info("disalign_prior", "The class prior served: mode, version, source, frozen.", registry=registry)
+        self.info = Info("disalign_prior", "The class prior served: mode, version, source, frozen, published version.", registry=registry)
+        self.rows = Counter("disalign_prior_rows", "Rows answered, by the trusted traffic source that sent them ('untrusted': "
+                            "counted towards no estimate).", ("source",), registry=registry)
         self.distance = Gauge("disalign_prior_distance", "L1 distance of the latest estimated prior from a reference prior "
                               "(uniform or the training prior; 0 before any estimate).", ("reference",), registry=registry)
-        self.window_rows = Gauge("disalign_prior_window_rows", "Rows of traffic in the adaptive prior's window.", registry=registry)
+        self.window_rows = Gauge("disalign_prior_window_rows", "Rows of trusted traffic in this replica's windows.", registry=registry)
         self.last_update = Gauge("disalign_prior_last_update_timestamp_seconds", "Unix time of the latest prior estimate.",
                                  registry=registry)
-        self.p_value = Gauge("disalign_prior_test_p_value", "p-value of the latest estimate's test against the balanced "
-                             "reference (adapted when below the significance level).", registry=registry)
-        self.estimates = Counter("disalign_prior_estimates", "Prior estimates by the test's decision.", ("decision",), registry=registry)
+        self.p_value = Gauge("disalign_prior_test_p_value", "p-value of this replica's latest estimate's test against the "
+                             "prior served (published when below 0.01).", registry=registry)
+        self.estimates = Counter("disalign_prior_estimates", "This replica's prior estimates by outcome: publish (a new "
+                                 "version), keep (the checks kept the current one), error.", ("decision",), registry=registry)
 
 
 class ServiceMetrics:

@@ -7,6 +7,12 @@ swap, the last step and one that cannot fail: the runtime's calibration referenc
 ``/v2`` metadata change together, with no ``await`` in between. On any failure the old calibration keeps
 serving and ``disalign_calibration_reloads_total{outcome}`` counts it (``unreadable`` or ``incompatible``).
 
+No reload holds the reload path for longer than ``reload_timeout_s``: a read that takes longer (a hung network
+mount; FIFOs and devices are refused at once by the artifact reader) is abandoned — its result, should it come,
+is dropped — the old calibration keeps serving, and the next publish is read as usual.
+
+The same loop follows the deployment's published class prior (``DIR/prior/published/current``, adaptive mode).
+
 Several replicas on one directory: each polls ``DIR/current`` every ``watch_interval_s`` (one readlink,
 :func:`disalign.calib.artifact.publish.current_version`) and reloads when it points elsewhere, so all of them serve a newly
 published version within about one interval. A new version that fails the checks is logged and counted
@@ -28,6 +34,10 @@ from disalign.service.state import CalibrationState
 log = logging.getLogger("service")
 
 
+class ReloadTimeout(ArtifactError):
+    """Reading and checking the calibration took longer than ``reload_timeout_s`` (503)."""
+
+
 class CalibrationReloader:
     """Serialises reloads of one runtime and watches its calibration directory."""
 
@@ -44,8 +54,13 @@ class CalibrationReloader:
         async with self.lock:
             previous = runtime.calibration
             self.seen = await run_in_threadpool(current_version, runtime.settings.calibration)
+            timeout = runtime.settings.reload_timeout_s
             try:
-                state = await run_in_threadpool(runtime.read_checked_calibration)
+                state = await asyncio.wait_for(run_in_threadpool(runtime.read_checked_calibration), timeout)
+            except TimeoutError:
+                metrics.reloads.labels("timeout").inc()
+                raise ReloadTimeout(f"reading and checking the calibration in {runtime.settings.calibration} took longer than "
+                                    f"{timeout:g} s (DISALIGN_RELOAD_TIMEOUT_S); still serving {previous.version}.") from None
             except IncompatibleCalibration:
                 metrics.reloads.labels("incompatible").inc()
                 raise
@@ -57,10 +72,15 @@ class CalibrationReloader:
         return previous, state
 
     async def watch(self, interval_s: float) -> None:
-        """Poll the calibration directory every ``interval_s`` seconds and reload a newly published version."""
+        """Poll the calibration directory every ``interval_s`` seconds and reload a newly published version; and
+        serve a newly published prior (adaptive mode: :meth:`disalign.service.prior.PriorTracker.follow`)."""
         directory = self.runtime.settings.calibration
         while True:
             await asyncio.sleep(interval_s)
+            try:
+                await run_in_threadpool(self.runtime.prior.follow)
+            except Exception:  # a bug: keep watching, and keep serving the prior served now
+                log.exception("following the prior published in %s failed", directory)
             pointer = await run_in_threadpool(current_version, directory)
             if pointer is None or pointer == self.seen:
                 continue

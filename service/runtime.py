@@ -18,16 +18,15 @@ event loop, large ones on a calibration thread.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from disalign.calib.artifact.format import version_name
 from disalign.calib.errors import ArtifactError, DisalignError, InputError
 from disalign.calib.estimators.base import Calibrator
 from disalign.calib.estimators.methods import load_calibration
@@ -62,6 +61,7 @@ class ImageRequest:
 
     images: torch.Tensor
     use_prior: bool = True  # False: the request asked for prior=balanced
+    source: str | None = None  # the trusted traffic source that sent it (disalign.service.traffic); None: untrusted
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ class RowRequest:
     logits: np.ndarray
     top_k: int = 0
     use_prior: bool = True  # False: the request asked for prior=balanced
+    source: str | None = None  # the trusted traffic source that sent it (disalign.service.traffic); None: untrusted
 
 
 @dataclass(frozen=True)
@@ -97,15 +98,9 @@ class RowResult:
 
 
 def calibration_version(calibrator: Calibrator) -> str:
-    """``<method>-<12 hex>``: a digest of the parameters and the metadata, stable across reloads of the same artifact."""
-    digest = hashlib.sha256()
-    for name in sorted(calibrator.params_):
-        tensor = calibrator.params_[name].detach().to(torch.float32).contiguous()
-        digest.update(name.encode())
-        digest.update(json.dumps(list(tensor.shape)).encode())
-        digest.update(tensor.numpy().tobytes())
-    digest.update(json.dumps(asdict(calibrator.meta_), sort_keys=True, default=str).encode())
-    return f"{calibrator.meta_.method}-{digest.hexdigest()[:12]}"
+    """``<method>-<12 hex>``: a digest of the parameters and the metadata, stable across reloads of the same artifact
+    (:func:`disalign.calib.artifact.format.version_name`; a published prior names it)."""
+    return version_name(calibrator.params_, calibrator.meta_)
 
 
 def read_calibration(directory: Path) -> Calibrator:
@@ -210,8 +205,10 @@ class Runtime:
         with torch.inference_mode():
             # Not validated again: each request's rows were checked (shapes, finite) by its router.
             calibrated = state.calibrator.predict_logits(torch.from_numpy(features), torch.from_numpy(logits), validate=False)  # (N, K)
-            flags = row_flags([r.use_prior for r in requests], [r.features.shape[0] for r in requests])
-            calibrated, prior = self.prior.apply(calibrated, flags, state, requests=len(requests))
+            sizes = [r.features.shape[0] for r in requests]
+            flags = row_flags([r.use_prior for r in requests], sizes)
+            calibrated, prior = self.prior.apply(calibrated, flags, state, requests=len(requests),
+                                                 sources=[(r.source, n) for r, n in zip(requests, sizes, strict=True)])
             probabilities = torch.softmax(calibrated, dim=1)
             top_p, top_i = probabilities.topk(k, dim=1)  # (N, k), k = 0 included
         out, start = [], 0
@@ -229,9 +226,10 @@ class Runtime:
         views = [clean_view(decode_image(blob, max_pixels=limit, draft_size=prep.draft_size), prep) for blob in blobs]
         return torch.stack(views)
 
-    async def classify(self, images: torch.Tensor, use_prior: bool = True) -> ImageResult:
-        """Run a request's images (n, 3, H, W) uint8 through the micro-batcher (``use_prior``: align to the served prior)."""
-        return await self.batcher.submit(ImageRequest(images, use_prior))
+    async def classify(self, images: torch.Tensor, use_prior: bool = True, source: str | None = None) -> ImageResult:
+        """Run a request's images (n, 3, H, W) uint8 through the micro-batcher (``use_prior``: align to the served
+        prior; ``source``: the trusted traffic source that sent them, if any)."""
+        return await self.batcher.submit(ImageRequest(images, use_prior, source))
 
     def _forward_batch(self, requests: list[ImageRequest]) -> list[ImageResult]:
         """Inference thread: one forward pass (in chunks of max_batch) for all requests of a batch."""
@@ -250,6 +248,6 @@ class Runtime:
             raise InputError("the model produced NaN or inf for an image.")
         calibrated = state.calibrator.predict_logits(features, raw)
         calibrated, prior = self.prior.apply(calibrated, row_flags([r.use_prior for r in requests], sizes), state,
-                                             requests=len(requests))
+                                             requests=len(requests), sources=[(r.source, n) for r, n in zip(requests, sizes, strict=True)])
         return [ImageResult(r, c, state, prior.version_for(request.use_prior))
                 for r, c, request in zip(raw.split(sizes), calibrated.split(sizes), requests, strict=True)]

@@ -10,14 +10,24 @@ environment of the process (``docker inspect``). Sizes in bytes accept ``16M``, 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from disalign.calib.defaults import DEFAULT_MAX_PIXELS
+from disalign.calib.defaults import DEFAULT_MAX_PIXELS, PRIOR_MAX_STEP
 from disalign.calib.sizes import parse_bytes
 
 MiB = 1024 * 1024
@@ -28,6 +38,33 @@ def _bytes(value: Any) -> Any:
 
 
 ByteCount = Annotated[int, BeforeValidator(_bytes)]  # 16M, 8MiB, 1.5G or a plain number of bytes
+
+
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # as disalign.calib.artifact.priors.SOURCE_NAME
+
+
+class TrafficSource(BaseModel):
+    """One source of trusted traffic (``DISALIGN_PRIOR_SOURCES``): its token and its largest share of an estimate."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token: SecretStr = Field(description="sent by the source (its gateway) in the Disalign-Traffic-Token header; >= 16 characters")
+    max_share: float = Field(1.0, gt=0.0, le=1.0, description="largest share of the rows of any estimate this source may hold")
+
+
+def _sources(value: Any) -> Any:
+    """``{"name": "token"}`` is ``{"name": {"token": "token"}}``; a JSON string (the environment) is parsed."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"should be JSON: {{\"<source>\": {{\"token\": …, \"max_share\": 0.5}}}} ({exc})") from None
+    if isinstance(value, dict):
+        return {name: {"token": spec} if isinstance(spec, str) else spec for name, spec in value.items()}
+    return value
+
+
+Sources = Annotated[dict[str, TrafficSource], BeforeValidator(_sources)]
 
 
 def default_torch_threads() -> int:
@@ -48,6 +85,7 @@ class Settings(BaseSettings):
     calibration: Path = Field(description="calibration directory; /admin/reload and the watcher re-read it")
     # Each replica polls DIR/current (one readlink) and reloads a newly published version by itself.
     watch_interval_s: float = Field(1.0, ge=0.0, le=3600.0, description="seconds between checks for a newly published calibration (0: never)")
+    reload_timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="longest a reload may read and check a calibration")
     model_name: str = Field("disalign", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="name in the /v2 routes")
     admin_token: SecretStr | None = Field(None, description="Bearer token of the /admin routes (disabled when unset)")
     admin_token_file: Path | None = Field(None, description="file holding the admin token (a secret), instead of admin_token")
@@ -72,6 +110,13 @@ class Settings(BaseSettings):
     prior_window: int = Field(5000, ge=10, le=1_000_000, description="adaptive prior: rows of recent traffic kept (x K float32)")
     prior_update_every: int = Field(100, ge=1, description="adaptive prior: requests between two estimates")
     prior_min_rows: int = Field(200, ge=1, description="adaptive prior: rows the window needs before the first estimate")
+    # Who may move the adaptive prior (disalign.service.traffic), how far one estimate may move it, and where the
+    # deployment's prior is published (disalign.calib.artifact.priors); docs/service.md, "Threat model".
+    prior_sources: Sources = Field(default_factory=dict, description="trusted traffic sources: name -> token and max_share")
+    prior_sources_file: Path | None = Field(None, description="a JSON file holding prior_sources instead (a secret)")
+    prior_max_step: float = Field(PRIOR_MAX_STEP, gt=0.0, le=2.0, description="adaptive prior: largest L1 move of one published estimate")
+    prior_dir: Path | None = Field(None, description="where the deployment's prior is published (default: <calibration>/prior)")
+    prior_traffic_max_age_s: float = Field(600.0, gt=0.0, description="a replica's window older than this is not pooled")
 
     @model_validator(mode="before")
     @classmethod
@@ -89,12 +134,52 @@ class Settings(BaseSettings):
             raise ValueError(f"DISALIGN_ADMIN_TOKEN_FILE {path} cannot be read ({exc})") from None
         return {**data, "admin_token": token}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sources_from_file(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("prior_sources_file") is None:
+            return data
+        if data.get("prior_sources"):
+            raise ValueError("set DISALIGN_PRIOR_SOURCES or DISALIGN_PRIOR_SOURCES_FILE, not both")
+        path = Path(data["prior_sources_file"])
+        if not path.is_file():
+            raise ValueError(f"DISALIGN_PRIOR_SOURCES_FILE {path} is not a regular file")
+        try:
+            return {**data, "prior_sources": path.read_text()}
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"DISALIGN_PRIOR_SOURCES_FILE {path} cannot be read ({exc})") from None
+
+    @field_validator("prior_sources")
+    @classmethod
+    def _sound_sources(cls, value: dict[str, TrafficSource]) -> dict[str, TrafficSource]:
+        tokens = set()
+        for name, source in value.items():
+            if not SOURCE_NAME.fullmatch(name):
+                raise ValueError(f"source name {name!r:.70} should be letters, digits, '.', '_' or '-' (at most 64)")
+            token = source.token.get_secret_value()
+            if len(token) < 16:
+                raise ValueError(f"the token of source {name!r} should have at least 16 characters")
+            if token in tokens:
+                raise ValueError(f"source {name!r} has the token of another source; each source needs its own")
+            tokens.add(token)
+        return value
+
     @field_validator("admin_token")
     @classmethod
     def _no_empty_token(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < 16:
             raise ValueError("the admin token should have at least 16 characters; leave it unset to disable the admin routes")
         return value
+
+    @model_validator(mode="after")
+    def _sources_need_the_adaptive_prior(self) -> Settings:
+        if self.prior_sources and self.prior != "adaptive":
+            raise ValueError("DISALIGN_PRIOR_SOURCES only applies with DISALIGN_PRIOR=adaptive (it names the traffic "
+                             f"that may move the adaptive prior), found DISALIGN_PRIOR={self.prior}")
+        admin = self.admin_token.get_secret_value() if self.admin_token else None
+        if admin is not None and any(s.token.get_secret_value() == admin for s in self.prior_sources.values()):
+            raise ValueError("a traffic source's token is the admin token; give each its own")
+        return self
 
     @model_validator(mode="after")
     def _budget_holds_one_body(self) -> Settings:

@@ -35,6 +35,9 @@ EXTENSIONS = ["binary_tensor_data"]
 OUTPUT_NAMES = ("probabilities", "logits")
 # Wire dtype of each float datatype; BF16 is read as the upper 16 bits of a float32.
 FLOAT_DATATYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2"), "FP64": np.dtype("<f8"), "BF16": np.dtype("<u2")}
+# More digits than any body length has (the body limit is far below 10^18): a longer header is refused before
+# int() sees it, whose digit limit (4,300) would raise a ValueError, once answered 500.
+MAX_LENGTH_DIGITS = 18
 UNSUPPORTED_PARAMETERS = {"shared_memory_region": "shared memory", "classification": "the classification extension"}
 
 
@@ -60,8 +63,10 @@ def json_length(header: str | None, body_length: int) -> int | None:
     """The ``Inference-Header-Content-Length`` header as a number of bytes within the body (None without it)."""
     if header is None:
         return None
-    if not (header.isascii() and header.isdigit()):
-        raise InputError(f"the Inference-Header-Content-Length header should be a number of bytes, found '{header[:32]}'.")
+    if not (header.isascii() and header.isdigit() and len(header) <= MAX_LENGTH_DIGITS):
+        shown = f"'{header[:32]}…' ({len(header)} characters)" if len(header) > 32 else f"'{header}'"
+        raise InputError(f"the Inference-Header-Content-Length header should be a number of bytes (at most "
+                         f"{MAX_LENGTH_DIGITS} digits), found {shown}.")
     length = int(header)
     if not 0 < length <= body_length:
         raise InputError(f"the Inference-Header-Content-Length header says {length} bytes but the body has {body_length}.")
@@ -71,7 +76,9 @@ def json_length(header: str | None, body_length: int) -> int | None:
 def binary_padding(declared: bytes | None) -> int:
     """Zero bytes to read the body after so that its binary part starts 8-byte aligned: its tensors are then
     used where they lie, without a copy (``declared``: the raw ``Inference-Header-Content-Length``, if any)."""
-    return -int(declared) % 8 if declared is not None and declared.isdigit() else 0
+    if declared is None or not declared.isdigit() or len(declared) > MAX_LENGTH_DIGITS:
+        return 0  # split_body refuses such a header with one sentence
+    return -int(declared) % 8
 
 
 def split_body(buffer: bytearray, pad: int, declared: bytes | None) -> tuple[bytes | bytearray, memoryview | None]:

@@ -46,12 +46,16 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from typing_extensions import TypedDict  # pydantic's own dependency; it needs this one below Python 3.12
 
+from disalign.calib import json_text
 from disalign.calib.artifact.publish import METADATA_FILE, PARAMETERS_FILE, artifact_dir
+from disalign.calib.core import label_shift
 from disalign.calib.errors import ArtifactError
+from disalign.calib.files import read_regular_file
 
 ARTIFACT_VERSION = 1
 TENSOR_DTYPES = (torch.float32, torch.float16)
 READ_ATTEMPTS = 3  # a version removed between resolving `current` and opening its files: resolve again
+MAX_METADATA_BYTES = 64 * 2**20  # calibration.json: about 20 bytes per class name, a few KiB of report
 
 
 # The nested objects are TypedDicts: pydantic checks them, and what the estimators and the plots hold is
@@ -152,22 +156,32 @@ def metadata_fields() -> set[str]:
 
 def check_label_shift_fields(probability_calibration: object, target_prior: object, num_classes: int) -> None:
     """``probability_calibration`` and ``target_prior`` (None allowed) of calibration metadata for K classes;
-    raises ValueError with the sentence (the model turns it into an :class:`ArtifactError`)."""
+    raises ValueError with the sentence (the model turns it into an :class:`ArtifactError`).
+
+    Ranges, not only types: the server computes z / T + b + log π in float32 for every answer with a prior,
+    so a temperature or bias that is a valid float but overflows that (``1e-300``, ``1e300``) is refused
+    here (:data:`~disalign.calib.core.label_shift.TEMPERATURE_RANGE`, ``MAX_ABS_BIAS``), and so is a prior
+    whose sum is not finite (``[1e308] * K`` normalises to zeros).
+    """
     raw = probability_calibration
     if raw is not None:
         if not isinstance(raw, dict) or not {"temperature", "bias"} <= set(raw):
             raise ValueError(f"probability_calibration should be an object with 'temperature' and 'bias', found {raw!r:.80}")
         temperature, bias = raw["temperature"], raw["bias"]
-        if not _is_number(temperature) or temperature <= 0:
-            raise ValueError(f"probability_calibration.temperature should be a finite number > 0, found {temperature!r}")
-        if not isinstance(bias, list) or len(bias) != num_classes or not all(_is_number(v) for v in bias):
-            raise ValueError(f"probability_calibration.bias should be {num_classes} finite numbers, found {bias!r:.80}")
+        low, high = label_shift.TEMPERATURE_RANGE
+        if not _is_number(temperature) or not low <= temperature <= high:
+            raise ValueError(f"probability_calibration.temperature should be a number in [{low:g}, {high:g}], found {temperature!r}")
+        limit = label_shift.MAX_ABS_BIAS
+        if (not isinstance(bias, list) or len(bias) != num_classes
+                or not all(_is_number(v) and abs(v) <= limit for v in bias)):
+            raise ValueError(f"probability_calibration.bias should be {num_classes} finite numbers within ±{limit:g}, found {bias!r:.80}")
         penalty = raw.get("bias_penalty", 0.0)
         if penalty is not None and (not _is_number(penalty) or penalty < 0):
             raise ValueError(f"probability_calibration.bias_penalty should be a finite number >= 0 or null, found {penalty!r:.40}")
     if target_prior is not None and (not isinstance(target_prior, list) or len(target_prior) != num_classes
-                                     or not all(_is_number(v) and v >= 0 for v in target_prior) or sum(target_prior) <= 0):
-        raise ValueError(f"target_prior should be {num_classes} finite numbers >= 0 with a positive sum, found {target_prior!r:.80}")
+                                     or not all(_is_number(v) and v >= 0 for v in target_prior)
+                                     or not 0 < sum(target_prior) < math.inf):
+        raise ValueError(f"target_prior should be {num_classes} finite numbers >= 0 with a positive, finite sum, found {target_prior!r:.80}")
 
 
 def _is_number(value: object) -> bool:
@@ -234,21 +248,46 @@ def check_hyperparameters(cls: type, hyperparameters: dict[str, Any], where: str
 
 
 def canary(calibrator, where: str) -> None:
-    """Calibrate fixed rows (zeros, unit and large random features and logits): finite logits, probabilities summing to 1."""
-    k, d = calibrator.meta_.num_classes, calibrator.meta_.feature_dim
+    """Calibrate fixed rows (zeros, unit and large random features and logits) as serving does: finite logits
+    and probabilities summing to 1, for the calibration's own predictions (with its ``target_prior``, if
+    any) *and* for them aligned to a skewed class prior through its ``probability_calibration``
+    (z / T + b + log π in float32, what the server computes for every answer with a prior)."""
+    meta = calibrator.meta_
+    k, d = meta.num_classes, meta.feature_dim
     generator = torch.Generator().manual_seed(0)
     scales = torch.tensor([0.0, 1.0, 10.0, 30.0]).repeat_interleave(2)[:, None]  # (8, 1)
     features = torch.randn(8, d, generator=generator) * scales
     logits = torch.randn(8, k, generator=generator) * scales
     try:
-        calibrated = calibrator.predict_logits(features, logits)  # (8, K)
+        calibrated = torch.as_tensor(calibrator.predict_logits(features, logits))  # (8, K)
+        outputs = [calibrated]
+        if meta.probability_calibration is not None and meta.target_prior is None:
+            fitted = label_shift.ProbabilityCalibration.from_json(meta.probability_calibration)
+            skewed = torch.linspace(1.0, 0.0, k, dtype=torch.float64) if k > 1 else torch.ones(1, dtype=torch.float64)  # a 0: floored
+            outputs.append(label_shift.adjust_to_prior(calibrated, skewed, fitted).float())
     except Exception as exc:  # a parameter the method cannot use: still one sentence
         raise ArtifactError(f"{where}: the calibration fails on test rows ({type(exc).__name__}: {exc}).") from None
-    probabilities = torch.softmax(calibrated, dim=1)
-    if not (torch.isfinite(calibrated).all() and torch.isfinite(probabilities).all()
-            and torch.allclose(probabilities.sum(dim=1), torch.ones(8), atol=1e-4)):
-        raise ArtifactError(f"{where}: the calibration gives NaN, inf or unnormalised probabilities on test rows "
-                            "(its parameters are out of range).")
+    for output in outputs:
+        probabilities = torch.softmax(output, dim=1)
+        if not (torch.isfinite(output).all() and torch.isfinite(probabilities).all()
+                and torch.allclose(probabilities.sum(dim=1), torch.ones(8), atol=1e-4)):
+            raise ArtifactError(f"{where}: the calibration gives NaN, inf or unnormalised probabilities on test rows "
+                                "(its parameters are out of range).")
+
+
+def version_name(params: dict[str, torch.Tensor], meta: CalibrationMeta) -> str:
+    """``<method>-<12 hex>``: a digest of the parameters and the metadata, the same for the same artifact on
+    every reader (what a server reports as its calibration version, and a published prior is bound to)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(params):
+        tensor = params[name].detach().to(torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(json.dumps(list(tensor.shape)).encode())
+        digest.update(tensor.numpy().tobytes())
+    digest.update(json.dumps(dataclasses.asdict(meta), sort_keys=True, default=str).encode())
+    return f"{meta.method}-{digest.hexdigest()[:12]}"
 
 
 def artifact_bytes(params: dict[str, torch.Tensor], metadata: dict[str, Any], method: str) -> dict[str, bytes]:
@@ -258,20 +297,23 @@ def artifact_bytes(params: dict[str, torch.Tensor], metadata: dict[str, Any], me
 
 
 def read_files(directory: str | os.PathLike) -> tuple[Path, Any, dict[str, torch.Tensor]]:
-    """``(version directory, parsed calibration.json, raw tensors)``, both files from one resolved version."""
+    """``(version directory, parsed calibration.json, raw tensors)``, both files from one resolved version.
+
+    Each must be a regular file (:func:`~disalign.calib.files.read_regular_file`: a FIFO or a device is refused
+    without waiting on it), and calibration.json at most :data:`MAX_METADATA_BYTES` and nested at most
+    :data:`~disalign.calib.json_text.MAX_DEPTH` levels.
+    """
     for attempt in range(READ_ATTEMPTS):
         source = artifact_dir(directory)
         try:
-            meta_text = (source / METADATA_FILE).read_bytes()
-            params_data = (source / PARAMETERS_FILE).read_bytes()
+            meta_text = read_regular_file(source / METADATA_FILE, ArtifactError, max_bytes=MAX_METADATA_BYTES)
+            params_data = read_regular_file(source / PARAMETERS_FILE, ArtifactError)
             break
         except FileNotFoundError as exc:
             if attempt == READ_ATTEMPTS - 1:
                 raise ArtifactError(f"{directory} is not a calibration directory: {exc.filename} is missing.") from None
-        except IsADirectoryError as exc:
-            raise ArtifactError(f"{exc.filename} should be a file, found a directory.") from None
     try:
-        raw = json.loads(meta_text)
+        raw = json_text.loads(meta_text, str(source / METADATA_FILE), ArtifactError)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{source / METADATA_FILE} is not valid JSON ({exc}).") from None
     try:

@@ -55,6 +55,7 @@ LINK_TEMP_PREFIX = ".current.tmp-"  # in DIR
 FLAT_IDENTITY_KEYS = ("method", "num_classes", "artifact_version")  # what makes a flat calibration.json ours
 MAX_SAFETENSORS_HEADER = 100_000_000  # bytes; safetensors' own limit
 STALE_TEMP_S = 3600.0  # a temporary entry this old belongs to a killed writer, not a concurrent one
+PRIOR_DIR = "prior"  # DIR/prior: the deployment's class prior, published beside the calibration (priors.py)
 VERSION_ID = re.compile(r"\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}")
 
 
@@ -269,7 +270,8 @@ def _pointer(directory: Path) -> str | None:
 
 
 def _is_ours(name: str) -> bool:
-    return name in (CURRENT, VERSIONS, *ARTIFACT_FILES) or name.startswith(LINK_TEMP_PREFIX)
+    # PRIOR_DIR: the deployment's published class prior, next to the calibration (disalign.calib.artifact.priors)
+    return name in (CURRENT, VERSIONS, PRIOR_DIR, *ARTIFACT_FILES) or name.startswith(LINK_TEMP_PREFIX)
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -46,9 +46,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from disalign.calib import json_text
 from disalign.calib.data.bank import clean_labelled_rows
 from disalign.calib.defaults import PRIOR_CONCENTRATION, PRIOR_SIGNIFICANCE, PRIOR_TOLERANCE
 from disalign.calib.errors import InputError
+from disalign.calib.files import read_regular_file
 
 DEFAULT_BIAS_PENALTIES = (0.0, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge on b, chosen by cross-validation
 # Dirichlet pseudo-counts, the test's level, and the nats per row that miscalibration may explain (module
@@ -62,7 +64,19 @@ MIN_CALIBRATION_ROWS = 20  # fewer labelled val rows: no probability calibration
 # and cross-validating them costs 31 L-BFGS fits over (N, K) logits: minutes at K = 1000.
 BIAS_MIN_ROWS_PER_CLASS = 20
 MAX_CALIBRATION_ROWS = 50_000  # a random subset of larger val banks (pixel banks) is plenty for K + 1 parameters
+MAX_PRIOR_FILE_BYTES = 64 * 2**20  # K numbers and K names: a few MB at the largest K we know
 PRIOR_FLOOR = 1e-12  # a prior of 0 becomes this, so that adjusted logits stay finite
+# What a stored probability calibration may hold (checked on read, and what a fit returns). Serving computes
+# z / T + b + log π in float32: T = 1e-300 or b = 1e300 are valid floats that overflow it on every row. The
+# temperature range is fit_temperature's own bracket for 1 / T; biases are log-odds, and ±1000 nats is
+# already a certainty no calibration needs (fitted ones stay within ±10 on our banks).
+TEMPERATURE_RANGE = (1e-4, 1e4)
+MAX_ABS_BIAS = 1e3
+# The level at which a new estimate must beat the prior served now to replace it (next_prior). Looser than the
+# test against the balanced reference (1e-3), which guards against adapting at all: here both candidates are
+# already estimates. At 1e-3, a 2,000-row window of CIFAR-10-LT IR10 traffic kept a first 500-row estimate
+# (L1 0.16 from the truth) against later ones at 0.10 (p = 0.009); a level of 0.01 publishes that one.
+CHANGE_SIGNIFICANCE = 1e-2
 
 
 @dataclass(frozen=True)
@@ -196,7 +210,8 @@ def fit_temperature_bias(logits: torch.Tensor, labels: torch.Tensor, bias_penalt
         return torch.tensor(nll + bias_penalty * float(params[1:].square().sum()), dtype=torch.float64)
 
     optimizer.step(closure)
-    return float(params[0].exp()), params[1:].clone()
+    low, high = TEMPERATURE_RANGE  # a degenerate bank (separable, one class) can send log T or b off to infinity
+    return float(params[0].exp().clamp(low, high)), params[1:].clamp(-MAX_ABS_BIAS, MAX_ABS_BIAS)
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, tolerance: float = 1e-8, max_iterations: int = 100) -> float:
@@ -278,7 +293,10 @@ def check_prior(prior: torch.Tensor | list[float], num_classes: int, what: str) 
         raise InputError(f"{what} should have {num_classes} values (one per class), found shape {tuple(p.shape)}.")
     if not torch.isfinite(p).all() or (p < 0).any() or float(p.sum()) <= 0:
         raise InputError(f"{what} should hold finite numbers >= 0 with a positive sum.")
-    return p / p.sum()
+    total = float(p.sum())
+    if not math.isfinite(total):  # [1e308] * 10: each finite, the sum not; p / sum would be all zeros
+        raise InputError(f"{what} should hold finite numbers >= 0 with a positive, finite sum; found a sum of {total}.")
+    return p / total
 
 
 def uniform_prior(num_classes: int) -> torch.Tensor:
@@ -371,6 +389,135 @@ def bootstrap_interval(probabilities: torch.Tensor, estimate: PriorEstimate, *, 
     return torch.quantile(stacked, tail, dim=0), torch.quantile(stacked, 1.0 - tail, dim=0)
 
 
+# -- moving a served prior: who may move it, how far, and when ------------------------------------------
+@dataclass(frozen=True)
+class PriorUpdate:
+    """What :func:`next_prior` decided for a served prior, from the rows of the traffic by source.
+
+    prior (K,): the prior to serve next, None for balanced; changed: whether that differs from ``current``;
+    target (K,): the share-weighted mean of the sources' priors; estimates: each source's MAP estimate and its
+    test against the balanced reference; statistic, p_value: the test of the target against ``current``;
+    stepped: the move was cut to ``max_step``.
+    """
+
+    prior: torch.Tensor | None
+    changed: bool
+    target: torch.Tensor
+    estimates: dict[str, PriorEstimate]
+    statistic: float
+    p_value: float
+    stepped: bool
+    reason: str
+
+    @property
+    def adapt(self) -> bool:
+        """Whether any source's rows reject the balanced reference."""
+        return any(e.adapt for e in self.estimates.values())
+
+
+def capped_counts(counts: dict[str, int], max_share: dict[str, float]) -> dict[str, int]:
+    """Rows each source may contribute so that no source holds more than its ``max_share`` of the rows kept.
+
+    Source s keeps k_s(T) = min(n_s, ⌊c_s·T⌋) rows (``counts`` n_s, shares c_s in (0, 1]; its most recent, in
+    the caller's order) for the largest whole T with Σ_s k_s(T) ≥ T: then k_s ≤ c_s·T ≤ c_s·Σ k. Without the
+    floors, g(T) = Σ_s min(n_s, c_s·T) − T is concave with g(0) = 0, so its largest root is found by bisection;
+    the floors cost at most a row per source, so T steps down from that root to the first T that holds. One
+    source with c < 1 can contribute nothing on its own: a share is a share of what the others send too.
+    """
+    def kept(total: int) -> dict[str, int]:
+        return {s: int(min(n, math.floor(max_share[s] * total + 1e-9))) for s, n in counts.items()}
+
+    def gain(total: float) -> float:
+        return sum(min(n, max_share[s] * total) for s, n in counts.items()) - total
+
+    low, high = 0, sum(counts.values())
+    if gain(high) >= -1e-9:
+        low = high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if gain(middle) >= -1e-9 else (low, middle)
+    while low > 0 and sum(kept(low).values()) < low:
+        low -= 1
+    return kept(low)
+
+
+def step_toward(current: torch.Tensor, target: torch.Tensor, max_step: float) -> tuple[torch.Tensor, bool]:
+    """``current`` moved toward ``target`` (both (K,), summing to 1) by at most ``max_step`` in L1 → (prior, cut?).
+
+    A convex combination, so it stays a prior and never overshoots the target."""
+    distance = l1_distance(current, target)
+    if distance <= max_step:
+        return target.double(), False
+    w = max_step / distance
+    return (1.0 - w) * current.double() + w * target.double(), True
+
+
+def log_likelihood_ratio(probabilities: torch.Tensor, prior: torch.Tensor, other: torch.Tensor,
+                         reference: torch.Tensor | None = None) -> float:
+    """2 Σ_i log (Σ_y p_iy π_y / π_ref,y) / (Σ_y p_iy π'_y / π_ref,y): how much better ``prior`` explains the
+    rows than ``other`` (negative when worse); probabilities (N, K) calibrated for ``reference`` (uniform)."""
+    k = probabilities.shape[1]
+    ref = uniform_prior(k) if reference is None else reference.double()
+    p = probabilities.double()
+    a = (p * (prior.double() / ref)).sum(dim=1).clamp_min(1e-300)
+    b = (p * (other.double() / ref)).sum(dim=1).clamp_min(1e-300)
+    return 2.0 * float((a.log() - b.log()).sum())
+
+
+def next_prior(sources: dict[str, torch.Tensor], current: torch.Tensor | None, *, max_step: float,
+               concentration: float = DEFAULT_CONCENTRATION, significance: float = DEFAULT_SIGNIFICANCE,
+               tolerance: float = DEFAULT_TOLERANCE, change_significance: float = CHANGE_SIGNIFICANCE) -> PriorUpdate:
+    """The prior to serve after ``current`` (K,) (None: balanced), from trusted traffic: per source, its rows'
+    balanced probabilities (n_s, K), each source already capped at its share of the rows (:func:`capped_counts`).
+
+    1. the target: each source's own prior — its MAP estimate if its own likelihood-ratio test rejects the
+       balanced reference, else the reference (:func:`estimate_prior`) — averaged with the sources' shares of
+       the rows as weights. Label shift of a mix of populations is the mix of their priors, and a source with
+       share w moves the target by at most w·‖π_s − π_rest‖₁ ≤ 2w, whatever its rows: its rows never tip a
+       test that applies the *other* sources' estimation noise (measured on the CIFAR-10-LT test bank: one
+       test on the pooled rows let 5 % of class-0 rows lower honest accuracy by 0.9 points against the 0.1
+       their share accounts for — the honest rows' own noisy estimate, applied once the pooled test rejected);
+    2. significance: move only if the target explains the pooled rows significantly better than ``current``
+       (Λ against χ²(K−1) at ``change_significance``). Without the miscalibration allowance of step 1: it is
+       there because a miscalibrated p_bal makes Λ against the reference grow with N even on balanced traffic,
+       and between two priors scored on the same probabilities that error is common to both (with it, a
+       2,000-row window kept a 500-row estimate 0.16 from the true prior against estimates 0.07–0.1 from it);
+    3. a bounded step: at most ``max_step`` in L1 towards the target (:func:`step_toward`), so that no single
+       window moves the served prior further than that.
+
+    A result within 1e-9 of uniform, reached by stepping to a uniform target, is balanced (None).
+    """
+    if not 0 < max_step <= 2:
+        raise InputError(f"max_step should be in (0, 2] (an L1 distance between priors), found {max_step}.")
+    groups = {name: rows for name, rows in sources.items() if rows.shape[0] > 0}
+    if not groups:
+        raise InputError("next_prior needs rows from at least one source.")
+    k = next(iter(groups.values())).shape[1]
+    uniform = uniform_prior(k)
+    estimates = {name: estimate_prior(rows, concentration=concentration, significance=significance, tolerance=tolerance)
+                 for name, rows in groups.items()}
+    total = sum(rows.shape[0] for rows in groups.values())
+    target = sum((rows.shape[0] / total) * (estimates[name].prior if estimates[name].adapt else uniform)
+                 for name, rows in groups.items())
+    adapt = any(e.adapt for e in estimates.values())
+    pooled = torch.cat(list(groups.values()))
+    start = uniform if current is None else check_prior(current, k, "the current prior")
+    statistic = log_likelihood_ratio(pooled, target, start)
+    p_value = chi2_survival(statistic, k - 1)
+
+    def update(prior, changed, stepped, reason):
+        return PriorUpdate(prior, changed, target, estimates, statistic, p_value, stepped, reason)
+
+    if current is None and not adapt:
+        return update(None, False, False, "the traffic is balanced")
+    if p_value >= change_significance:
+        return update(current, False, False, f"not significantly better than the current prior (p = {p_value:.3g})")
+    moved, stepped = step_toward(start, target, max_step)
+    if not adapt and l1_distance(moved, uniform) < 1e-9:
+        return update(None, current is not None, stepped, "back to balanced")
+    return update(moved, True, stepped, "a step of at most the bound" if stepped else "the target")
+
+
 # -- applying a prior --------------------------------------------------------------------------------
 def adjust_to_prior(logits: torch.Tensor, prior: torch.Tensor, calibration: ProbabilityCalibration | None,
                     reference: torch.Tensor | None = None) -> torch.Tensor:
@@ -393,7 +540,7 @@ def read_prior_file(path: str | Path, class_names: list[str]) -> torch.Tensor:
     """
     path = Path(path)
     try:
-        raw = json.loads(path.read_text())
+        raw = json_text.loads(read_regular_file(path, InputError, max_bytes=MAX_PRIOR_FILE_BYTES), f"prior file {path}", InputError)
     except FileNotFoundError:
         raise InputError(f"prior file {path} does not exist.") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -413,11 +560,13 @@ def l1_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 __all__ = [
     "PriorEstimate",
+    "PriorUpdate",
     "ProbabilityCalibration",
     "adjust_to_prior",
     "bootstrap_interval",
     "calibrated_logits",
     "calibration_rows",
+    "capped_counts",
     "check_prior",
     "chi2_survival",
     "em_prior",
@@ -426,7 +575,10 @@ __all__ = [
     "fit_temperature_bias",
     "l1_distance",
     "likelihood_ratio",
+    "log_likelihood_ratio",
+    "next_prior",
     "prior_logits",
     "read_prior_file",
+    "step_toward",
     "uniform_prior",
 ]

@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 import torch
 
+from disalign.calib import json_text
 from disalign.calib.errors import BankError, InputError
 from disalign.calib.files import file_kind, replace_with, temporary_sibling
 
@@ -188,7 +189,7 @@ def _json_attr(attrs, name: str, default, kind: type, what: str, path: str):
     if not isinstance(raw, str):
         raise BankError(f"{path}: attribute '{name}' should be JSON text ({what}), found {_kind_of(raw)}.")
     try:
-        value = json.loads(raw)
+        value = json_text.loads(raw, f"{path}: attribute '{name}'", BankError)
     except json.JSONDecodeError as exc:
         raise BankError(f"{path}: attribute '{name}' should be JSON text ({what}), found {raw!r:.80}.") from exc
     if not isinstance(value, kind):

@@ -1,6 +1,6 @@
 """``disalign adapt``: estimate the class prior of an unlabeled bank, and ``eval --target-prior``.
 
-    disalign adapt UNLABELED.h5 --calibration CALIB_DIR [--out CALIB_DIR2] [--json PRIOR.json]
+    disalign adapt UNLABELED.h5 --calibration CALIB_DIR [--out CALIB_DIR2] [--json PRIOR.json] [--publish]
                    [--val VAL.h5] [--bootstrap 100] [--concentration 10] [--significance 1e-3] [--tolerance 0.005]
     disalign eval TEST.h5 --calibration CALIB_DIR --target-prior uniform|train|estimate|PRIOR.json
 
@@ -9,8 +9,11 @@ temperature scaling stored in the artifact (``fit --val`` fits it; ``--val`` her
 artifact without one), with a percentile bootstrap interval per class and a likelihood-ratio test
 against the balanced reference (:mod:`disalign.calib.core.label_shift`). ``--out`` writes a derived calibration
 whose predictions are aligned to the estimated prior (only when the test rejects the reference,
-unless ``--no-test``); ``--json`` writes the estimate in the prior-file format that ``eval
---target-prior`` and the server's ``DISALIGN_PRIOR`` read:
+unless ``--no-test``); ``--publish`` publishes it as the deployment's prior — a new version in
+``CALIB_DIR/prior`` (:mod:`disalign.calib.artifact.priors`) that every server with ``DISALIGN_PRIOR=adaptive``
+serves within a watch interval — after the same checks a server's own estimate passes (it must beat the
+published prior significantly, and moves it at most ``--max-step`` in L1); ``--json`` writes the estimate in
+the prior-file format that ``eval --target-prior`` and the server's ``DISALIGN_PRIOR`` read:
 
     {"prior": [K numbers >= 0], "classes": [K names], ...}     (or a bare list of K numbers)
 
@@ -28,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from disalign.calib.defaults import PRIOR_CONCENTRATION, PRIOR_SIGNIFICANCE, PRIOR_TOLERANCE
+from disalign.calib.defaults import PRIOR_CONCENTRATION, PRIOR_MAX_STEP, PRIOR_SIGNIFICANCE, PRIOR_TOLERANCE
 from disalign.calib.errors import InputError
 from disalign.cli.common import (
     STDOUT,
@@ -97,6 +100,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--json", type=output_path, help="write the estimate here (the prior-file format; - for stdout)")
     p.add_argument("--no-test", action="store_true", help="align --out to the estimate even when the test keeps the reference")
     add_overwrite_argument(p, "a --json file")
+    p.add_argument("--publish", action="store_true",
+                   help="publish the estimate as the deployment's prior (CALIB_DIR/prior): every server with DISALIGN_PRIOR=adaptive "
+                        "serves it; only if it beats the published prior significantly, and moved at most --max-step")
+    p.add_argument("--prior-dir", type=Path, help="with --publish: the servers' DISALIGN_PRIOR_DIR, if they set one")
+    p.add_argument("--max-step", type=float, default=PRIOR_MAX_STEP, help="with --publish: largest L1 move of the published prior")
     add_estimate_arguments(p)
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the intervals (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
@@ -123,6 +131,14 @@ def run_adapt(args: argparse.Namespace) -> int:
     check_writable_file(args.json, "--json", overwrite=args.overwrite)  # every output checked before any work
     if args.out is not None:
         check_publish_target(args.out, role="--out")
+    if args.publish:
+        from disalign.calib.artifact import priors
+
+        priors.check_writable(priors.prior_dir(args.calibration, args.prior_dir))
+        if not 0 < args.max_step <= 2:
+            raise InputError(f"--max-step should be in (0, 2] (an L1 distance between priors), found {args.max_step}.")
+    elif args.prior_dir is not None:
+        raise InputError("--prior-dir is for --publish.")
     calibrator = load_calibration(args.calibration)
     if calibrator.meta_.target_prior is not None:
         raise InputError(f"{args.calibration} is already aligned to a target prior; adapt the balanced calibration.")
@@ -132,6 +148,9 @@ def run_adapt(args: argparse.Namespace) -> int:
     if args.bootstrap < 0:
         raise InputError(f"--bootstrap should be >= 0, found {args.bootstrap}.")
     if args.val is not None:
+        if calibrator.meta_.probability_calibration is None and args.publish:
+            raise InputError("--publish estimates with the calibration the servers serve, which has no probability "
+                             "calibration: fit one into the artifact (fit --val) rather than here with --val.")
         if calibrator.meta_.probability_calibration is None:
             calibrator.fit_probability_calibration(args.val)
         else:
@@ -157,12 +176,50 @@ def run_adapt(args: argparse.Namespace) -> int:
         write_text_atomic(args.json, json.dumps(estimate_json(estimate, calibrator.meta_.class_names, interval), indent=2) + "\n")
         if args.json != STDOUT:
             note(f"wrote the estimate to {args.json}", quiet=args.quiet)
+    if args.publish:
+        publish_estimate(args, calibrator, probabilities, out=sys.stderr if args.json == STDOUT else sys.stdout)
     if args.out:
         prior = estimate.prior if args.no_test else (estimate.prior if estimate.adapt else None)
         aligned_to_prior(calibrator, prior).save(args.out)
         what = "the estimated prior" if prior is not None else "the balanced reference (the test kept it)"
         print(f"wrote a calibration aligned to {what} to {args.out}", file=sys.stderr if args.json == STDOUT else sys.stdout)
     return 0
+
+
+def publish_estimate(args: argparse.Namespace, calibrator, probabilities: torch.Tensor, out) -> None:
+    """Publish the next deployment prior from these rows, as a server's estimate is (under the store's lock,
+    after :func:`disalign.calib.core.label_shift.next_prior`), or say why the published one stays."""
+    import torch
+
+    from disalign.calib.artifact import priors
+    from disalign.calib.artifact.format import version_name
+    from disalign.calib.core import label_shift
+    from disalign.service.prior import update_record
+
+    store = priors.prior_dir(args.calibration, args.prior_dir)
+    served = version_name(calibrator.params_, calibrator.meta_)  # what the servers report as calibration_version
+    with priors.estimate_lock(store, wait_s=30.0) as held:
+        if not held:
+            raise InputError(f"a server held the lock of {store} for 30 s; retry.")
+        current = priors.read_current(store)
+        version = current[1] if current else None
+        applies = version is not None and version.calibration_version == served
+        if applies and version.frozen:
+            raise InputError(f"the prior published in {store} is frozen (POST /admin/prior); unfreeze it to publish another.")
+        update = label_shift.next_prior({"adapt": probabilities}, torch.tensor(version.prior, dtype=torch.float64)
+                                        if applies and version.prior is not None else None, max_step=args.max_step,
+                                        concentration=args.concentration, significance=args.significance, tolerance=args.tolerance)
+        if not update.changed:
+            print(f"the published prior stays ({update.reason})", file=out)
+            return
+        new = priors.PriorVersion(
+            prior=None if update.prior is None else update.prior.tolist(), classes=list(calibrator.meta_.class_names),
+            calibration_version=served, source="adapt", epoch=version.epoch if version else priors.INITIAL_EPOCH, created=priors.now_iso(),
+            rows=int(probabilities.shape[0]), rows_by_source={"adapt": int(probabilities.shape[0])},
+            test={**update_record(update, args.max_step), "bank": str(args.unlabeled)})
+        pointer = priors.publish_version(store, new)
+    moved = "balanced" if update.prior is None else f"a prior {label_shift.l1_distance(update.prior, label_shift.uniform_prior(len(new.classes))):.3f} from uniform"
+    print(f"published {pointer} in {store}: {moved}" + (f" (a step of at most --max-step {args.max_step:g})" if update.stepped else ""), file=out)
 
 
 def format_estimate(estimate: label_shift.PriorEstimate, class_names: list[str], interval, observed) -> str:

@@ -3,8 +3,9 @@
     disalign serve --model model.ts --card model.json --calibration calib_dir [--host 127.0.0.1] [--port 8000]
 
 Flags override the ``DISALIGN_*`` environment (see :mod:`disalign.service.settings`); the admin token is only
-read from ``DISALIGN_ADMIN_TOKEN`` or the file named by ``DISALIGN_ADMIN_TOKEN_FILE``, never from a flag
-(it would show in the process list). Exits 0 after a normal shutdown and 2 when the server refuses to
+read from ``DISALIGN_ADMIN_TOKEN`` or the file named by ``DISALIGN_ADMIN_TOKEN_FILE``, and the traffic
+sources' tokens from ``DISALIGN_PRIOR_SOURCES`` or ``DISALIGN_PRIOR_SOURCES_FILE``, never from a flag (they
+would show in the process list). Exits 0 after a normal shutdown and 2 when the server refuses to
 start (the log says why, in one sentence); a bad setting is one ``error: …`` line naming the flag and the
 variable (``--calibration / DISALIGN_CALIBRATION is required.``).
 """
@@ -28,7 +29,8 @@ from disalign.cli.common import MODEL_ARG_HELP, HelpFormatter, model_arg, model_
 
 SETTING_FLAGS = ("model", "weights", "model_args", "classifier_layer", "card", "calibration", "model_name", "max_body_bytes",
                  "max_pixels", "max_images", "max_rows", "torch_threads", "max_batch", "max_wait_ms", "device",
-                 "preprocessing", "watch_interval_s", "prior", "prior_window", "prior_update_every", "prior_min_rows")
+                 "preprocessing", "watch_interval_s", "reload_timeout_s", "prior", "prior_window", "prior_update_every", "prior_min_rows",
+                 "prior_max_step", "prior_dir", "prior_traffic_max_age_s")
 # What a client may hold (disalign.service.limits): the request head and body deadlines, the body budget, uvicorn's limits.
 LIMIT_FLAGS = ("max_inflight_body_bytes", "timeout_header", "timeout_body", "timeout_keep_alive", "limit_concurrency")
 
@@ -63,10 +65,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=argparse.SUPPRESS, help="torch device of the model (default cpu)")
     p.add_argument("--watch-interval-s", default=argparse.SUPPRESS, type=float,
                    help="seconds between checks of the calibration directory for a new version (default 1; 0: never)")
+    p.add_argument("--reload-timeout-s", default=argparse.SUPPRESS, type=float,
+                   help="longest a reload may spend reading and checking a calibration; 503 beyond (default 60)")
     p.add_argument("--prior", default=argparse.SUPPRESS, help="class prior of the answers: balanced (default), adaptive or a prior file (JSON)")
     p.add_argument("--prior-window", default=argparse.SUPPRESS, type=int, help="adaptive prior: rows of traffic kept (default 5000)")
     p.add_argument("--prior-update-every", default=argparse.SUPPRESS, type=int, help="adaptive prior: requests between estimates (default 100)")
     p.add_argument("--prior-min-rows", default=argparse.SUPPRESS, type=int, help="adaptive prior: rows before the first estimate (default 200)")
+    p.add_argument("--prior-max-step", default=argparse.SUPPRESS, type=float,
+                   help="adaptive prior: largest L1 move of one published estimate (default 0.2)")
+    p.add_argument("--prior-dir", default=argparse.SUPPRESS,
+                   help="adaptive prior: where the deployment's prior is published (default <calibration>/prior)")
+    p.add_argument("--prior-traffic-max-age-s", default=argparse.SUPPRESS, type=float,
+                   help="adaptive prior: a replica's window older than this is not pooled (default 600)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level (uvicorn and disalign)")
     p.add_argument("--quiet", action="store_true", help="log warnings and errors only (the same as --log-level warning)")
@@ -147,11 +157,11 @@ def setting_problem(error: dict[str, Any]) -> str:
     message = str(error.get("msg", "is invalid")).removeprefix("Value error, ").rstrip(".")
     if not loc:  # a check across several settings: its message names them
         return message
-    where = setting_names(str(loc[0]))
+    where = setting_names(str(loc[0])) + "".join(f".{part}" for part in loc[1:])  # DISALIGN_PRIOR_SOURCES.partner.max_share
     if error.get("type") == "missing":
         return f"{where} is required"
     found = error.get("input")
-    secret = str(loc[0]) == "admin_token"
+    secret = str(loc[0]) == "admin_token" or str(loc[-1]) == "token"
     shown = "" if secret or not isinstance(found, str | int | float) or "found" in message else f", found {found!r}"
     return f"{where}: {message[:1].lower()}{message[1:]}{shown}"
 

@@ -21,6 +21,7 @@ from disalign.service.routers.common import (
     json_response,
     resolve_top_k,
     top_k_lists,
+    traffic_source,
     use_served_prior,
 )
 from disalign.service.runtime import RowRequest
@@ -66,7 +67,8 @@ async def calibrate(request: Request) -> Response:
     body = await json_bytes(request)
     model = runtime.model
     rows = await off_loop_if_large(len(body), parse_rows, body, model.num_classes, model.feature_dim, runtime.settings.max_rows)
-    result = await runtime.calibrate_rows(replace(rows, use_prior=use_served_prior(request.query_params.get("prior"))))
+    result = await runtime.calibrate_rows(replace(rows, use_prior=use_served_prior(request.query_params.get("prior")),
+                                                  source=traffic_source(request, runtime)))
     finite_or_raise(result.logits, "calibrated logits")
     tops = top_k_lists(result.top_indices, result.top_probabilities, result.calibration.class_names)
     # Written by orjson from the arrays (the schema is still documented by response_model).

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from disalign.calib.errors import InputError
 from disalign.service.offload import JSON_BYTES_PER_NUMBER, off_loop_if_large
 from disalign.service.prior import BALANCED
+from disalign.service.traffic import TOKEN_HEADER
 
 DEFAULT_TOP_K = 5
 SERVED = "served"
@@ -70,6 +71,12 @@ def use_served_prior(value: object) -> bool:
     if value == BALANCED:
         return False
     raise InputError(f"prior should be one of {', '.join(PRIOR_CHOICES)}, found {value!r:.40}.")
+
+
+def traffic_source(request: Request, runtime: Any) -> str | None:
+    """The trusted traffic source a request comes from (its ``Disalign-Traffic-Token``), None for any other:
+    only such requests' rows may move the adaptive prior (:mod:`disalign.service.traffic`)."""
+    return runtime.prior.source_of(request.headers.get(TOKEN_HEADER))
 
 
 def resolve_top_k(requested: int | None, num_classes: int) -> int:

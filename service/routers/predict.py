@@ -26,6 +26,7 @@ from disalign.service.routers.common import (
     read_json,
     resolve_top_k,
     top_k_lists,
+    traffic_source,
     use_served_prior,
 )
 from disalign.service.schemas import (
@@ -99,7 +100,8 @@ async def predict(request: Request) -> Response:
     k = resolve_top_k(query.top_k, runtime.model.num_classes)
     blobs = await read_images(request, runtime.settings.max_images)
     images = await decode_images(runtime.image_tensor, blobs)  # (n, 3, H, W) uint8
-    result = await runtime.classify(images, use_served_prior(query.prior))  # aligned to the served prior unless balanced
+    # aligned to the served prior unless balanced; a trusted source's images count towards the adaptive prior
+    result = await runtime.classify(images, use_served_prior(query.prior), traffic_source(request, runtime))
     names = result.calibration.class_names
 
     def tops(logits: torch.Tensor) -> list[list[dict]]:

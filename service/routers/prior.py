@@ -3,9 +3,11 @@
     curl -H "Authorization: Bearer $TOKEN" -d '{"action": "freeze"}' http://127.0.0.1:8000/admin/prior
     curl -H "Authorization: Bearer $TOKEN" -d '{"action": "set", "prior": [0.5, 0.3, 0.2]}' http://127.0.0.1:8000/admin/prior
 
-Actions: ``freeze`` (keep the current prior; the adaptive window still fills), ``unfreeze``, ``reset``
-(empty window, no estimate, back to balanced or the prior file) and ``set`` (serve the given K numbers,
-normalised, frozen). Both routes answer the status (:meth:`disalign.service.prior.PriorTracker.status`).
+Actions: ``freeze`` (keep the current prior; the trusted windows still fill), ``unfreeze``, ``reset``
+(empty windows, no estimate, back to balanced or the prior file) and ``set`` (serve the given K numbers,
+normalised, frozen). With ``DISALIGN_PRIOR=adaptive`` each is published as a prior version, so every replica
+follows it (a reset starts a new epoch: no replica's earlier traffic counts again); in the other modes it
+changes this process only. Both routes answer the status (:meth:`disalign.service.prior.PriorTracker.status`).
 """
 
 from __future__ import annotations
@@ -33,9 +35,23 @@ class PriorEstimateStatus(BaseModel):
     prior: list[float]
     statistic: float = Field(description="likelihood-ratio statistic against the balanced reference")
     p_value: float
-    adapt: bool = Field(description="whether the test rejected the reference (the estimate is then served)")
-    rows: int
+    adapt: bool = Field(description="whether the test rejected the balanced reference")
+    rows: int = Field(description="trusted rows pooled from every replica, each source capped at its max_share")
     time: float = Field(description="Unix time of the estimate")
+    rows_by_source: dict[str, int]
+    published: bool = Field(description="whether it passed the checks and was published as a new version")
+    reason: str
+
+
+class PublishedPriorStatus(BaseModel):
+    pointer: str = Field(description="versions/<id> in the prior directory")
+    source: str = Field(description="estimate, adapt or admin")
+    created: str
+    calibration_version: str = Field(description="the calibration it applies to (another one is served balanced)")
+    epoch: str
+    rows: int
+    rows_by_source: dict[str, int]
+    frozen: bool
 
 
 class PriorStatus(BaseModel):
@@ -44,9 +60,11 @@ class PriorStatus(BaseModel):
     source: str = Field(description="balanced, estimate, file or admin")
     frozen: bool
     prior: list[float] | None = Field(description="the prior served (None: balanced)")
-    window_rows: int
+    window_rows: int = Field(description="trusted rows in this replica's windows")
     window_capacity: int
-    estimate: PriorEstimateStatus | None = Field(description="the latest estimate of the adaptive mode")
+    sources: dict[str, int] = Field(description="trusted rows in this replica's windows, by source")
+    estimate: PriorEstimateStatus | None = Field(description="the latest estimate this replica made")
+    published: PublishedPriorStatus | None = Field(description="the deployment's published prior (adaptive mode)")
 
 
 @router.get("/prior", response_model=PriorStatus, responses=error_responses(401, 403, 503))

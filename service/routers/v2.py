@@ -36,7 +36,7 @@ from disalign.service.deps import check_model_name, get_runtime
 from disalign.service.errors import disalign_status, error_response
 from disalign.service.messages import validation_sentence
 from disalign.service.offload import JSON_BYTES_PER_NUMBER, decode_images, off_loop_if_large
-from disalign.service.routers.common import use_served_prior
+from disalign.service.routers.common import traffic_source, use_served_prior
 from disalign.service.runtime import RowRequest, Runtime
 from disalign.service.schemas import (
     InferRequest,
@@ -145,14 +145,14 @@ async def body_into(request: Request, pad: int, content_length: bytes) -> bytear
     return buffer
 
 
-def row_request(runtime: Runtime, parsed: InferBody, use_prior: bool = True) -> RowRequest:
+def row_request(runtime: Runtime, parsed: InferBody, use_prior: bool = True, source: str | None = None) -> RowRequest:
     model, rows = runtime.model, runtime.settings.max_rows
     inputs, binary = parsed.inputs, parsed.binary
     features = float_rows(inputs["features"], binary.get("features"), model.feature_dim, rows)
     logits = float_rows(inputs["logits"], binary.get("logits"), model.num_classes, rows)
     if features.shape[0] != logits.shape[0]:
         raise InputError(f"input 'features' has {features.shape[0]} rows but input 'logits' has {logits.shape[0]}.")
-    return RowRequest(features, logits, use_prior=use_prior)
+    return RowRequest(features, logits, use_prior=use_prior, source=source)
 
 
 INFER_DOC: dict[str, Any] = {
@@ -192,12 +192,13 @@ async def run_inference(request: Request, name: str, version: str | None) -> Res
     use_prior = use_served_prior((body.parameters.model_extra or {}).get("prior") if body.parameters else None)
     if set(parsed.inputs) == {"features", "logits"}:
         json_values = sum(len(t.data or ()) for t in body.inputs)  # nested: rows, the same order of work
-        rows = await off_loop_if_large(JSON_BYTES_PER_NUMBER * json_values, row_request, runtime, parsed, use_prior)
+        rows = await off_loop_if_large(JSON_BYTES_PER_NUMBER * json_values, row_request, runtime, parsed, use_prior,
+                                       traffic_source(request, runtime))
         result = await runtime.calibrate_rows(rows)
         state, arrays, prior_version = result.calibration, {"logits": result.logits, "probabilities": result.probabilities}, result.prior_version
     elif set(parsed.inputs) == {"image"}:
         blobs = byte_elements(parsed.inputs["image"], parsed.binary.get("image"), runtime.settings.max_images)
-        images = await runtime.classify(await decode_images(runtime.image_tensor, blobs), use_prior)
+        images = await runtime.classify(await decode_images(runtime.image_tensor, blobs), use_prior, traffic_source(request, runtime))
         calibrated, prior_version = images.calibrated_logits, images.prior_version
         state, arrays = images.calibration, {"logits": calibrated.numpy(), "probabilities": torch.softmax(calibrated, dim=1).numpy()}
     else:

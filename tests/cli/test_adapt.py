@@ -125,3 +125,71 @@ def test_bad_input_is_one_sentence_exit_2(argv, message, fitted, lt_banks, tmp_p
     code, _, err = run(capsys, *[a.format(**names) for a in argv])
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert re.search(message, err), err
+
+
+# -- adapt --publish: the deployment's prior, published as a server's estimate is (issue 21 §1) ------------------
+def test_publish_moves_the_deployments_prior_in_bounded_significant_steps(fitted, shifted, lt_banks, tmp_path, capsys):
+    import shutil
+
+    from disalign.calib.artifact import priors
+    from disalign.calib.artifact.format import version_name
+    from disalign.calib.core import label_shift as ls
+
+    calibration = tmp_path / "calibration"
+    shutil.copytree(fitted, calibration, symlinks=True)
+    loaded = load_calibration(calibration)
+    code, out, err = run(capsys, "adapt", lt_banks["test"], "--calibration", calibration, "--publish", "--bootstrap", 0)
+    assert code == 0 and "the published prior stays (the traffic is balanced)" in out, err  # balanced traffic: nothing
+    assert priors.pointer(calibration / "prior") is None
+    uniform, true = ls.uniform_prior(10), torch.from_numpy(FORWARD / FORWARD.sum())
+    served, steps = uniform, 0
+    for _ in range(8):
+        code, out, err = run(capsys, "adapt", shifted, "--calibration", calibration, "--publish", "--max-step", 0.3, "--bootstrap", 0)
+        assert code == 0, err
+        if "the published prior stays" in out:
+            break
+        pointer, version = priors.read_current(calibration / "prior")
+        assert f"published {pointer} in {calibration / 'prior'}" in out
+        assert version.source == "adapt" and version.calibration_version == version_name(loaded.params_, loaded.meta_)
+        assert version.classes == loaded.meta_.class_names and version.rows == 681 == version.rows_by_source["adapt"]  # the shifted bank's rows
+        prior = torch.tensor(version.prior, dtype=torch.float64)
+        assert ls.l1_distance(prior, served) <= 0.3 + 1e-9  # a bounded step
+        served, steps = prior, steps + 1
+    assert "not significantly better than the current prior" in out and steps >= 2
+    assert ls.l1_distance(served, true) < ls.l1_distance(uniform, true) / 2
+    # The published prior is a prior file too: eval --target-prior reads it.
+    code, out, err = run(capsys, "eval", shifted, "--calibration", calibration, "--target-prior",
+                         calibration / "prior" / "published" / pointer / "prior.json", "--quiet")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(("prepare", "argv", "message"), [
+    ("frozen", [], r"the prior published in .* is frozen \(POST /admin/prior\); unfreeze it to publish another\."),
+    (None, ["--prior-dir", "{tmp}/file/prior"], r"the prior directory .*file/prior is not writable"),
+    (None, ["--max-step", "3"], r"--max-step should be in \(0, 2\] \(an L1 distance between priors\), found 3\.0\."),
+    ("no-probability-calibration", ["--val", "{val}"], r"--publish estimates with the calibration the servers serve"),
+])
+def test_publish_errors_are_one_sentence_and_publish_nothing(prepare, argv, message, fitted, shifted, lt_banks, tmp_path, capsys):
+    import shutil
+
+    from disalign.calib.artifact import priors
+
+    calibration = tmp_path / "calibration"
+    (tmp_path / "file").write_text("x")
+    if prepare == "no-probability-calibration":
+        assert main(["fit", str(lt_banks["train"]), "--method", "logit-adjust", "--out", str(calibration), "--quiet"]) == 0
+    else:
+        shutil.copytree(fitted, calibration, symlinks=True)
+    if prepare == "frozen":
+        loaded = load_calibration(calibration)
+        from disalign.calib.artifact.format import version_name
+
+        priors.publish_version(calibration / "prior", priors.PriorVersion(
+            prior=[0.1] * 10, classes=loaded.meta_.class_names, calibration_version=version_name(loaded.params_, loaded.meta_),
+            source="admin", epoch=priors.INITIAL_EPOCH, created=priors.now_iso(), frozen=True))
+    before = priors.pointer(calibration / "prior")
+    code, _, err = run(capsys, "adapt", shifted, "--calibration", calibration, "--publish", "--bootstrap", 0,
+                       *[a.format(tmp=tmp_path, val=lt_banks["val"]) for a in argv])
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert priors.pointer(calibration / "prior") == before

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from disalign.calib.artifact.publish import artifact_dir
-from disalign.calib.errors import ArtifactError
+from disalign.calib.errors import ArtifactError, DisalignError
 from disalign.calib.estimators.methods import load_calibration
 from disalign.feature_extract.models import load_model
 from disalign.feature_extract.preprocess import Preprocessing, clean_view, decode_image, normalize
@@ -66,6 +66,19 @@ def test_not_ready_before_the_lifespan_ran(calibration_dir: Path):
     assert_error(c.get("/v2/health/ready"), 503, "not loaded")
     assert_error(c.post("/calibrate", json={"rows": [row()]}), 503, "not loaded")
     assert_error(c.get("/v2/models/disalign"), 503, "not loaded")
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("PUT", "/admin/prior", "GET, POST"),  # two routes on one path: once "Allow: GET" only
+    ("DELETE", "/admin/prior", "GET, POST"),
+    ("POST", "/v2/health/live", "GET, HEAD"),
+    ("GET", "/calibrate", "POST"),
+    ("GET", "/admin/reload", "POST"),
+])
+def test_405_lists_every_method_of_the_path(client: TestClient, method: str, path: str, allowed: str):
+    response = client.request(method, path, headers=AUTH)
+    assert_error(response, 405, f"{method} is not allowed on {path}")
+    assert response.headers["allow"] == allowed
 
 
 def test_unknown_model_and_route_are_404(client: TestClient):
@@ -372,3 +385,26 @@ def test_startup_moves_the_long_lived_objects_out_of_the_collector(client: TestC
     import gc
 
     assert gc.get_freeze_count() > 10_000  # torch, numpy, the model: never walked by a collection again
+
+
+# -- deeply nested JSON wherever the server reads it (issue 21 §3) --------------------------------------------
+NESTED = "[" * 100_000 + "]" * 100_000
+
+
+def test_deeply_nested_json_is_one_sentence_in_bodies_prior_files_and_cards(client: TestClient, calibration_dir: Path,
+                                                                           tmp_path: Path):
+    for path, status, match in (("/calibrate", 422, "recursion limit exceeded"), ("/v2/models/disalign/infer", 400, "recursion limit exceeded"),
+                                ("/predict", 422, "recursion limit exceeded"), ("/admin/prior", 400, "nested too deeply")):
+        response = client.post(path, content='{"rows": ' + NESTED + "}", headers={**AUTH, "Content-Type": "application/json"})
+        assert_error(response, status, f"the request body is not valid JSON ({match}")
+    # the admin's prior: [1e308] * K is K finite numbers whose sum is not (once served as all zeros)
+    assert_error(client.post("/admin/prior", headers=AUTH, json={"action": "set", "prior": [1e308] * 10}), 422,
+                 "prior should hold finite numbers >= 0 with a positive, finite sum; found a sum of inf.")
+    (tmp_path / "prior.json").write_text(NESTED)
+    with pytest.raises(DisalignError, match=r"prior file .*prior\.json is nested deeper than 32 levels \(JSON arrays and objects\)\.$"):
+        with TestClient(create_app(make_settings(calibration_dir, prior=str(tmp_path / "prior.json")))):
+            pass
+    (tmp_path / "card.json").write_text(NESTED)
+    with pytest.raises(DisalignError, match=r"model card .*card\.json is nested deeper than 32 levels \(JSON arrays and objects\)\.$"):
+        with TestClient(create_app(make_settings(calibration_dir, card=tmp_path / "card.json"))):
+            pass

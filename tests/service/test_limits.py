@@ -342,3 +342,32 @@ def test_decode_errors_over_http_name_no_python_objects(server: ServerProcess):
     response = httpx.post(f"{server.url}/predict", files=[("file", ("x.png", b"not an image at all", "image/png"))], timeout=30)
     assert response.status_code == 400
     assert response.json() == {"error": "image <bytes> could not be decoded (not an image format Pillow reads: JPEG, PNG, BMP, GIF, TIFF, WebP …)."}
+
+
+# -- a client that goes away mid-body (issue 21 §4) ---------------------------------------------------
+ABANDONED = {
+    "/calibrate": b"Content-Type: application/json\r\n",
+    "/v2/models/disalign/infer": b"Content-Type: application/json\r\n",
+    "/v2/models/disalign/infer#binary": b"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: 10\r\n",
+    "/predict": b"Content-Type: multipart/form-data; boundary=xyz\r\n",
+    "/admin/prior": b"Content-Type: application/json\r\nAuthorization: Bearer test-admin-token-0123456789\r\n",
+}
+
+
+@pytest.mark.parametrize("route", list(ABANDONED))
+def test_a_request_abandoned_mid_body_logs_one_line_and_no_traceback(server: ServerProcess, route: str):
+    start = len(server.log.read_bytes())
+    path = route.split("#")[0].encode()
+    with connect(server) as sock:
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\n%sContent-Length: 100000\r\n\r\n" % (path, ABANDONED[route]))
+        sock.sendall(b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n' + b"x" * 500)
+        time.sleep(0.2)  # the app is reading the body now
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and b"closed the connection" not in server.log.read_bytes()[start:]:
+        time.sleep(0.05)
+    time.sleep(0.3)  # anything logged after that line would show too
+    lines = server.log.read_bytes()[start:].decode().splitlines()
+    assert not any("Traceback" in line or "ClientDisconnect" in line or "Exception in ASGI" in line for line in lines), lines
+    noted = [line for line in lines if "closed the connection" in line]
+    assert len(noted) == 1 and path.decode() in noted[0], lines
+    assert httpx.get(f"{server.url}/v2/health/live").status_code == 200

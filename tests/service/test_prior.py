@@ -23,6 +23,9 @@ from tests.service.conftest import ADMIN_TOKEN, Artifacts, install, make_setting
 
 EXAMPLES = REPO / "examples" / "cifar10lt"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+GATEWAY_TOKEN = "gateway-traffic-token-0123456789"
+GATEWAY = {"Disalign-Traffic-Token": GATEWAY_TOKEN}  # what the deployment's gateway adds to the traffic it vouches for
+SOURCES = {"gateway": GATEWAY_TOKEN}
 FORWARD_10 = np.round(980 * 10 ** (-np.arange(10) / 9)).astype(int)  # rows per class of a forward IR10 test set
 
 
@@ -47,9 +50,9 @@ def shifted_rows(bank: Bank, per_class: np.ndarray, seed: int) -> np.ndarray:
     return rng.permutation(rows)
 
 
-def calibrate(client: TestClient, bank: Bank, rows: np.ndarray, query: str = "") -> dict:
+def calibrate(client: TestClient, bank: Bank, rows: np.ndarray, query: str = "", headers: dict | None = None) -> dict:
     body = {"rows": [{"features": bank.features[i].float().tolist(), "logits": bank.logits[i].tolist()} for i in rows.tolist()]}
-    response = client.post(f"/calibrate{query}", json=body)
+    response = client.post(f"/calibrate{query}", json=body, headers=headers)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -137,7 +140,8 @@ def test_prior_file_aligns_every_route(tmp_path: Path, real_calibration: Path, t
 def test_adaptive_prior_follows_shifted_traffic(tmp_path: Path, real_calibration: Path, test_bank: Bank):
     target = tmp_path / "calibration"
     install(real_calibration, target)
-    settings = make_settings(target, prior="adaptive", prior_window=2000, prior_update_every=5, prior_min_rows=500)
+    settings = make_settings(target, prior="adaptive", prior_window=2000, prior_update_every=5, prior_min_rows=500,
+                             prior_sources=SOURCES, prior_max_step=2.0)  # one step may go all the way: the test of estimates
     rows = shifted_rows(test_bank, FORWARD_10, seed=1)  # 4,005 rows, imbalance 10 towards the head classes
     true = torch.from_numpy(FORWARD_10 / FORWARD_10.sum())
     with TestClient(create_app(settings)) as c:
@@ -145,14 +149,16 @@ def test_adaptive_prior_follows_shifted_traffic(tmp_path: Path, real_calibration
         versions, hits = [], []
         for start in range(0, 3000, 100):
             part = rows[start:start + 100]
-            body = calibrate(c, test_bank, part)
+            body = calibrate(c, test_bank, part, headers=GATEWAY)
             versions.append(body["prior_version"])
             hits.append(served_probabilities(body).argmax(1) == test_bank.labels[part])
             tracker.wait_for_estimate()
         assert versions[0] == "balanced" and versions[-1].startswith("estimate-")
         status = c.get("/admin/prior", headers=AUTH).json()
         assert status["mode"] == "adaptive" and status["window_rows"] == 2000 and status["estimate"]["adapt"]
-        assert ls.l1_distance(torch.tensor(status["prior"]), true) < 0.15
+        # The served prior is the published one: it moves only when an estimate beats it significantly.
+        assert ls.l1_distance(torch.tensor(status["estimate"]["prior"]), true) < 0.15
+        assert ls.l1_distance(torch.tensor(status["prior"]), true) < 0.2
         # Served accuracy once adapted vs the balanced calibration on the same rows.
         late = rows[1500:3000]
         served = float(torch.cat(hits[15:]).double().mean())
@@ -164,10 +170,11 @@ def test_adaptive_prior_follows_shifted_traffic(tmp_path: Path, real_calibration
         assert "disalign_prior_window_rows 2000.0" in metrics
         distance = float(metrics.split('disalign_prior_distance{reference="uniform"} ')[1].split()[0])
         assert distance == pytest.approx(ls.l1_distance(torch.tensor(status["estimate"]["prior"]), ls.uniform_prior(10)))
-        assert 'disalign_prior_estimates_total{decision="adapt"}' in metrics and f'version="{status["version"]}"' in metrics
+        assert 'disalign_prior_estimates_total{decision="publish"}' in metrics and f'version="{status["version"]}"' in metrics
+        assert 'disalign_prior_rows_total{source="gateway"} 3000.0' in metrics
 
         frozen = c.post("/admin/prior", headers=AUTH, json={"action": "freeze"}).json()
-        calibrate(c, test_bank, rows[3000:3500])
+        calibrate(c, test_bank, rows[3000:3500], headers=GATEWAY)
         tracker.wait_for_estimate()
         assert frozen["frozen"] and c.get("/admin/prior", headers=AUTH).json()["version"] == frozen["version"]
 
@@ -179,24 +186,25 @@ def test_adaptive_prior_follows_shifted_traffic(tmp_path: Path, real_calibration
         reset = c.post("/admin/prior", headers=AUTH, json={"action": "reset"}).json()
         assert reset["version"] == "balanced" and reset["window_rows"] == 0 and reset["estimate"] is None and not reset["frozen"]
 
-        calibrate(c, test_bank, rows[:1000])
+        calibrate(c, test_bank, rows[:1000], headers=GATEWAY)
         tracker.wait_for_estimate()
         assert c.get("/admin/prior", headers=AUTH).json()["window_rows"] == 1000
         install(Path(str(real_calibration)), target)  # same artifact, but the reload must still start a fresh window…
         (artifact_dir(target) / "calibration.json").write_text((artifact_dir(target) / "calibration.json").read_text().replace('"created": "', '"created": "x'))
         assert c.post("/admin/reload", headers=AUTH).json()["changed"]  # …of a new version
         assert c.get("/admin/prior", headers=AUTH).json()["window_rows"] == 0
-        assert calibrate(c, test_bank, rows[:10])["prior_version"] == "balanced"
+        assert calibrate(c, test_bank, rows[:10], headers=GATEWAY)["prior_version"] == "balanced"
         after = c.get("/admin/prior", headers=AUTH).json()
         assert after["window_rows"] == 10 and after["estimate"] is None
 
 
-def test_adaptive_prior_stays_balanced_on_balanced_traffic(real_calibration: Path, test_bank: Bank):
-    settings = make_settings(real_calibration, prior="adaptive", prior_window=3000, prior_update_every=3, prior_min_rows=3000)
+def test_adaptive_prior_stays_balanced_on_balanced_traffic(real_calibration: Path, test_bank: Bank, tmp_path: Path):
+    settings = make_settings(real_calibration, prior="adaptive", prior_window=3000, prior_update_every=3, prior_min_rows=3000,
+                             prior_sources=SOURCES, prior_dir=tmp_path / "prior")
     rows = shifted_rows(test_bank, np.full(10, 300), seed=2)
     with TestClient(create_app(settings)) as c:
         for start in range(0, 3000, 500):
-            calibrate(c, test_bank, rows[start:start + 500])
+            calibrate(c, test_bank, rows[start:start + 500], headers=GATEWAY)
         c.app.state.runtime.prior.wait_for_estimate()
         status = c.get("/admin/prior", headers=AUTH).json()
         assert status["estimate"] is not None and not status["estimate"]["adapt"] and status["version"] == "balanced"

@@ -8,6 +8,7 @@ fingerprint, preprocessing) changes nothing: the old calibration keeps serving, 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -89,6 +90,14 @@ def reload_count(client: TestClient, outcome: str) -> float:
     (None, lambda t: t.update(alpha=t["alpha"].to(torch.bfloat16)), "parameter 'alpha' has dtype bfloat16"),
     (None, lambda t: t.update(alpha=t["alpha"].to(torch.complex64)), "parameter 'alpha' has dtype complex64"),
     (None, alpha_huge, "gives NaN, inf or unnormalised probabilities on test rows"),
+    # valid floats that overflow serving's z / T + b + log π: once accepted, then a 422 on every answer with a prior
+    ({"probability_calibration": {"temperature": 1e-300, "bias": [0.0] * 10}}, None,
+     "probability_calibration.temperature should be a number in [0.0001, 10000], found 1e-300."),
+    ({"probability_calibration": {"temperature": 1.0, "bias": [1e300] * 10}}, None,
+     "probability_calibration.bias should be 10 finite numbers within ±1000"),
+    ({"target_prior": [1e308] * 10}, None, "target_prior should be 10 finite numbers >= 0 with a positive, finite sum"),
+    ({"report": {"deep": json.loads("[" * 40 + "]" * 40)}}, None,
+     "calibration.json is nested deeper than 32 levels (JSON arrays and objects)."),
 ])
 def test_a_reload_that_fails_any_check_changes_nothing(fresh_client: TestClient, calibration_dir: Path, artifacts: Artifacts,
                                                       cifar_jpegs: list[Path], meta, params, match):
@@ -104,6 +113,63 @@ def test_a_reload_that_fails_any_check_changes_nothing(fresh_client: TestClient,
     assert r.status_code == 422 and match in r.json()["error"], r.text
     assert served(fresh_client, cifar_jpegs[0]) == before  # /calibrate, /predict, /v2 metadata and /metrics: all the old one
     assert reload_count(fresh_client, "unreadable") == 1 and reload_count(fresh_client, "ok") == 0
+
+
+def test_a_reload_of_a_hundred_thousand_nested_brackets_is_one_sentence(fresh_client: TestClient, calibration_dir: Path,
+                                                                         artifacts: Artifacts):
+    version = artifact_dir(calibration_dir)
+    publish_changed(artifacts.other, calibration_dir)
+    nested = "[" * 100_000 + "]" * 100_000
+    (artifact_dir(calibration_dir) / METADATA_FILE).write_text('{"report": ' + nested + "}")
+    r = fresh_client.post("/admin/reload", headers=AUTH)
+    assert r.status_code == 422 and r.json()["error"].endswith("calibration.json is nested deeper than 32 levels (JSON arrays and objects)."), r.text
+    assert artifact_dir(calibration_dir) != version
+
+
+def fifo_version(source: Path, target: Path, name: str) -> Path:
+    """Publish ``source`` in ``target``, then make its ``name`` a FIFO that nothing writes to."""
+    publish_changed(source, target)
+    version = artifact_dir(target)
+    (version / name).unlink()
+    os.mkfifo(version / name)
+    return version
+
+
+@pytest.mark.parametrize("name", [METADATA_FILE, PARAMETERS_FILE])
+def test_a_fifo_in_a_version_is_refused_at_once_and_a_later_version_is_served(fresh_client: TestClient, calibration_dir: Path,
+                                                                             artifacts: Artifacts, cifar_jpegs, name: str):
+    before = served(fresh_client, cifar_jpegs[0])
+    fifo_version(artifacts.other, calibration_dir, name)
+    start = time.monotonic()
+    r = fresh_client.post("/admin/reload", headers=AUTH)
+    assert time.monotonic() - start < 10 and r.status_code == 422, r.text
+    assert r.json()["error"].endswith(f"{name} should be a regular file, found a FIFO."), r.text
+    assert served(fresh_client, cifar_jpegs[0]) == before
+    publish_changed(artifacts.other, calibration_dir)  # the next good version reloads
+    r = fresh_client.post("/admin/reload", headers=AUTH)
+    assert r.status_code == 200 and r.json()["changed"], r.text
+
+
+def test_the_watcher_skips_a_fifo_version_and_serves_the_next(calibration_dir: Path, artifacts: Artifacts, cifar_jpegs):
+    with TestClient(create_app(make_settings(calibration_dir, watch_interval_s=0.1))) as client:
+        first = served(client, cifar_jpegs[0])["version"]
+        fifo_version(artifacts.other, calibration_dir, METADATA_FILE)
+        time.sleep(1.0)
+        assert served(client, cifar_jpegs[0])["version"] == first and reload_count(client, "unreadable") == 1
+        publish_changed(artifacts.other, calibration_dir)
+        wait_for_version(client, lambda v: v != first, 5.0)
+
+
+def test_a_reload_slower_than_its_timeout_is_abandoned_and_the_next_one_served(calibration_dir: Path, artifacts: Artifacts,
+                                                                              cifar_jpegs):
+    # A real read and check of the calibration (tensors, canary) takes longer than a microsecond: it times out.
+    with TestClient(create_app(make_settings(calibration_dir, reload_timeout_s=1e-6))) as client:
+        before = served(client, cifar_jpegs[0])
+        publish_changed(artifacts.other, calibration_dir)
+        r = client.post("/admin/reload", headers=AUTH)
+        assert r.status_code == 503 and "took longer than 1e-06 s (DISALIGN_RELOAD_TIMEOUT_S); still serving" in r.json()["error"], r.text
+        time.sleep(0.5)  # the abandoned read finishes meanwhile; its result is dropped
+        assert served(client, cifar_jpegs[0]) == before and reload_count(client, "timeout") == 1
 
 
 # -- the watcher: replicas pick up a published version by themselves -------------------------------------

@@ -87,3 +87,50 @@ def test_serve_and_extract_share_one_max_pixels_default():
     extract = build_parser().parse_args(["extract", "--model", "m.ts", "--folder", "f", "--out", "b.h5"])
     assert extract.max_pixels == Settings(**REQUIRED).max_pixels == 25_000_000
     assert Path(REPO / "docs" / "service.md").read_text().count("25,000,000") >= 1
+
+
+# -- the traffic sources that may move the adaptive prior (issue 21 §1) -----------------------------------------
+GATEWAY = "gateway-token-0123456789"
+
+
+def test_traffic_sources_come_from_the_environment_or_a_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISALIGN_PRIOR", "adaptive")
+    monkeypatch.setenv("DISALIGN_PRIOR_SOURCES", f'{{"gateway": "{GATEWAY}", "partner": {{"token": "partner-token-0123456789", "max_share": 0.1}}}}')
+    sources = Settings(**REQUIRED).prior_sources
+    assert sources["gateway"].token.get_secret_value() == GATEWAY and sources["gateway"].max_share == 1.0
+    assert sources["partner"].max_share == 0.1
+    monkeypatch.delenv("DISALIGN_PRIOR_SOURCES")
+    secret = tmp_path / "sources.json"
+    secret.write_text(f'{{"gateway": "{GATEWAY}"}}\n')
+    monkeypatch.setenv("DISALIGN_PRIOR_SOURCES_FILE", str(secret))
+    assert list(Settings(**REQUIRED).prior_sources) == ["gateway"]
+    monkeypatch.setenv("DISALIGN_PRIOR_SOURCES", f'{{"gateway": "{GATEWAY}"}}')
+    with pytest.raises(ValueError, match="set DISALIGN_PRIOR_SOURCES or DISALIGN_PRIOR_SOURCES_FILE, not both"):
+        Settings(**REQUIRED)
+
+
+@pytest.mark.parametrize(("env", "sentence"), [
+    ({"DISALIGN_PRIOR_SOURCES": f'{{"gateway": "{GATEWAY}"}}'},
+     "error: DISALIGN_PRIOR_SOURCES only applies with DISALIGN_PRIOR=adaptive (it names the traffic that may move the "
+     "adaptive prior), found DISALIGN_PRIOR=balanced."),
+    ({"DISALIGN_PRIOR": "adaptive", "DISALIGN_PRIOR_SOURCES": '{"gateway": "short"}'},
+     "error: DISALIGN_PRIOR_SOURCES: the token of source 'gateway' should have at least 16 characters."),
+    ({"DISALIGN_PRIOR": "adaptive", "DISALIGN_PRIOR_SOURCES": f'{{"a": "{GATEWAY}", "b": "{GATEWAY}"}}'},
+     "error: DISALIGN_PRIOR_SOURCES: source 'b' has the token of another source; each source needs its own."),
+    ({"DISALIGN_PRIOR": "adaptive", "DISALIGN_PRIOR_SOURCES": f'{{"gateway": "{TOKEN}"}}', "DISALIGN_ADMIN_TOKEN": TOKEN},
+     "error: a traffic source's token is the admin token; give each its own."),
+    ({"DISALIGN_PRIOR": "adaptive", "DISALIGN_PRIOR_SOURCES": f'{{"../gw": "{GATEWAY}"}}'},
+     "error: DISALIGN_PRIOR_SOURCES: source name '../gw' should be letters, digits, '.', '_' or '-' (at most 64)."),
+    ({"DISALIGN_PRIOR": "adaptive", "DISALIGN_PRIOR_SOURCES": f'{{"gw": {{"token": "{GATEWAY}", "max_share": 2}}}}'},
+     "error: DISALIGN_PRIOR_SOURCES.gw.max_share: input should be less than or equal to 1, found 2."),
+    ({"DISALIGN_PRIOR": "adaptive", "DISALIGN_PRIOR_SOURCES": f'{{"gw": {{"token": "{GATEWAY}", "share": 0.5}}}}'},
+     "error: DISALIGN_PRIOR_SOURCES.gw.share: extra inputs are not permitted, found 0.5."),
+])
+def test_traffic_source_errors_are_one_sentence_and_never_show_a_token(env, sentence, capsys, monkeypatch):
+    for name in [n for n in os.environ if n.startswith("DISALIGN_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, err = serve(["--model", "m.ts", "--calibration", "c"], capsys)
+    assert (code, err) == (2, sentence)
+    assert GATEWAY not in err and TOKEN not in err

@@ -213,6 +213,8 @@ def test_infer_errors(server: ServerProcess, request_body: dict, status: int, ma
     [
         (0, "12x", "should be a number of bytes"),
         (0, "999999", "says 999999 bytes but the body has"),
+        (0, "1" * 5000, "should be a number of bytes"),  # past Python's int() digit limit: once a 500
+        (0, "0" * 4999 + "7", "should be a number of bytes"),
         (4, None, "binary part of the body has"),  # 4 bytes missing from the logits
     ],
 )

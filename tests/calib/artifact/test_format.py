@@ -132,3 +132,77 @@ def test_save_refuses_what_load_would_refuse(lt_banks, tmp_path):
     with pytest.raises(ArtifactError, match="the calibration gives NaN, inf or unnormalised probabilities"):
         est.save(tmp_path / "cal")
     assert not (tmp_path / "cal").exists()
+
+
+# -- what serving uses beyond the calibration's own predictions (issue 21 §3) -----------------------------------
+def test_the_canary_exercises_the_probability_calibration_and_the_target_prior(good):
+    """Values past the range checks (set after load, as a buggy writer would) are still caught by the canary:
+    the server applies z / T + b + log π to every answer with a prior."""
+    import dataclasses
+
+    from disalign.calib.artifact.format import canary
+
+    calibrator = load_calibration(good)
+    assert calibrator.meta_.probability_calibration is not None  # fitted with --val
+    canary(calibrator, "the calibration")
+    for temperature, bias, prior in ((1e-300, 0.0, None), (1.0, 1e300, None), (1.0, 0.0, [1e308] * 10)):
+        k = calibrator.meta_.num_classes
+        calibrator.meta_ = dataclasses.replace(calibrator.meta_, target_prior=prior, probability_calibration={
+            "temperature": temperature, "bias": [bias] * k, "bias_penalty": None})
+        with pytest.raises(ArtifactError, match="on test rows"):
+            canary(calibrator, "the calibration")
+
+
+DEEP = 100_000  # far past json's recursion limit
+NESTED = "[" * DEEP + "]" * DEEP
+
+
+@pytest.mark.parametrize("depth", [40, 800, DEEP])  # 800: json reads it, dataclasses.asdict would not
+def test_deeply_nested_metadata_is_one_sentence(good, tmp_path, depth):
+    nested = "[" * depth + "]" * depth
+    directory = flat_copy(good, tmp_path / "bad")
+    text = (directory / "calibration.json").read_text()
+    (directory / "calibration.json").write_text(text.replace('"report": {', f'"report": {{"deep": {nested}, ', 1))
+    with pytest.raises(ArtifactError, match=r"calibration\.json is nested deeper than 32 levels \(JSON arrays and objects\)\."):
+        load_calibration(directory)
+
+
+def run_with_deadline(fn, seconds: float):
+    """``fn()`` on a thread: its result or exception, or AssertionError if it is still running after ``seconds``."""
+    import threading
+
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s (blocked reading a FIFO?)"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+@pytest.mark.parametrize("name", ["calibration.json", "parameters.safetensors"])
+def test_a_fifo_in_a_version_is_refused_without_blocking(good, tmp_path, name):
+    import os
+
+    from disalign.calib.artifact.publish import publish
+
+    files = {n: (good / n).read_bytes() for n in ("calibration.json", "parameters.safetensors")}
+    version = publish(tmp_path / "cal", files)
+    (version / name).unlink()
+    os.mkfifo(version / name)  # nothing ever writes to it: a plain open() for reading waits for ever
+    with pytest.raises(ArtifactError, match=rf"{name} should be a regular file, found a FIFO\."):
+        run_with_deadline(lambda: load_calibration(tmp_path / "cal"), 10)
+    (version / name).unlink()
+    os.symlink("/dev/zero", version / name)  # a device: reads never end
+    with pytest.raises(ArtifactError, match=rf"{name} should be a regular file, found a character device\."):
+        run_with_deadline(lambda: load_calibration(tmp_path / "cal"), 10)
+    publish(tmp_path / "cal", files)  # a later good version loads
+    assert run_with_deadline(lambda: load_calibration(tmp_path / "cal"), 30).meta_.num_classes == 10

@@ -176,6 +176,71 @@ def test_temperature_bias_nll_and_its_gradients_equal_autograd():
     assert ls.fit_temperature(z * 3, y) == pytest.approx(ls.fit_temperature_bias(z * 3, y, 1e9)[0], rel=1e-4)
 
 
+# -- moving a served prior (issue 21 §1) --------------------------------------------------------------
+@pytest.mark.parametrize(("counts", "shares", "kept"), [
+    ({"a": 1000, "b": 100}, {"a": 0.5, "b": 0.5}, {"a": 100, "b": 100}),
+    ({"a": 1000, "h": 3000}, {"a": 0.1, "h": 1.0}, {"a": 333, "h": 3000}),  # 333 / 3333 = 0.0999
+    ({"a": 1000}, {"a": 0.99}, {"a": 0}),  # a share of nothing else: nothing
+    ({"a": 1000}, {"a": 1.0}, {"a": 1000}),
+    ({"a": 1000, "b": 1000, "c": 10}, {"a": 0.4, "b": 0.4, "c": 0.4}, {"a": 20, "b": 20, "c": 10}),
+    ({}, {}, {}),
+])
+def test_capped_counts_hold_every_source_to_its_share(counts, shares, kept):
+    assert ls.capped_counts(counts, shares) == kept
+    total = sum(kept.values())
+    assert all(kept[s] <= shares[s] * total + 1e-9 for s in kept)
+
+
+def test_capped_counts_keep_the_most_rows_any_cap_allows():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        names = [f"s{i}" for i in range(rng.integers(1, 5))]
+        counts = {n: int(rng.integers(0, 500)) for n in names}
+        shares = {n: float(rng.choice([0.1, 0.25, 0.5, 1.0])) for n in names}
+        kept = ls.capped_counts(counts, shares)
+        total = sum(kept.values())
+        assert all(kept[n] <= min(counts[n], shares[n] * total + 1e-9) for n in names)
+        # no larger total holds every cap: checked against every total up to all the rows
+        for larger in range(total + 1, sum(counts.values()) + 1):
+            assert sum(min(counts[n], math.floor(shares[n] * larger + 1e-9)) for n in names) < larger
+
+
+def test_step_toward_is_a_bounded_convex_step():
+    current, target = ls.uniform_prior(4), torch.tensor([0.7, 0.1, 0.1, 0.1], dtype=torch.float64)
+    moved, cut = ls.step_toward(current, target, 0.2)
+    assert cut and ls.l1_distance(current, moved) == pytest.approx(0.2)
+    assert ls.l1_distance(moved, target) == pytest.approx(ls.l1_distance(current, target) - 0.2)  # on the segment
+    assert float(moved.sum()) == pytest.approx(1.0) and ls.step_toward(current, target, 2.0) == (target, False)
+
+
+def test_next_prior_checks_significance_bounds_the_step_and_weights_sources_by_share():
+    balanced, _ = gaussian_traffic(np.full(4, 0.25), 4000, seed=1)
+    skewed_prior = np.array([0.7, 0.1, 0.1, 0.1])
+    skewed, _ = gaussian_traffic(skewed_prior, 4000, seed=2)
+    # balanced traffic: nothing to publish
+    stay = ls.next_prior({"gateway": balanced}, None, max_step=0.2)
+    assert stay.prior is None and not stay.changed and not stay.adapt
+    # shifted traffic: a step of at most 0.2 towards the estimate, then further steps, never past it
+    first = ls.next_prior({"gateway": skewed}, None, max_step=0.2)
+    assert first.changed and first.stepped and ls.l1_distance(first.prior, ls.uniform_prior(4)) == pytest.approx(0.2)
+    current, steps = first.prior, 1
+    while (update := ls.next_prior({"gateway": skewed}, current, max_step=0.2)).changed:
+        assert ls.l1_distance(update.prior, current) <= 0.2 + 1e-9
+        current, steps = update.prior, steps + 1
+    assert steps >= 3 and ls.l1_distance(current, torch.from_numpy(skewed_prior)) < 0.05
+    assert "not significantly better" in update.reason  # the estimate itself is not worth another version
+    # two sources: each estimated on its own rows, averaged by share; the balanced one is kept balanced
+    mixed = ls.next_prior({"honest": balanced, "skewed": skewed[:1000]}, None, max_step=2.0)
+    w = 1000 / 5000
+    expected = (1 - w) * ls.uniform_prior(4) + w * mixed.estimates["skewed"].prior
+    torch.testing.assert_close(mixed.target, expected)
+    assert not mixed.estimates["honest"].adapt and mixed.estimates["skewed"].adapt
+    assert ls.l1_distance(mixed.prior, ls.uniform_prior(4)) <= 2 * w
+    # back to balanced when the traffic is
+    back = ls.next_prior({"gateway": balanced}, current, max_step=2.0)
+    assert back.changed and back.prior is None and back.reason == "back to balanced"
+
+
 # -- boundary checks --------------------------------------------------------------------------------
 @pytest.mark.parametrize(("call", "match"), [
     (lambda: ls.estimate_prior(torch.tensor([[0.5, float("nan")]])), "finite and non-negative"),
@@ -184,6 +249,8 @@ def test_temperature_bias_nll_and_its_gradients_equal_autograd():
     (lambda: ls.estimate_prior(torch.full((2, 2), 0.5), significance=0), "significance should be"),
     (lambda: ls.adjust_to_prior(torch.zeros(1, 3), torch.tensor([0.5, 0.5]), None), "3 values"),
     (lambda: ls.adjust_to_prior(torch.zeros(1, 2), torch.tensor([0.0, 0.0]), None), "positive sum"),
+    # each finite, their sum not: once normalised to all zeros and reported as such
+    (lambda: ls.check_prior([1e308] * 10, 10, "prior"), r"prior should hold finite numbers >= 0 with a positive, finite sum; found a sum of inf\."),
 ])
 def test_bad_arguments_are_one_sentence(call, match):
     with pytest.raises(InputError, match=match):
@@ -191,12 +258,17 @@ def test_bad_arguments_are_one_sentence(call, match):
 
 
 @pytest.mark.parametrize(("field", "value", "match"), [
-    ("probability_calibration", {"temperature": 0, "bias": [0.0] * 10}, "temperature should be a finite number > 0"),
+    ("probability_calibration", {"temperature": 0, "bias": [0.0] * 10}, r"temperature should be a number in \[0.0001, 10000\], found 0\."),
+    # in range of a float, not of serving: z / T and z / T + b overflow float32, every answer with a prior a 422
+    ("probability_calibration", {"temperature": 1e-300, "bias": [0.0] * 10}, r"temperature should be a number in \[0.0001, 10000\], found 1e-300\."),
+    ("probability_calibration", {"temperature": 1e5, "bias": [0.0] * 10}, r"temperature should be a number in"),
+    ("probability_calibration", {"temperature": 1.0, "bias": [1e300] * 10}, r"bias should be 10 finite numbers within ±1000, found \[1e\+300"),
     ("probability_calibration", {"temperature": 1.0, "bias": [0.0] * 3}, "bias should be 10 finite numbers"),
     ("probability_calibration", [1.0], "should be an object"),
     ("probability_calibration", {"temperature": 1.0, "bias": [0.0] * 10, "bias_penalty": "big"}, "bias_penalty should be"),
     ("target_prior", [0.1] * 9, "target_prior should be 10 finite numbers"),
     ("target_prior", [-0.1] + [0.1] * 9, "target_prior should be 10"),
+    ("target_prior", [1e308] * 10, r"target_prior should be 10 finite numbers >= 0 with a positive, finite sum, found \[1e\+308"),
 ])
 def test_artifact_fields_are_checked_on_read(field, value, match, tmp_path: Path, lt_banks):
     from disalign.calib.estimators.baselines.prior import Joint
