@@ -98,7 +98,7 @@ def test_model_args_are_json_when_they_parse_and_reach_extract_and_serve(tmp_pat
 
 
 DOCUMENTED_ELSEWHERE = {"extract": ("docs/extract.md", "docs/dense.md"), "eval-segmentation": ("docs/dense.md",),
-                        "eval-detection": ("docs/dense.md",)}
+                        "eval-detection": ("docs/dense.md",), "export": ("docs/export.md",)}
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c != "serve"])  # serve's flags are settings: docs/service.md by DISALIGN_* name
