@@ -1,6 +1,6 @@
 """The suite: every post-hoc method on every shared stage-1 model — the yardstick for every default.
 
-    .venv/bin/python bench/suite.py [--work runs/suite] [--models NAME,...] [--seed 0] [--json runs/suite/suite.json]
+    .venv/bin/python bench/suite.py [--work DIR] [--models NAME,...] [--seed 0] [--json FILE]
 
 For each model of ``../shared/models/README.md`` (the models and the training list of each are read from
 its table and checked against the model cards), the README recipe, through the command line:
@@ -12,7 +12,8 @@ its table and checked against the model cards), the README recipe, through the c
 
 Training list: the model's own (``cifar10lt-ir{10,50,100}/train.txt``); validation and test: the balanced
 lists ``cifar10lt-ir50/val.txt`` (200 images) and ``test.txt`` (9,800 images) for every model. Banks are
-cached under ``--work``: ``banks/NAME/{train,val,test}.h5`` with ``banks.json`` beside them (the sha256
+cached under ``--work`` (default: ``$XDG_CACHE_HOME/disalign/suite``, else ``~/.cache/disalign/suite``: outside
+the repository, so no CIFAR image or bank ever lands in the project tree): ``banks/NAME/{train,val,test}.h5`` with ``banks.json`` beside them (the sha256
 of the model, card and list each bank was made from, and of the bank itself); a bank is re-extracted only
 when one of these changed. The CIFAR-10 JPEGs are unpacked once into ``WORK/cifar10-jpeg`` (or taken
 from ``$DISALIGN_CIFAR_DIR``). Fit and eval run every time, into ``WORK/runs/NAME/seed-S/``.
@@ -435,9 +436,16 @@ def timing_table(results: dict[str, dict], unpack_and_total: dict) -> str:
     return "\n".join(lines)
 
 
+def default_work_dir() -> Path:
+    """$XDG_CACHE_HOME/disalign/suite, else ~/.cache/disalign/suite: a cache outside the repository."""
+    cache = os.environ.get("XDG_CACHE_HOME")
+    return (Path(cache) if cache else Path.home() / ".cache") / "disalign" / "suite"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("runs/suite"), help="work dir: cached banks, JPEGs, calibrations, reports (default: runs/suite)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="work dir: cached banks, JPEGs, calibrations, reports (default: $XDG_CACHE_HOME/disalign/suite or ~/.cache/disalign/suite)")
     parser.add_argument("--models", help="comma-separated subset of the shared models (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="passed to disalign fit (default 0; eval fits its baselines with seed 0)")
     parser.add_argument("--fit-args", default="", help="extra flags for disalign fit, e.g. '--selection accuracy' (a candidate default)")
@@ -449,6 +457,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> tuple[Path, dict[str, Model]]:
+    if args.work is None:
+        args.work = default_work_dir()
+    if args.work.resolve().is_relative_to(REPO):
+        raise SuiteError(f"--work {args.work} is inside the repository {REPO}; the suite unpacks CIFAR images and writes banks "
+                         "there, so give a folder outside it (default: ~/.cache/disalign/suite).")
     if args.limit < 0:
         raise SuiteError(f"--limit should be a positive number of rows, found {args.limit}.")
     for flag, value in (("--workers", args.workers), ("--threads", args.threads)):
