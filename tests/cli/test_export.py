@@ -42,7 +42,7 @@ def predicted_probabilities(calibration: Path, bank: Path, out: Path) -> np.ndar
     """`disalign predict --top-k K` into HDF5, scattered back to the (N, K) probabilities."""
     ok("predict", bank, "--calibration", calibration, "--out", out, "--top-k", 10, "--quiet")
     with h5py.File(out, "r") as f:
-        labels, top = f["top_k_labels"][...], f["top_k_probabilities"][...]
+        labels, top = f["top_k_indices"][...], f["top_k_probabilities"][...]
     probabilities = np.zeros_like(top)
     np.put_along_axis(probabilities, labels, top, axis=1)
     return probabilities
