@@ -15,14 +15,9 @@ from disalign.calib.artifact.publish import artifact_dir
 from disalign.calib.data.bank import load_bank, write_bank
 from disalign.calib.estimators.methods import load_calibration
 from disalign.cli import main
+from tests.cli.conftest import run
 
 FORWARD = np.round(200 * 20 ** (-np.arange(10) / 9)).astype(int)  # rows per class of a shifted bank (imbalance 20)
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,8 @@ from disalign.calib.artifact.publish import artifact_dir
 from disalign.calib.data.bank import write_bank
 from disalign.cli import main
 from disalign.cli.common import parse_bytes
+from tests.cli.conftest import run
 from tests.conftest import REPO
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_fit_then_eval_all_methods(lt_banks, tmp_path, capsys):

@@ -20,16 +20,11 @@ import pytest
 
 from disalign.calib.errors import InputError
 from disalign.cli import main
+from tests.cli.conftest import run
 from tests.conftest import REPO
 
 EXAMPLE_MODEL = REPO / "examples" / "cifar10lt" / "cifar10lt-ir50-resnet32.ts"
 EXAMPLE_CARD = REPO / "examples" / "cifar10lt" / "cifar10lt-ir50-resnet32.json"
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
