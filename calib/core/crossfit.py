@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from disalign.calib.core.head import disalign_logits
+from disalign.calib.core.label_shift import fit_temperature
 from disalign.calib.core.metrics import mean_class_accuracy
 from disalign.calib.core.training import RowSource
 from disalign.calib.data.bank import Bank, clean_labelled_rows
@@ -183,8 +184,17 @@ class HeldOutRows:
 
 def logit_scores(z: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Validation metrics of calibrated logits (N, K) against labels (N,) (NLL in float32: scoring a 13-head
-    grid on 20,000 rows × 1,000 classes in float64 took longer than an epoch of the fit)."""
+    grid on 20,000 rows × 1,000 classes in float64 took longer than an epoch of the fit).
+
+    ``val_nll_tempered`` is the NLL after this candidate's own temperature (``val_temperature``, fitted on the
+    same rows): NLL with the logit scale taken out. A head with α rescales the logits; on a stage-1 model that
+    memorised its training set plain NLL punishes that scale, which the probability calibration run after
+    the fit removes anyway, while the balanced metric only sees the ranking.
+    """
     predicted = z.argmax(1)
+    temperature = fit_temperature(z, y)
     return {"val_mean_class_accuracy": mean_class_accuracy(predicted, y, z.shape[1]),
             "val_accuracy": float((predicted == y).double().mean()),
-            "val_nll": float(F.cross_entropy(z, y))}
+            "val_nll": float(F.cross_entropy(z, y)),
+            "val_nll_tempered": float(F.cross_entropy(z / temperature, y)),
+            "val_temperature": temperature}

@@ -137,6 +137,22 @@ class RowSource:
             return
         yield from self._streamed(rows, batch_size, generator)
 
+    def predicted_classes(self) -> torch.Tensor:
+        """The stage-1 model's predicted class (argmax of the stored logits) of every row (N,) int64; a streamed
+        source reads the logits chunk by chunk."""
+        if self.bank is not None:
+            return self.bank.logits.argmax(1)
+        reader = self.reader
+        assert reader is not None
+        chunk, n = reader.info.chunk_rows, reader.info.num_rows
+        predicted = torch.empty(n, dtype=torch.int64)
+        buffer = np.empty((chunk, reader.info.num_classes), dtype=np.float32)
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            reader.read_rows_into(lo, hi, {"logits": buffer[: hi - lo]}, validate=False)
+            predicted[lo:hi] = torch.from_numpy(buffer[: hi - lo]).argmax(1)
+        return predicted
+
     def sample_features(self, max_rows: int, generator: torch.Generator) -> torch.Tensor:
         """Up to ``max_rows`` rows of features (n, d) float32 from all over the bank: a random subset in memory,
         evenly spaced whole chunks when streaming (one read of about ``max_rows`` rows)."""

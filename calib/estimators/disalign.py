@@ -44,6 +44,7 @@ from disalign.calib.core.head import (
     linear_gate,
     linear_gate_grads,
 )
+from disalign.calib.core.regime import Regime, training_regime
 from disalign.calib.core.training import RowSource, SGDRecipe, run_stacked_sgd
 from disalign.calib.data.bank import Bank, BankReader, clean_labelled_rows
 from disalign.calib.errors import DisalignWarning, InputError
@@ -57,7 +58,8 @@ OFFICIAL_HEADS = {"classification": ("residual", "constant"), "detection": ("ble
 LEGACY_HEAD = {"form": "residual", "gate": "constant"}  # artifacts written before the head was recorded
 GATE_SAMPLE_ROWS = 4096  # training rows the gate coordinates, the BN init and the gate statistics are taken on
 SATURATED = 1e-3  # σ(1 − σ) below this: the gate's gradient is gone on that row
-SELECTIONS = ("nll", "accuracy")  # what the validation bank minimises / maximises when it picks a head
+# What the validation bank minimises / maximises when it picks a head; "auto": by the regime (module docstring).
+SELECTIONS = ("auto", "nll", "temperature-nll", "accuracy")
 VAL_WEIGHT_GRID = (0.0, 0.1, 0.3)  # val_weight="auto": the shares of validation rows cross-fitting chooses from
 
 
@@ -96,7 +98,7 @@ class DisAlign(Calibrator):
         head_form: str = "auto",
         gate: str = "auto",
         gate_standardize: bool = True,
-        selection: str = "nll",
+        selection: str = "auto",
         val_weight: float | str = 0.0,
         val_folds: int = 5,
     ):
@@ -210,6 +212,14 @@ class DisAlign(Calibrator):
         blend, relu = form == "blend", gate == "bn-relu"
         if self.selection not in SELECTIONS:
             raise InputError(f"selection should be one of {', '.join(SELECTIONS)}, found {self.selection!r}.")
+        regime = None
+        if val is not None and task == "classification":
+            # Measured on the stage-1 logits before any validation row joins the training rows.
+            train_rows = clean_labelled_rows(view, labels)
+            val_rows = clean_labelled_rows(val.view, val.labels)
+            regime = training_regime(source.predicted_classes()[train_rows], labels[train_rows],
+                                     val.logits[val_rows].argmax(1), val.labels[val_rows], len(class_counts))
+        selection = resolve_selection(self.selection, regime)
         plan = HeadPlan.make(self._rho_grid(val is not None), self._val_weights(val is not None), self.val_folds,
                              self._magnitudes(val is not None, task))
         # (R, K) GRW weights; grw_weights validates every ρ before any time is spent on the fit.
@@ -253,14 +263,16 @@ class DisAlign(Calibrator):
                  for r in range(len(plan))]
         scoring = {"cosine": self.cosine, "blend": blend, "relu_gate": relu, "background_index": background_index}
         curve = candidate_curve(plan, heads, history["loss"][-1], held_out, scoring)
-        best = min(range(len(curve)), key=lambda i: selection_key(curve[i], self.selection))
+        best = min(range(len(curve)), key=lambda i: selection_key(curve[i], selection))
         chosen_spec, chosen = plan.candidates()[best]
         final_gate = confidence_gate(sample, heads[chosen]["gate_weight"], heads[chosen]["gate_bias"], relu=relu)
         report: dict[str, Any] = {
             "rho": curve[best]["rho"], "rho_curve": curve, "epoch_seconds": history["seconds"],
-            "train_loss": [epoch[chosen] for epoch in history["loss"]], "selection": self.selection,
+            "train_loss": [epoch[chosen] for epoch in history["loss"]], "selection": selection,
             "head": {"form": form, "gate": gate}, "gate": gate_statistics(init_gate, final_gate),
         }
+        if regime is not None:
+            report["regime"] = {**regime.to_dict(), "sentence": regime.sentence(), "recommendation": regime.recommendation()}
         if plan.mixes_val:
             report["val_weight"] = curve[best]["val_weight"]
         report["magnitude"] = chosen_spec.magnitude
@@ -361,11 +373,23 @@ def raw_gates(params: dict[str, torch.Tensor], coords: GateCoordinates, sample: 
     return fold_batch_norm(weight, bias, params["bn_weight"], params["bn_bias"], a.mean(1), a.var(1, unbiased=False))
 
 
+def resolve_selection(selection: str, regime: Regime | None) -> str:
+    """The selection "auto" stands for: the NLL after each candidate's own temperature where the training bank
+    is memorised (there plain NLL punishes α's logit scale, not the ranking the balanced metric sees), plain
+    NLL elsewhere (docs/results.md, "How fit chooses")."""
+    if selection != "auto":
+        return selection
+    return "temperature-nll" if regime is not None and regime.memorised else "nll"
+
+
 def selection_key(point: dict[str, Any], selection: str) -> tuple[float, float]:
-    """Smaller is better. "nll": validation NLL, ties broken by mean-class accuracy; "accuracy": the reverse.
-    Without validation metrics every point ties (a single ρ)."""
+    """Smaller is better. "nll": validation NLL, ties broken by mean-class accuracy; "temperature-nll": the NLL
+    after each candidate's own temperature (scale-free), the same tie-break; "accuracy": mean-class accuracy,
+    ties broken by NLL. Without validation metrics every point ties (a single ρ)."""
     nll, accuracy = point.get("val_nll", 0.0), point.get("val_mean_class_accuracy", 0.0)
-    return (nll, -accuracy) if selection == "nll" else (-accuracy, nll)
+    if selection == "accuracy":
+        return (-accuracy, nll)
+    return (point.get("val_nll_tempered", 0.0) if selection == "temperature-nll" else nll, -accuracy)
 
 
 def gate_statistics(initial: torch.Tensor, final: torch.Tensor) -> dict[str, float]:

@@ -106,7 +106,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--gate", choices=("auto", "constant", "normal", "bn-relu"),
                    help="disalign gate init: constant v=0.1, normal N(0,0.01²), bn-relu sigmoid(ReLU(BN(conv))); auto (the default): by task")
     p.add_argument("--no-gate-standardize", action="store_true", help="disalign: train the gate on raw features")
-    p.add_argument("--selection", choices=("nll", "accuracy"), help="disalign: what the validation bank picks rho by (default nll)")
+    p.add_argument("--selection", choices=("auto", "nll", "temperature-nll", "accuracy"),
+                   help="disalign: what the validation bank picks rho and alpha by; auto (the default): temperature-nll where the "
+                        "training bank is memorised, nll elsewhere")
     p.add_argument("--val-weight", type=parse_val_weight,
                    help="disalign: share of the loss carried by validation rows mixed into the fit (cross-fitted), or 'auto' (default 0)")
     p.add_argument("--count-smoothing", type=float,

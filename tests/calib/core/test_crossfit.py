@@ -76,3 +76,21 @@ def test_the_validation_bank_chooses_whether_the_magnitude_term_helps(lt_banks, 
         assert alone.meta_.report["validation"]["val_nll"] == pytest.approx(point["val_nll"], abs=1e-5)
         if not point["magnitude"]:
             assert torch.equal(alone.params_["alpha"], torch.full((10,), 1.0 if form == "blend" else 0.0))
+
+
+def test_tempered_nll_takes_the_logit_scale_out_of_the_score():
+    from disalign.calib.core.crossfit import logit_scores
+    from disalign.calib.core.label_shift import fit_temperature
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (400,), generator=generator)
+    logits = torch.randn(400, 5, generator=generator) + 2.0 * torch.nn.functional.one_hot(labels, 5)
+    base, scaled = logit_scores(logits, labels), logit_scores(4.0 * logits, labels)
+    # Four times the scale: plain NLL gets much worse, the tempered NLL does not move (same ranking).
+    assert scaled["val_nll"] > base["val_nll"] + 0.1
+    assert scaled["val_nll_tempered"] == pytest.approx(base["val_nll_tempered"], abs=1e-4)
+    assert scaled["val_temperature"] == pytest.approx(4.0 * base["val_temperature"], rel=1e-3)
+    # It is the NLL at the candidate's own fitted temperature, and never above the plain NLL.
+    t = fit_temperature(logits, labels)
+    assert base["val_nll_tempered"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits / t, labels)), abs=1e-6)
+    assert base["val_nll_tempered"] <= base["val_nll"] + 1e-6

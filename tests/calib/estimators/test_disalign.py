@@ -36,7 +36,9 @@ def test_rho_auto_records_the_curve_and_picks_the_best_validation_point(fitted):
     assert [(p["rho"], p["magnitude"]) for p in report["rho_curve"]] == [(r, m) for m in (True, False) for r in (0.0, 1.0, 2.0)]
     best = min(report["rho_curve"], key=lambda p: (p["val_nll"], -p["val_mean_class_accuracy"]))
     assert report["rho"] == best["rho"] and report["validation"] == best and report["magnitude"] == best["magnitude"]
-    assert report["selection"] == "nll" and report["rho"] > 0  # re-weighting must help on a long-tailed bank
+    assert report["rho"] > 0  # re-weighting must help on a long-tailed bank
+    # The synthetic training bank still shows the bias: "auto" selects by plain validation NLL there.
+    assert report["regime"]["name"] == "bias-visible" and report["selection"] == "nll"
 
 
 def test_rho_auto_without_validation_uses_documented_default(lt_banks):
@@ -177,13 +179,55 @@ def test_rho_is_chosen_on_the_clean_view_of_the_validation_bank_only(lt_banks, t
     assert views.meta_.report["rho"] == clean.meta_.report["rho"]
 
 
-def test_selection_by_validation_nll_or_accuracy():
+def test_selection_by_validation_nll_tempered_nll_or_accuracy():
     from disalign.calib.estimators.disalign import selection_key
 
-    curve = [{"val_nll": 0.70, "val_mean_class_accuracy": 0.80}, {"val_nll": 0.62, "val_mean_class_accuracy": 0.79},
-             {"val_nll": 0.62, "val_mean_class_accuracy": 0.78}, {"val_nll": 0.65, "val_mean_class_accuracy": 0.80}]
+    curve = [{"val_nll": 0.70, "val_nll_tempered": 0.60, "val_mean_class_accuracy": 0.80},
+             {"val_nll": 0.62, "val_nll_tempered": 0.62, "val_mean_class_accuracy": 0.79},
+             {"val_nll": 0.62, "val_nll_tempered": 0.61, "val_mean_class_accuracy": 0.78},
+             {"val_nll": 0.65, "val_nll_tempered": 0.60, "val_mean_class_accuracy": 0.81}]
     assert min(range(4), key=lambda i: selection_key(curve[i], "nll")) == 1  # lowest NLL, the tie goes to accuracy
+    assert min(range(4), key=lambda i: selection_key(curve[i], "temperature-nll")) == 3  # lowest tempered NLL, tie → accuracy
     assert min(range(4), key=lambda i: selection_key(curve[i], "accuracy")) == 3  # best accuracy, the tie goes to NLL
+
+
+def test_auto_selection_follows_the_regime():
+    from disalign.calib.core.regime import Regime
+    from disalign.calib.estimators.disalign import resolve_selection
+
+    assert resolve_selection("auto", Regime(0.99, 0.65, 0.03)) == "temperature-nll"
+    assert resolve_selection("auto", Regime(0.66, 0.575, 0.8)) == "nll"
+    assert resolve_selection("auto", None) == "nll"  # no validation bank: nothing is selected anyway
+    assert resolve_selection("accuracy", Regime(0.99, 0.65, 0.03)) == "accuracy"  # an explicit choice is kept
+
+
+def memorised_arrays(generator, n_per_class, counts_shape, biased):
+    """Rows of 4 classes: features carry the class; the stage-1 logits are right on every training row
+    (memorised) but favour class 0 on held-out rows (``biased``)."""
+    labels = torch.repeat_interleave(torch.arange(4), torch.as_tensor(n_per_class))
+    features = torch.randn(labels.numel(), 8, generator=generator) + torch.nn.functional.one_hot(labels, 8).float()
+    logits = 6.0 * torch.nn.functional.one_hot(labels, 4).float()
+    if biased:
+        logits = 1.5 * torch.nn.functional.one_hot(labels, 4).float() + torch.tensor([1.6, 0.8, 0.0, -0.8])
+        logits = logits + 0.5 * torch.randn(labels.numel(), 4, generator=generator)
+    return features, logits, labels
+
+
+def test_a_memorised_training_bank_is_named_in_the_report_and_selects_by_tempered_nll():
+    generator = torch.Generator().manual_seed(0)
+    train = memorised_arrays(generator, [400, 200, 100, 50], None, biased=False)
+    val = memorised_arrays(generator, [50, 50, 50, 50], None, biased=True)
+    est = DisAlign(rho_grid=(0.0, 1.0), epochs=2).fit(*train, val=val)
+    report = est.meta_.report
+    regime = report["regime"]
+    assert regime["name"] == "memorised" and regime["train_mean_class_accuracy"] == 1.0 and regime["visible_share"] == 0.0
+    assert regime["sentence"].startswith("regime: memorised — the stage-1 model's mean-class error is 0.0 % on the training bank")
+    assert regime["recommendation"].startswith("recommendation: give the fit held-out rows")
+    assert report["selection"] == "temperature-nll"
+    best = min(report["rho_curve"], key=lambda p: (p["val_nll_tempered"], -p["val_mean_class_accuracy"]))
+    assert report["validation"] == best
+    # Every candidate records both scores (the fit report keeps the whole curve).
+    assert all({"val_nll", "val_nll_tempered", "val_temperature"} <= point.keys() for point in report["rho_curve"])
 
 
 def rows_bank(path, features, logits, labels, **kwargs):
@@ -280,7 +324,7 @@ def test_new_hyper_parameters_are_validated(lt_banks):
         DisAlign(head_form="linear").fit(lt_banks["train"])
     with pytest.raises(InputError, match="gate should be one of auto, constant, normal, bn-relu, found 'zero'"):
         DisAlign(gate="zero").fit(lt_banks["train"])
-    with pytest.raises(InputError, match="selection should be one of nll, accuracy, found 'auc'"):
+    with pytest.raises(InputError, match="selection should be one of auto, nll, temperature-nll, accuracy, found 'auc'"):
         DisAlign(selection="auc").fit(lt_banks["train"])
     with pytest.raises(InputError, match=r"val_weight should be a number in \[0, 1\) or 'auto', found 1.5"):
         DisAlign(val_weight=1.5).fit(lt_banks["train"], val=lt_banks["val"])
