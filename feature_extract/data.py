@@ -143,11 +143,13 @@ class ViewDataset(torch.utils.data.Dataset):
         max_pixels: int | None = None,
         draft: bool = True,
         decode: str = "pil",
+        augment: str = "standard",
     ):
         self.root = images.root
         self.paths = _PathTable(images.paths)
         self.size = len(images)
         self.prep, self.views, self.seed, self.max_pixels = prep, views, seed, max_pixels
+        self.augment = augment
         self.draft_size = prep.draft_size if draft else None
         self.device_jpegs = decode == "torchvision"
 
@@ -163,7 +165,7 @@ class ViewDataset(torch.utils.data.Dataset):
                 if _is_rgb_jpeg(source, self.max_pixels, path):
                     return Item(row, None, None, jpeg=torch.frombuffer(bytearray(source), dtype=torch.uint8))
             img = decode_image(source, self.max_pixels, draft_size=self.draft_size)
-            views = [make_view(img, self.prep, v, seed=self.seed, row=row) for v in range(self.views)]
+            views = [make_view(img, self.prep, v, seed=self.seed, row=row, augment=self.augment) for v in range(self.views)]
         except ImageDecodeError as exc:
             return Item(row, None, f"list row {row} ({path}): {exc}")
         return Item(row, views, None)

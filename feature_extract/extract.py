@@ -37,7 +37,13 @@ from disalign.feature_extract.device_decode import DECODERS, decode_batch_on_dev
 from disalign.feature_extract.distributed import DistContext, chunk_range
 from disalign.feature_extract.errors import EmptyBankError, ExtractError, ImageDecodeError
 from disalign.feature_extract.models import LoadedModel, load_model
-from disalign.feature_extract.preprocess import Preprocessing, PreprocessingOverrides, normalize
+from disalign.feature_extract.preprocess import (
+    AUGMENTS,
+    Preprocessing,
+    PreprocessingOverrides,
+    augmentation_name,
+    normalize,
+)
 from disalign.feature_extract.workdir import BankHeader, PartsAssembler, WorkDir, write_virtual_bank
 
 logger = logging.getLogger("feature_extract")
@@ -61,6 +67,7 @@ class ExtractConfig:
     prep_overrides: PreprocessingOverrides = field(default_factory=PreprocessingOverrides)  # --resize, --crop … on top
     classifier_layer: str | None = None
     views: int = 1
+    augment: str = "standard"  # views >= 1: the stage-1 augmentation, or "official" (DisAlign's stage 2; preprocess)
     seed: int = 0
     batch_size: int = 256
     chunk_size: int = 4096  # list rows per resumable part
@@ -85,6 +92,8 @@ class ExtractConfig:
             raise ExtractError("--list needs --root DIR, the directory its relative paths start from.")
         if self.views < 1:
             raise ExtractError(f"--views should be >= 1 (view 0 is the clean view), found {self.views}.")
+        if self.augment not in AUGMENTS:
+            raise ExtractError(f"--augment should be one of {', '.join(AUGMENTS)}, found {self.augment!r}.")
         if self.batch_size < 1 or self.chunk_size < 1:
             raise ExtractError(f"--batch-size and --chunk-size should be >= 1, found {self.batch_size} and {self.chunk_size}.")
         if self.workers is None:
@@ -434,7 +443,8 @@ def extract_bank(cfg: ExtractConfig, *, dist: DistContext | None = None, model: 
     if class_names is None and images.class_names is not None and len(images.class_names) == k:
         class_names = list(images.class_names)
     counts, counts_source = _class_counts(cfg.class_counts_from, images, k)
-    preprocessing = {**prep.to_dict(), "source": prep_source, "views": cfg.views, "seed": cfg.seed, "decode": cfg.decode,
+    preprocessing = {**prep.to_dict(), "augmentation": augmentation_name(prep, cfg.augment), "source": prep_source,
+                     "views": cfg.views, "seed": cfg.seed, "decode": cfg.decode,
                      "jpeg_draft": cfg.draft}
     manifest = {
         "model": cfg.model,
@@ -497,7 +507,8 @@ def extract_bank(cfg: ExtractConfig, *, dist: DistContext | None = None, model: 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     runner = _Runner(model, prep, images, workdir, cfg, on_part=assembler.add if assembler else None)
-    dataset = ViewDataset(images, prep, views=cfg.views, seed=cfg.seed, max_pixels=cfg.max_pixels, draft=cfg.draft, decode=cfg.decode)
+    dataset = ViewDataset(images, prep, views=cfg.views, seed=cfg.seed, max_pixels=cfg.max_pixels, draft=cfg.draft, decode=cfg.decode,
+                          augment=cfg.augment)
     plan = _plan(todo, len(images), cfg.chunk_size, cfg.batch_size)
     show = not cfg.quiet and dist.is_main and sys.stderr.isatty()
     finished = False

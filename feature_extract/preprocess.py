@@ -8,7 +8,11 @@ float input of the model there (``x / 255``, then ``(x - mean) / std``, as torch
 Views: view 0 is the clean test transform (shorter side resized to ``resize``, then a centre crop; or,
 with ``resize=None``, a straight resize to the crop size — a no-op when the image already has it).
 Views 1..N-1 are augmentations seeded by ``(seed, list row, view)``: random resized crop + horizontal
-flip, or for small inputs (crop ≤ 64 px, CIFAR-style) pad 4 + random crop + flip of the clean view.
+flip, or for small inputs (crop ≤ 64 px, CIFAR-style) pad 4 + random crop + flip of the clean view
+(``augment="standard"``, the stage-1 training augmentation); ``augment="official"`` is the augmentation of
+the official DisAlign code's stage 2 at every size: random resized crop (scale 0.08–1) of the image to the
+crop size, horizontal flip, and colour jitter (brightness, contrast and saturation each by a factor drawn
+in [0.6, 1.4], in random order, as torchvision's ``ColorJitter(0.4, 0.4, 0.4)`` with Pillow's enhancers).
 JPEGs are decoded with ``Image.draft`` (DCT-domain downscale by 2, 4 or 8) when the target is at least
 twice smaller than the file, which is much faster and keeps at least the target resolution.
 
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageEnhance, UnidentifiedImageError
 
 from disalign.calib import json_text
 from disalign.calib.files import read_regular_file
@@ -42,6 +46,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SMALL_INPUT = 64  # crops up to this size use pad-and-crop augmentation instead of random resized crop
 PAD = 4
+AUGMENTS = ("standard", "official")  # what views >= 1 are (module docstring)
+JITTER = 0.4  # the official stage 2's ColorJitter strength for brightness, contrast and saturation
 RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
 # Resampling filters of the resize, by the name a model card, a bank and timm use.
@@ -56,6 +62,7 @@ __all__ = [
     "clean_view",
     "declared_pixels",
     "decode_image",
+    "augmentation_name",
     "make_view",
     "normalize",
 ]
@@ -395,12 +402,35 @@ def _augmented_hwc(img: Image.Image, prep: Preprocessing, rng: np.random.Generat
     return out
 
 
-def make_view(img: Image.Image, prep: Preprocessing, view: int = 0, *, seed: int = 0, row: int = 0) -> np.ndarray:
+def _official_hwc(img: Image.Image, prep: Preprocessing, rng: np.random.Generator) -> np.ndarray:
+    """The official DisAlign stage-2 view: random resized crop, flip, colour jitter (module docstring)."""
+    out_h, out_w = prep.crop
+    box = _random_resized_crop_box(rng, *img.size)
+    out = img.crop(box).resize((out_w, out_h), INTERPOLATIONS[prep.interpolation])  # as torchvision's resized_crop
+    if rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    # torchvision's ColorJitter on a PIL image uses these same enhancers, in a random order of the factors.
+    enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    factors = rng.uniform(1 - JITTER, 1 + JITTER, size=3)
+    for index in rng.permutation(3):
+        out = enhancers[index](out).enhance(float(factors[index]))
+    return np.asarray(out)
+
+
+def make_view(img: Image.Image, prep: Preprocessing, view: int = 0, *, seed: int = 0, row: int = 0,
+              augment: str = "standard") -> np.ndarray:
     """View ``view`` of an image as a uint8 (H, W, 3) array (maybe a read-only view of the decoded image);
-    views ≥ 1 are seeded by (seed, row, view)."""
+    views ≥ 1 are ``augment`` views seeded by (seed, row, view)."""
     if view == 0:
         return _clean_hwc(img, prep)
+    if augment == "official":
+        return _official_hwc(img, prep, _rng(seed, row, view))
     return _augmented_hwc(img, prep, _rng(seed, row, view))
+
+
+def augmentation_name(prep: Preprocessing, augment: str) -> str:
+    """What a bank records as its views' augmentation."""
+    return "official-random-resized-crop-flip-color-jitter" if augment == "official" else prep.augmentation
 
 
 def clean_view(img: Image.Image, prep: Preprocessing) -> torch.Tensor:

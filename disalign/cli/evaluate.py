@@ -85,7 +85,8 @@ def run_eval(args: argparse.Namespace) -> int:
     estimators, class_counts = eval_estimators(args.methods, calibration, train, val, test, all_with_train=True,
                                                progress=not args.quiet, max_steps=args.max_steps)
     estimators = with_target_prior(estimators, calibration, test, args.target_prior)
-    report = evaluate_methods(test, estimators, class_counts=class_counts, many_above=args.many_above, few_below=args.few_below, val=val)
+    report = evaluate_methods(test, estimators, class_counts=class_counts, many_above=args.many_above, few_below=args.few_below,
+                              val=val, train=train)
     report["class_names"] = list(test.info.class_names)
     report["provenance"] = provenance(args, calibration, {"test": test, "train": train, "val": val})
     print_table(format_table(report) + row_notes(calibration), args)

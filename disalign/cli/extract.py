@@ -73,6 +73,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--std", type=_floats3, help="R,G,B std of 0..1 pixels")
     g.add_argument("--interpolation", choices=("bilinear", "bicubic"), help="resampling filter of the resize; unset: the card's or the model's, else bilinear")
     g.add_argument("--views", type=int, default=1, help="views per image: 0 clean, 1..N-1 seeded augmentations")
+    g.add_argument("--augment", choices=("standard", "official"), default="standard",
+                   help="views 1..N-1: standard (pad 4 + crop + flip up to 64 px, else random resized crop + flip) or official "
+                        "(the official DisAlign stage 2: random resized crop, flip, colour jitter 0.4; docs/extract.md)")
     g.add_argument("--seed", type=int, default=0, help="seed of the augmented views")
     g.add_argument("--no-draft", action="store_true", help="decode JPEGs at full size (no DCT downscale)")
     g.add_argument("--decode", choices=("pil", "torchvision"), default="pil",
@@ -129,6 +132,7 @@ def config_from_args(args: argparse.Namespace):
         prep_overrides=overrides,
         classifier_layer=args.classifier_layer,
         views=args.views,
+        augment=args.augment,
         seed=args.seed,
         batch_size=args.batch_size,
         chunk_size=args.chunk_size,

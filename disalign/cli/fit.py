@@ -170,7 +170,7 @@ def run_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-SUMMARY_FIELDS = ("rho", "magnitude", "val_weight", "tau", "temperature", "validation", "fit_seconds")
+SUMMARY_FIELDS = ("rho", "magnitude", "val_weight", "tau", "temperature", "validation", "regime", "fit_seconds")
 VALIDATION_SCORES = (("val_mean_class_accuracy", "mean-class accuracy", True), ("val_accuracy", "accuracy", True),
                      ("val_nll", "NLL", False))
 
@@ -203,4 +203,7 @@ def format_summary(summary: dict, hyperparameters: dict, *, has_val: bool) -> st
         lines.append("  validation: " + ", ".join(scores))
     elif not has_val:
         lines.append("  no --val: nothing was chosen or scored on a validation bank")
+    regime = summary.get("regime")
+    if regime:
+        lines += [regime["sentence"], regime["recommendation"]]
     return "\n".join(lines)

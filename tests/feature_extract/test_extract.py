@@ -85,6 +85,12 @@ def test_views(tmp_path, cifar_root, small_lists, bank64):
     assert (bank.features[bank.view == 1] - bank64[2].features[:16]).abs().max() > 0.1  # augmented views differ
     again = load_bank(extract_bank(dataclasses.replace(cfg, out=tmp_path / "again.h5")).path)
     assert torch.equal(again.features, bank.features)  # augmentations are seeded by (seed, row, view)
+    assert bank.info.preprocessing["augmentation"] == "pad4-crop-flip"
+    # The official stage-2 recipe: the same clean view, other augmented views, and the bank says which.
+    official = load_bank(extract_bank(dataclasses.replace(cfg, out=tmp_path / "official.h5", augment="official")).path)
+    assert official.info.preprocessing["augmentation"] == "official-random-resized-crop-flip-color-jitter"
+    assert torch.equal(official.features[clean], bank.features[clean])
+    assert (official.features[official.view == 1] - bank.features[bank.view == 1]).abs().max() > 0.1
 
 
 def test_class_counts_from_a_bank_or_a_card(tmp_path, cifar_root, small_lists, bank64):
@@ -170,6 +176,8 @@ def test_input_errors(tmp_path, cifar_root, small_lists):
         ExtractConfig(model=str(MODEL), out=tmp_path / "x.h5", list_file=bad)
     with pytest.raises(ExtractError, match=r"--views should be >= 1 \(view 0 is the clean view\), found 0"):
         _config(tmp_path, cifar_root, bad, views=0)
+    with pytest.raises(ExtractError, match=r"--augment should be one of standard, official, found 'strong'"):
+        _config(tmp_path, cifar_root, bad, augment="strong")
     with pytest.raises(ExtractError, match=r"--class-counts-from .*card.json: the card has no 'class_counts' field"):
         (tmp_path / "card.json").write_text('{"input": {}}')
         extract_bank(_config(tmp_path, cifar_root, small_lists["train64"], class_counts_from=tmp_path / "card.json"))

@@ -305,3 +305,34 @@ def test_random_resized_crop_boxes_keep_the_scale_and_ratio_bounds():
         assert 0 <= left < right <= 500 and 0 <= top < bottom <= 375
         assert 0.08 * 500 * 375 * 0.98 <= w * h <= 500 * 375
         assert 3 / 4 * 0.98 <= w / h <= 4 / 3 * 1.02
+
+
+def test_the_official_stage2_view_is_torchvisions_crop_flip_and_jitter_for_the_same_draws(cifar_root):
+    """``augment="official"``: RandomResizedCrop, flip and ColorJitter(0.4, 0.4, 0.4), replayed with
+    torchvision's functional ops on the draws of the same seeded generator."""
+    functional = pytest.importorskip("torchvision.transforms.functional")
+    from torchvision.transforms import InterpolationMode
+
+    from disalign.feature_extract.preprocess import _random_resized_crop_box, _rng, make_view
+
+    prep = Preprocessing.from_card(CARD)
+    for source in (decode_image(cifar_root / "train" / "cat" / "0001.jpg"), Image.open(io.BytesIO(_jpeg_bytes(400, 300))).convert("RGB")):
+        for row in range(6):
+            view = make_view(source, prep, 1, seed=7, row=row, augment="official")
+            rng = _rng(7, row, 1)
+            left, top, right, bottom = _random_resized_crop_box(rng, *source.size)
+            expected = functional.resized_crop(source, top, left, bottom - top, right - left, list(prep.crop),
+                                               interpolation=InterpolationMode.BILINEAR)
+            if rng.random() < 0.5:
+                expected = functional.hflip(expected)
+            factors = rng.uniform(0.6, 1.4, size=3)
+            ops = (functional.adjust_brightness, functional.adjust_contrast, functional.adjust_saturation)
+            for index in rng.permutation(3):
+                expected = ops[index](expected, float(factors[index]))
+            assert view.shape == (32, 32, 3) and view.dtype == np.uint8
+            assert np.abs(view.astype(int) - np.asarray(expected).astype(int)).max() <= 1
+    # Seeded like every view, and not the standard (pad-crop-flip) view of the same row.
+    img = decode_image(cifar_root / "train" / "cat" / "0001.jpg")
+    assert np.array_equal(make_view(img, prep, 2, seed=0, row=3, augment="official"), make_view(img, prep, 2, seed=0, row=3, augment="official"))
+    assert not np.array_equal(make_view(img, prep, 2, seed=0, row=3, augment="official"), make_view(img, prep, 2, seed=0, row=3))
+    assert np.array_equal(make_view(img, prep, 0, augment="official"), make_view(img, prep, 0))  # view 0 stays the clean view
