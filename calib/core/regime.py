@@ -56,12 +56,16 @@ class Regime:
                     "cannot see the test-time bias there.")
         return f"regime: bias visible — {errors}, and methods fitted on the training bank (DisAlign, LWS, cRT) can learn it."
 
-    def recommendation(self) -> str:
-        """One sentence: what to do in this regime (docs/results.md, "The memorised regime")."""
-        if self.memorised:
-            return ("recommendation: give the fit held-out rows (disalign fit --val-weight auto trains on cross-fitted "
-                    "validation rows; a larger --val helps most) and compare with logit adjustment in disalign eval.")
-        return "recommendation: the default fit (DisAlign on the training bank, rho and alpha chosen on the validation bank)."
+    def recommendation(self, *, validation_rows_in_fit: bool = False) -> str:
+        """One sentence: what to do in this regime (docs/results.md, "The memorised regime"), given whether the fit
+        already trained on (cross-fitted) validation rows."""
+        if not self.memorised:
+            return "recommendation: the default fit (DisAlign on the training bank, rho and alpha chosen on the validation bank)."
+        if validation_rows_in_fit:
+            return ("recommendation: the fit trained on cross-fitted validation rows, the only ones that show the bias here; "
+                    "more validation rows help most, and disalign eval compares it with logit adjustment.")
+        return ("recommendation: give the fit held-out rows (disalign fit --val-weight regime, the default, trains on "
+                "cross-fitted validation rows; a larger --val helps most) and compare with logit adjustment in disalign eval.")
 
 
 def training_regime(train_predicted: torch.Tensor, train_labels: torch.Tensor, val_predicted: torch.Tensor,

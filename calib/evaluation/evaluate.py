@@ -244,8 +244,8 @@ def recommendation(regime: Regime, validation: dict) -> str:
     chosen = validation["lowest_nll"]
     where = f"{chosen} (lowest validation NLL: {validation['nll'][chosen]:.3f} on {validation['num_rows']} rows)"
     if regime.memorised:
-        return (f"recommendation: {where}; the training bank is memorised, so refit DisAlign with held-out rows "
-                "(disalign fit --val-weight auto) and keep logit adjustment where it stays ahead on the validation bank.")
+        return (f"recommendation: {where}; the training bank is memorised, so only methods that need no training rows or "
+                "that trained on held-out ones (DisAlign's default, --val-weight regime) see the bias.")
     return f"recommendation: {where}; the training bank shows the bias, so a method fitted on it can be trusted here."
 
 

@@ -32,16 +32,17 @@ from disalign.cli.common import (
 )
 
 
-def parse_number_or_auto(text: str, *, high: float | None, expected: str) -> float | str:
-    """'auto', or a number in [0, high) ([0, ∞) without ``high``)."""
-    if text == "auto":
+def parse_number_or_auto(text: str, *, high: float | None, expected: str, words: tuple[str, ...] = ("auto",)) -> float | str:
+    """One of ``words`` ('auto'), or a number in [0, high) ([0, ∞) without ``high``)."""
+    if text in words:
         return text
+    alternatives = f"{expected}, " + ", ".join(map(repr, words[:-1])) + f" or {words[-1]!r}" if len(words) > 1 else f"{expected} or {words[0]!r}"
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected} or 'auto', found {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {alternatives}, found {text!r}") from None
     if value < 0 or (high is not None and value >= high):
-        raise argparse.ArgumentTypeError(f"expected {expected} or 'auto', found {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {alternatives}, found {text!r}")
     return value
 
 
@@ -50,7 +51,7 @@ def parse_rho(text: str) -> float | str:
 
 
 def parse_val_weight(text: str) -> float | str:
-    return parse_number_or_auto(text, high=1.0, expected="a number in [0, 1)")
+    return parse_number_or_auto(text, high=1.0, expected="a number in [0, 1)", words=("regime", "auto"))
 
 
 def parse_magnitude(text: str) -> bool | str:
@@ -110,7 +111,9 @@ def add_parser(subparsers) -> None:
                    help="disalign: what the validation bank picks rho and alpha by; auto (the default): temperature-nll where the "
                         "training bank is memorised, nll elsewhere")
     p.add_argument("--val-weight", type=parse_val_weight,
-                   help="disalign: share of the loss carried by validation rows mixed into the fit (cross-fitted), or 'auto' (default 0)")
+                   help="disalign: share of the loss carried by validation rows mixed into the fit (cross-fitted); 'auto': "
+                        "chosen from 0, 0.1, 0.3 by cross-fitting; 'regime' (the default): 0 where the training bank shows the "
+                        "bias, chosen from 0, 0.1, 0.3, 0.5 where it is memorised")
     p.add_argument("--count-smoothing", type=float,
                    help="disalign: added to every training class count before the GRW weights (lets classes with no rows have a finite weight; default 0)")
     p.add_argument("--max-memory", type=parse_bytes, help="disalign: stream the training bank when its rows exceed this (e.g. 512M)")

@@ -352,7 +352,7 @@ def test_fit_flags_of_the_disalign_head(lt_banks, tmp_path, capsys):
     assert meta["report"]["head"] == {"form": "blend", "gate": "normal"} and "val weight = 0.2" in out
     with pytest.raises(SystemExit) as exit_info:  # argparse: usage + one error line, status 2
         main(["fit", str(lt_banks["train"]), "--val-weight", "2", "--out", str(tmp_path / "x")])
-    assert exit_info.value.code == 2 and "expected a number in [0, 1) or 'auto', found '2'" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "expected a number in [0, 1), 'regime' or 'auto', found '2'" in capsys.readouterr().err
 
 
 def test_fit_prints_a_summary_for_a_person_and_the_exact_numbers_with_json(lt_banks, tmp_path, capsys):
@@ -370,7 +370,11 @@ def test_fit_prints_a_summary_for_a_person_and_the_exact_numbers_with_json(lt_ba
     validation = summary["validation"]
     assert lines[2] == (f"  validation: mean-class accuracy {100 * validation['val_mean_class_accuracy']:.2f} %, "
                         f"accuracy {100 * validation['val_accuracy']:.2f} %, NLL {validation['val_nll']:.3f}")
-    assert len(lines) == 3 and "{" not in out
+    # The regime and what to do in it, one sentence each (the synthetic bank still shows its bias).
+    assert lines[3] == summary["regime"]["sentence"] and lines[3].startswith("regime: bias visible — ")
+    assert lines[4] == summary["regime"]["recommendation"] == (
+        "recommendation: the default fit (DisAlign on the training bank, rho and alpha chosen on the validation bank).")
+    assert len(lines) == 5 and "{" not in out
     assert summary["method"] == "disalign" and summary["seconds"] >= summary["fit_seconds"] > 0
     code, out, err = run(capsys, "fit", lt_banks["train"], "--method", "tau-norm", "--val", lt_banks["val"], "--out", tmp_path / "tau",
                          "--json", "-")

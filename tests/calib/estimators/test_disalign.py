@@ -217,12 +217,14 @@ def test_a_memorised_training_bank_is_named_in_the_report_and_selects_by_tempere
     generator = torch.Generator().manual_seed(0)
     train = memorised_arrays(generator, [400, 200, 100, 50], None, biased=False)
     val = memorised_arrays(generator, [50, 50, 50, 50], None, biased=True)
-    est = DisAlign(rho_grid=(0.0, 1.0), epochs=2).fit(*train, val=val)
+    est = DisAlign(rho_grid=(0.0, 1.0), epochs=2, val_folds=2).fit(*train, val=val)
     report = est.meta_.report
     regime = report["regime"]
     assert regime["name"] == "memorised" and regime["train_mean_class_accuracy"] == 1.0 and regime["visible_share"] == 0.0
     assert regime["sentence"].startswith("regime: memorised — the stage-1 model's mean-class error is 0.0 % on the training bank")
-    assert regime["recommendation"].startswith("recommendation: give the fit held-out rows")
+    # The default (val_weight="regime") mixed cross-fitted validation rows into the fit, and says so.
+    assert report["val_weight"] in (0.0, 0.1, 0.3, 0.5) and {p["val_weight"] for p in report["rho_curve"]} == {0.0, 0.1, 0.3, 0.5}
+    assert regime["recommendation"].startswith("recommendation: the fit trained on cross-fitted validation rows")
     assert report["selection"] == "temperature-nll"
     best = min(report["rho_curve"], key=lambda p: (p["val_nll_tempered"], -p["val_mean_class_accuracy"]))
     assert report["validation"] == best
@@ -326,7 +328,7 @@ def test_new_hyper_parameters_are_validated(lt_banks):
         DisAlign(gate="zero").fit(lt_banks["train"])
     with pytest.raises(InputError, match="selection should be one of auto, nll, temperature-nll, accuracy, found 'auc'"):
         DisAlign(selection="auc").fit(lt_banks["train"])
-    with pytest.raises(InputError, match=r"val_weight should be a number in \[0, 1\) or 'auto', found 1.5"):
+    with pytest.raises(InputError, match=r"val_weight should be a number in \[0, 1\), 'regime' or 'auto', found 1.5"):
         DisAlign(val_weight=1.5).fit(lt_banks["train"], val=lt_banks["val"])
     with pytest.raises(InputError, match="val_weight > 0 mixes validation rows into the fit: pass a validation bank"):
         DisAlign(val_weight=0.2).fit(lt_banks["train"])
