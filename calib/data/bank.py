@@ -9,6 +9,7 @@ readable under its final name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -70,6 +71,14 @@ def clean_labelled_rows(view: torch.Tensor | np.ndarray, labels: torch.Tensor | 
     of views). Works on torch tensors and numpy arrays alike (the mask is of the same kind).
     """
     return (view == 0) & (labels >= 0)
+
+
+def rows_digest(logits: torch.Tensor, labels: torch.Tensor) -> str:
+    """A digest of rows (logits (n, K) as float32, labels (n,) as int64): tells whether a fit trained on the very
+    rows an evaluation scores on (validation rows mixed into a DisAlign fit)."""
+    digest = hashlib.sha256(labels.to(torch.int64).contiguous().numpy().tobytes())
+    digest.update(logits.to(torch.float32).contiguous().numpy().tobytes())
+    return f"sha256:{digest.hexdigest()}"
 
 
 @dataclass

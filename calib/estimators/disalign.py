@@ -54,7 +54,7 @@ from disalign.calib.core.head import (
 )
 from disalign.calib.core.regime import Regime, training_regime
 from disalign.calib.core.training import RowSource, SGDRecipe, run_stacked_sgd
-from disalign.calib.data.bank import Bank, BankReader, clean_labelled_rows
+from disalign.calib.data.bank import Bank, BankReader, clean_labelled_rows, rows_digest
 from disalign.calib.errors import DisalignWarning, InputError
 from disalign.calib.estimators.base import Calibrator, as_bank, check_banks_agree, require_shape
 from disalign.calib.estimators.baselines.common import check_grid
@@ -295,6 +295,8 @@ class DisAlign(Calibrator):
                                 "recommendation": regime.recommendation(validation_rows_in_fit=plan.mixes_val)}
         if plan.mixes_val:
             report["val_weight"] = curve[best]["val_weight"]
+            # The kept head trained on every validation row: eval scores it on this bank out of fold (report["validation"]).
+            report["validation_rows_in_fit"] = {"rows": held_out.count, "digest": rows_digest(held_out.logits, held_out.labels)}
         report["magnitude"] = chosen_spec.magnitude
         if val is not None:
             report["validation"] = curve[best]

@@ -49,7 +49,7 @@ from disalign.calib.core.metrics import (
     reliability_bins,
 )
 from disalign.calib.core.regime import Regime, training_regime
-from disalign.calib.data.bank import Bank, clean_labelled_rows
+from disalign.calib.data.bank import Bank, clean_labelled_rows, rows_digest
 from disalign.calib.errors import InputError
 from disalign.calib.estimators.base import Calibrator, as_bank
 from disalign.calib.estimators.methods import BASELINE_NAMES, METHODS
@@ -125,13 +125,25 @@ def percentile_interval(samples: torch.Tensor, level: float = BOOTSTRAP_LEVEL) -
 
 
 def validation_scores(val: Bank, estimators: dict[str, Calibrator]) -> dict:
-    """Mean-class accuracy and NLL of every estimator on the clean labelled rows of ``val``, and the best one."""
+    """Mean-class accuracy and NLL of every estimator on the clean labelled rows of ``val``, and the best one.
+
+    A DisAlign fit that trained on these very rows (``val_weight`` > 0) is scored by its own out-of-fold
+    predictions, from its fit report (each row by the head that never saw it): scored in-sample it would win
+    on rows it learned. Those methods are listed in ``out_of_fold``."""
     keep = clean_labelled_rows(val.view, val.labels)
     if not bool(keep.any()):
         raise InputError(f"val bank {val.info.path} has no labelled rows in its clean view (view 0).")
     labels = val.labels[keep]
-    scores: dict = {"num_rows": int(labels.numel()), "mean_class_accuracy": {}, "nll": {}}
+    digest = rows_digest(val.logits[keep], labels)
+    scores: dict = {"num_rows": int(labels.numel()), "mean_class_accuracy": {}, "nll": {}, "out_of_fold": []}
     for name, estimator in estimators.items():
+        report = estimator.meta_.report
+        in_fit = report.get("validation_rows_in_fit", {}).get("digest") == digest and report["validation"].get("cross_fitted")
+        if in_fit and estimator.meta_.target_prior is None:  # the out-of-fold scores are the balanced head's
+            scores["mean_class_accuracy"][name] = report["validation"]["val_mean_class_accuracy"]
+            scores["nll"][name] = report["validation"]["val_nll"]
+            scores["out_of_fold"].append(name)
+            continue
         calibrated = predict_in_blocks(estimator, val.features[keep], val.logits[keep]).float()
         scores["mean_class_accuracy"][name] = mean_class_accuracy(calibrated.argmax(1), labels, val.num_classes)
         scores["nll"][name] = negative_log_likelihood(calibrated, labels)
@@ -314,7 +326,8 @@ def format_table(report: dict) -> str:
         lines.append(f"best on the validation bank: {best} (val mean-cls {100 * val['mean_class_accuracy'][best]:.1f} "
                      f"on {val['num_rows']} rows)"
                      + (f"; lowest val NLL: {lowest} ({val['nll'][lowest]:.3f} against {val['nll'][best]:.3f})"
-                        if lowest is not None and lowest != best else ""))
+                        if lowest is not None and lowest != best else "")
+                     + (f"; {', '.join(val['out_of_fold'])} scored out of fold (trained on these rows)" if val.get("out_of_fold") else ""))
     if "regime" in report:
         lines += [report["regime"]["sentence"], report["recommendation"]]
     return "\n".join(lines)

@@ -231,3 +231,40 @@ def test_table_names_the_lowest_validation_nll_when_it_is_not_the_most_accurate(
                     "lowest val NLL: disalign (0.616 against 0.629)")
     validation.update(lowest_nll="logit-adjust")
     assert format_table({"methods": methods, "validation": validation}).splitlines()[-1].endswith("on 200 rows)")
+
+
+def test_a_fit_that_trained_on_the_validation_rows_is_scored_on_them_out_of_fold():
+    """Memorised training bank: DisAlign's default mixes the validation rows into its fit, so eval takes its
+    validation scores from the fit's out-of-fold predictions; in-sample it would be scored on rows it learned."""
+    from disalign.calib.core.metrics import mean_class_accuracy
+    from disalign.calib.data.bank import Bank
+    from disalign.calib.estimators.disalign import DisAlign
+    from tests.calib.estimators.test_disalign import memorised_arrays
+
+    generator = torch.Generator().manual_seed(0)
+    train = Bank.from_arrays(*memorised_arrays(generator, [400, 200, 100, 50], None, biased=False), model_fingerprint="sha256:m")
+    val = Bank.from_arrays(*memorised_arrays(generator, [50, 50, 50, 50], None, biased=True), model_fingerprint="sha256:m", role="val")
+    test = Bank.from_arrays(*memorised_arrays(generator, [100, 100, 100, 100], None, biased=True), model_fingerprint="sha256:m", role="test")
+    disalign = DisAlign(rho_grid=(0.0, 1.0), epochs=2, val_folds=2).fit(train, val)
+    assert disalign.meta_.report["validation_rows_in_fit"]["rows"] == 200
+    estimators = {"disalign": disalign, "logit-adjust": LogitAdjustment().fit(train, val)}
+    report = evaluate_methods(test, estimators, class_counts=train.training_class_counts(), val=val, train=train, bootstrap_resamples=0)
+    scores, fitted = report["validation"], disalign.meta_.report["validation"]
+    assert scores["out_of_fold"] == ["disalign"] and fitted["cross_fitted"]
+    assert scores["mean_class_accuracy"]["disalign"] == fitted["val_mean_class_accuracy"]
+    assert scores["nll"]["disalign"] == fitted["val_nll"]
+    in_sample = disalign.predict_logits(val.features, val.logits)
+    assert float(torch.nn.functional.cross_entropy(in_sample, val.labels)) < fitted["val_nll"]  # what scoring in-sample would flatter
+    assert mean_class_accuracy(estimators["logit-adjust"].predict_logits(val.features, val.logits).argmax(1), val.labels, 4) == \
+        scores["mean_class_accuracy"]["logit-adjust"]
+    assert report["regime"]["name"] == "memorised" and report["regime"]["sentence"].startswith("regime: memorised — ")
+    assert report["recommendation"].startswith(f"recommendation: {scores['lowest_nll']} (lowest validation NLL: ")
+    assert report["recommendation"].endswith("the training bank is memorised, so only methods that need no training rows or that "
+                                             "trained on held-out ones (DisAlign's default, --val-weight regime) see the bias.")
+    table = format_table(report)
+    assert "disalign scored out of fold (trained on these rows)" in table
+    assert table.splitlines()[-2:] == [report["regime"]["sentence"], report["recommendation"]]
+    # Another validation bank (other rows): scored on it as usual.
+    other = Bank.from_arrays(*memorised_arrays(generator, [30, 30, 30, 30], None, biased=True), model_fingerprint="sha256:m", role="val")
+    assert evaluate_methods(test, estimators, class_counts=train.training_class_counts(), val=other,
+                            bootstrap_resamples=0)["validation"]["out_of_fold"] == []
