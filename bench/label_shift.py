@@ -1,7 +1,12 @@
-"""Label-shift adaptation on the committed CIFAR-10-LT IR50 test bank: balanced vs oracle vs estimated prior.
+"""Label-shift adaptation on a balanced test bank: balanced vs oracle vs estimated prior.
 
     disalign fit examples/cifar10lt/train.h5 --val examples/cifar10lt/val.h5 --rho auto --out runs/prior/calibration
     python bench/label_shift.py --calibration runs/prior/calibration [--seeds 5] [--json runs/prior/label_shift.json]
+    # another model of the suite (bench/suite.py's banks and run): its test bank, and the model and card the server loads
+    python bench/label_shift.py --calibration WORK/runs/NAME/seed-0/calibration --test WORK/banks/NAME/test.h5 \
+        --model ../shared/models/NAME.ts --card ../shared/models/NAME.json
+
+The defaults are the committed CIFAR-10-LT IR50 test bank and its model.
 
 Test sets drawn from the balanced test bank (980 rows per class) without replacement, 5 seeds each:
 "forward" keeps n_c = 980 · r^(−c/9) rows of class c (the training order: class 0 is the head), "backward"
@@ -81,6 +86,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--calibration", type=Path, required=True, help="from disalign fit … --val (BCTS in the artifact)")
     parser.add_argument("--test", type=Path, default=EXAMPLES / "test.h5")
+    parser.add_argument("--model", type=Path, default=EXAMPLES / "cifar10lt-ir50-resnet32.ts",
+                        help="the stage-1 TorchScript model the server loads (the one the banks came from)")
+    parser.add_argument("--card", type=Path, default=EXAMPLES / "cifar10lt-ir50-resnet32.json", help="its model card")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--no-server", action="store_true", help="skip the adaptive-server column")
     parser.add_argument("--rows-per-request", type=int, default=10)
@@ -108,7 +116,7 @@ def main() -> None:
         from disalign.service.main import create_app
         from disalign.service.settings import Settings
 
-        settings = Settings(model=str(EXAMPLES / "cifar10lt-ir50-resnet32.ts"), card=EXAMPLES / "cifar10lt-ir50-resnet32.json",
+        settings = Settings(model=str(args.model), card=args.card,
                             calibration=args.calibration, admin_token=ADMIN_TOKEN, torch_threads=1, prior="adaptive",
                             prior_window=args.window, prior_update_every=args.update_every, prior_min_rows=args.min_rows,
                             prior_sources={"bench": TRAFFIC_TOKEN}, prior_dir=Path(tempfile.mkdtemp(prefix="label-shift-prior-")))

@@ -156,8 +156,21 @@ def discover_models(shared: Path) -> dict[str, Model]:
     return {name: check_model(shared, name, train) for name, train in models.items()}
 
 
-def check_model(shared: Path, name: str, train_list: Path) -> Model:
-    models_dir = shared / "models"
+def extra_model(shared: Path, torchscript: Path) -> Model:
+    """A model outside the shared table (``--extra-model``, e.g. the memorised stand-in of bench/make_memorised.py):
+    NAME.ts with its card NAME.json beside it; the training list is the card's train_split (under the shared folder)."""
+    card_path = torchscript.with_suffix(".json")
+    try:
+        split = str(json.loads(card_path.read_text()).get("train_split", "")).split(" ")[0]
+    except (OSError, ValueError) as exc:
+        raise SuiteError(f"--extra-model {torchscript}: its card {card_path} is not readable JSON ({exc}).") from None
+    if not split:
+        raise SuiteError(f"--extra-model {torchscript}: its card {card_path} has no train_split (the training list under {shared}).")
+    return check_model(shared, torchscript.stem, (shared / split).resolve(), models_dir=torchscript.parent)
+
+
+def check_model(shared: Path, name: str, train_list: Path, *, models_dir: Path | None = None) -> Model:
+    models_dir = models_dir or shared / "models"
     card_path = models_dir / f"{name}.json"
     if not card_path.is_file():
         raise SuiteError(f"the model card {card_path} of model {name} is missing.")
@@ -446,7 +459,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=None,
                         help="work dir: cached banks, JPEGs, calibrations, reports (default: $XDG_CACHE_HOME/disalign/suite or ~/.cache/disalign/suite)")
-    parser.add_argument("--models", help="comma-separated subset of the shared models (default: all)")
+    parser.add_argument("--models", help="comma-separated subset of the shared models and the --extra-model ones (default: all)")
+    parser.add_argument("--extra-model", type=Path, action="append", default=[], metavar="NAME.ts",
+                        help="also run this TorchScript model (its card NAME.json beside it names the training list), "
+                             "e.g. the memorised stand-in of bench/make_memorised.py; repeatable")
     parser.add_argument("--seed", type=int, default=0, help="passed to disalign fit (default 0; eval fits its baselines with seed 0)")
     parser.add_argument("--fit-args", default="", help="extra flags for disalign fit, e.g. '--selection accuracy' (a candidate default)")
     parser.add_argument("--json", metavar="FILE|-", help="write every number as JSON here; '-': stdout (the tables go to stderr)")
@@ -488,6 +504,11 @@ def check_args(args: argparse.Namespace) -> tuple[Path, dict[str, Model]]:
         if not (shared / VAL_TEST_DIR / name).is_file():
             raise SuiteError(f"the balanced list {shared / VAL_TEST_DIR / name} is missing.")
     models = discover_models(shared)
+    for path in args.extra_model:
+        model = extra_model(shared, path.resolve())
+        if model.name in models:
+            raise SuiteError(f"--extra-model {path}: a model named {model.name} is already in the suite.")
+        models[model.name] = model
     if args.models:
         chosen = [m.strip() for m in args.models.split(",") if m.strip()]
         unknown = [m for m in chosen if m not in models]

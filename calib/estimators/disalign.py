@@ -52,7 +52,7 @@ from disalign.calib.core.head import (
     linear_gate,
     linear_gate_grads,
 )
-from disalign.calib.core.regime import Regime, training_regime
+from disalign.calib.core.regime import Regime, harder_views_warning, training_regime
 from disalign.calib.core.training import RowSource, SGDRecipe, run_stacked_sgd
 from disalign.calib.data.bank import Bank, BankReader, clean_labelled_rows, rows_digest
 from disalign.calib.errors import DisalignWarning, InputError
@@ -226,16 +226,17 @@ class DisAlign(Calibrator):
         blend, relu = form == "blend", gate == "bn-relu"
         if self.selection not in SELECTIONS:
             raise InputError(f"selection should be one of {', '.join(SELECTIONS)}, found {self.selection!r}.")
-        regime = None
+        regime, fit_warnings = None, []
         if val is not None and task == "classification":
             # Measured on the stage-1 logits before any validation row joins the training rows.
-            train_rows = clean_labelled_rows(view, labels)
+            predicted, train_rows = source.predicted_classes(), clean_labelled_rows(view, labels)
             val_rows = clean_labelled_rows(val.view, val.labels)
-            regime = training_regime(source.predicted_classes()[train_rows], labels[train_rows],
-                                     val.logits[val_rows].argmax(1), val.labels[val_rows], len(class_counts))
+            regime = training_regime(predicted[train_rows], labels[train_rows], val.logits[val_rows].argmax(1), val.labels[val_rows],
+                                     len(class_counts))
+            views = harder_views_warning(predicted, labels, view, regime.val_mean_class_accuracy, len(class_counts))
+            fit_warnings += [views] if views else []
         selection = resolve_selection(self.selection, regime)
         val_weights = self._val_weights(val is not None, regime)
-        fit_warnings = []
         if max(val_weights) > 0 and source.bank is None and self.val_weight == "regime":
             val_weights = (0.0,)
             fit_warnings.append("the training bank is memorised but streamed (--max-memory): the fit could not mix validation rows "

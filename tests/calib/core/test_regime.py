@@ -46,3 +46,42 @@ def test_the_threshold_and_the_sentences_are_pinned():
         "recommendation: the default fit (DisAlign on the training bank, rho and alpha chosen on the validation bank).")
     assert visible.to_dict() == {"name": "bias-visible", "train_mean_class_accuracy": 0.66, "val_mean_class_accuracy": 0.575,
                                  "visible_share": 0.34 / 0.425, "memorised_below": MEMORISED_BELOW}
+
+
+def test_augmented_views_much_harder_than_held_out_images_are_named():
+    from disalign.calib.core.regime import harder_views_warning
+
+    labels = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
+    view = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    # Augmented views: class 0 half right, class 1 none right → mean-class accuracy 25 %, against 70 % held out.
+    predicted = torch.tensor([0, 0, 1, 1, 0, 1, 0, 0])
+    assert harder_views_warning(predicted, labels, view, 0.70, 2) == (
+        "the augmented views of the training bank are much harder for the stage-1 model than held-out images (mean-class "
+        "accuracy 25.0 % against 70.0 % on the validation bank): the fit learns a correction for them that test images do "
+        "not need; extract milder or fewer views (docs/extract.md).")
+    assert harder_views_warning(predicted, labels, view, 0.35, 2) is None  # within 10 points of held-out images
+    assert harder_views_warning(predicted, labels, torch.zeros(8, dtype=torch.int64), 0.70, 2) is None  # no augmented views
+
+
+def test_the_fit_warns_about_augmented_views_harder_than_the_validation_bank():
+    import warnings
+
+    from disalign.calib.data.bank import Bank
+    from disalign.calib.errors import DisalignWarning
+    from disalign.calib.estimators.disalign import DisAlign
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.repeat_interleave(torch.arange(3), torch.tensor([300, 150, 60]))
+    features = torch.randn(labels.numel(), 6, generator=generator) + torch.nn.functional.one_hot(labels, 6).float()
+    clean = 2.0 * torch.nn.functional.one_hot(labels, 3).float() + torch.randn(labels.numel(), 3, generator=generator)
+    noise = torch.randn(labels.numel(), 3, generator=generator)  # augmented views: the model is at chance on them
+    train = Bank.from_arrays(torch.cat([features, features]), torch.cat([clean, noise]), torch.cat([labels, labels]),
+                             model_fingerprint="sha256:v")
+    train.view = torch.repeat_interleave(torch.tensor([0, 1]), labels.numel())
+    train.sample_index = torch.cat([torch.arange(labels.numel())] * 2)
+    val = Bank.from_arrays(features[::3], clean[::3], labels[::3], model_fingerprint="sha256:v", role="val")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = DisAlign(rho_grid=(0.0, 1.0), epochs=1).fit(train, val).meta_.report
+    assert any(w.category is DisalignWarning and "augmented views of the training bank are much harder" in str(w.message) for w in caught)
+    assert any(text.startswith("the augmented views of the training bank are much harder") for text in report["warnings"])
