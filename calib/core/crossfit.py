@@ -121,8 +121,10 @@ class RowWeights:
     def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
         """Weights (R, B) of the rows at indices ``rows`` (B,)."""
         key = self.key[rows]
-        weights = self.per_class[:, key]  # right for training rows
         is_val = rows >= self.num_train
+        # A validation row's key is its fold, not a class: look up class 0 for it (overwritten below). Indexing
+        # with the fold itself ran past the K columns when there are more folds than classes.
+        weights = self.per_class[:, torch.where(is_val, 0, key)]  # right for training rows
         if bool(is_val.any()):
             fold = key[is_val]
             weights[:, is_val] = self.val_weight.unsqueeze(1) * (fold.unsqueeze(0) != self.left_out.unsqueeze(1))

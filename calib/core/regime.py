@@ -58,7 +58,7 @@ class Regime:
         return f"regime: bias visible — {errors}, and methods fitted on the training bank (DisAlign, LWS, cRT) can learn it."
 
     def recommendation(self, *, validation_rows_in_fit: bool = False) -> str:
-        """One sentence: what to do in this regime (docs/results.md, "The memorised regime"), given whether the fit
+        """One sentence: what to do in this regime (docs/results.md, "How fit chooses"), given whether the fit
         already trained on (cross-fitted) validation rows."""
         if not self.memorised:
             return "recommendation: the default fit (DisAlign on the training bank, rho and alpha chosen on the validation bank)."

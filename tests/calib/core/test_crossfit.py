@@ -94,3 +94,20 @@ def test_tempered_nll_takes_the_logit_scale_out_of_the_score():
     t = fit_temperature(logits, labels)
     assert base["val_nll_tempered"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits / t, labels)), abs=1e-6)
     assert base["val_nll_tempered"] <= base["val_nll"] + 1e-6
+
+
+def test_row_weights_with_more_folds_than_classes():
+    """Two classes, five folds: a validation row's key is its fold (0..4), which once indexed the (R, K) class
+    weights directly and ran past K = 2 (IndexError on a two-class bank with validation rows in the fit)."""
+    plan = HeadPlan.make((1.0,), (0.5,), folds=5)  # the kept head, then one head per left-out fold
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 1, 0])  # 3 training rows, then 5 validation rows
+    held_out = HeldOutRows(torch.zeros(5, 3), torch.zeros(5, 2), labels[3:], fold=torch.arange(5))
+    weights = plan.row_weights({1.0: torch.tensor([0.25, 1.75])}, labels, held_out)[torch.arange(8)]
+    assert weights.shape == (6, 8)
+    # Training rows: (1 − λ)·w·N/Σw with N = 3, Σw = 3.75.
+    assert torch.allclose(weights[:, :3], torch.tensor([[0.25, 1.75, 1.75]] * 6) * 0.5 * 3 / 3.75)
+    # Validation rows: λ·N/n_seen; the kept head sees all 5, head f sees 4 and leaves fold f out.
+    expected = torch.full((6, 5), 0.5 * 3 / 4)
+    expected[0] = 0.5 * 3 / 5
+    expected[torch.arange(1, 6), torch.arange(5)] = 0.0
+    assert torch.allclose(weights[:, 3:], expected)

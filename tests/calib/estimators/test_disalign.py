@@ -364,3 +364,17 @@ def test_default_fit_beats_logit_adjustment_on_the_real_cifar10lt_banks():
     assert (disalign.meta_.report["rho"], disalign.meta_.report["magnitude"]) == (1.5, False)
     assert mca(disalign, test) == pytest.approx(0.7629, abs=0.002)
     assert mca(disalign, test) > mca(adjusted, test) + 0.002
+
+
+def test_a_streamed_memorised_fit_says_it_could_not_mix_in_the_validation_rows(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    features, logits, labels = memorised_arrays(generator, [400, 200, 100, 50], None, biased=False)
+    write_bank(tmp_path / "train.h5", features.numpy(), logits.numpy(), labels.numpy(), model_fingerprint="sha256:m", chunk_rows=64)
+    val = memorised_arrays(generator, [50, 50, 50, 50], None, biased=True)
+    write_bank(tmp_path / "val.h5", *(t.numpy() for t in val), model_fingerprint="sha256:m")
+    with pytest.warns(DisalignWarning, match=r"the training bank is memorised but streamed \(--max-memory\)"):
+        est = DisAlign(rho_grid=(0.0, 1.0), epochs=1).fit(tmp_path / "train.h5", val=tmp_path / "val.h5", max_memory=20_000)
+    report = est.meta_.report
+    assert "streamed" in report and report["regime"]["name"] == "memorised"  # the regime is read chunk by chunk too
+    assert "val_weight" not in report and report["selection"] == "temperature-nll"
+    assert report["regime"]["recommendation"].startswith("recommendation: give the fit held-out rows")
