@@ -259,6 +259,7 @@ def test_a_fit_that_trained_on_the_validation_rows_is_scored_on_them_out_of_fold
         scores["mean_class_accuracy"]["logit-adjust"]
     assert report["regime"]["name"] == "memorised" and report["regime"]["sentence"].startswith("regime: memorised — ")
     assert report["recommendation"].startswith(f"recommendation: {scores['lowest_nll']} (lowest validation NLL: ")
+    assert (f"or {scores['best']} (best validation mean-class accuracy" in report["recommendation"]) == (scores["best"] != scores["lowest_nll"])
     assert report["recommendation"].endswith("the training bank is memorised, so only methods that need no training rows or that "
                                              "trained on held-out ones (DisAlign's default, --val-weight regime) see the bias.")
     table = format_table(report)
@@ -268,3 +269,19 @@ def test_a_fit_that_trained_on_the_validation_rows_is_scored_on_them_out_of_fold
     other = Bank.from_arrays(*memorised_arrays(generator, [30, 30, 30, 30], None, biased=True), model_fingerprint="sha256:m", role="val")
     assert evaluate_methods(test, estimators, class_counts=train.training_class_counts(), val=other,
                             bootstrap_resamples=0)["validation"]["out_of_fold"] == []
+
+
+def test_the_recommendation_names_the_lowest_nll_and_a_more_accurate_method_when_they_differ():
+    from disalign.calib.core.regime import Regime
+    from disalign.calib.evaluation.evaluate import recommendation
+
+    # The IR10 cosine model of the suite: DisAlign has the lowest validation NLL, cRT one more right row of 200.
+    validation = {"num_rows": 200, "lowest_nll": "disalign", "best": "crt", "nll": {"disalign": 0.927, "crt": 1.003},
+                  "mean_class_accuracy": {"disalign": 0.690, "crt": 0.695}}
+    assert recommendation(Regime(0.631, 0.61, 0.95), validation) == (
+        "recommendation: disalign (lowest validation NLL: 0.927 on 200 rows), or crt (best validation mean-class accuracy: "
+        "69.5 % against 69.0 %); the training bank shows the bias, so a method fitted on it can be trusted here.")
+    agreeing = {**validation, "best": "disalign"}
+    assert recommendation(Regime(0.99, 0.7, 0.03), agreeing) == (
+        "recommendation: disalign (lowest validation NLL: 0.927 on 200 rows); the training bank is memorised, so only methods "
+        "that need no training rows or that trained on held-out ones (DisAlign's default, --val-weight regime) see the bias.")
