@@ -63,10 +63,10 @@ class Regime:
         if not self.memorised:
             return "recommendation: the default fit (DisAlign on the training bank, rho and alpha chosen on the validation bank)."
         if validation_rows_in_fit:
-            return ("recommendation: the fit trained on cross-fitted validation rows, the only ones that show the bias here; "
-                    "more validation rows help most, and disalign eval compares it with logit adjustment.")
+            return ("recommendation: the fit trained on cross-fitted validation rows, the only ones that show the bias here, "
+                    "so the more of them the better; disalign eval compares it with logit adjustment.")
         return ("recommendation: give the fit held-out rows (disalign fit --val-weight regime, the default, trains on "
-                "cross-fitted validation rows; a larger --val helps most) and compare with logit adjustment in disalign eval.")
+                "cross-fitted validation rows of --val) and compare with logit adjustment in disalign eval.")
 
 
 def training_regime(train_predicted: torch.Tensor, train_labels: torch.Tensor, val_predicted: torch.Tensor,

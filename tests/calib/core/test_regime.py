@@ -32,11 +32,11 @@ def test_the_threshold_and_the_sentences_are_pinned():
         "validation bank, so the training bank shows 3 % of the bias; methods fitted on the training bank (DisAlign, LWS, "
         "cRT) cannot see the test-time bias there.")
     assert memorised.recommendation(validation_rows_in_fit=True) == (
-        "recommendation: the fit trained on cross-fitted validation rows, the only ones that show the bias here; more "
-        "validation rows help most, and disalign eval compares it with logit adjustment.")
+        "recommendation: the fit trained on cross-fitted validation rows, the only ones that show the bias here, so the "
+        "more of them the better; disalign eval compares it with logit adjustment.")
     assert memorised.recommendation() == (
         "recommendation: give the fit held-out rows (disalign fit --val-weight regime, the default, trains on cross-fitted "
-        "validation rows; a larger --val helps most) and compare with logit adjustment in disalign eval.")
+        "validation rows of --val) and compare with logit adjustment in disalign eval.")
     visible = Regime(0.66, 0.575, 0.34 / 0.425)
     assert visible.sentence() == (
         "regime: bias visible — the stage-1 model's mean-class error is 34.0 % on the training bank against 42.5 % on the "
