@@ -160,6 +160,8 @@ def extra_model(shared: Path, torchscript: Path) -> Model:
     """A model outside the shared table (``--extra-model``, e.g. the memorised stand-in of bench/make_memorised.py):
     NAME.ts with its card NAME.json beside it; the training list is the card's train_split (under the shared folder)."""
     card_path = torchscript.with_suffix(".json")
+    if not card_path.is_file():
+        raise SuiteError(f"--extra-model {torchscript}: its card {card_path} is missing (NAME.json beside NAME.ts).")
     try:
         split = str(json.loads(card_path.read_text()).get("train_split", "")).split(" ")[0]
     except (OSError, ValueError) as exc:

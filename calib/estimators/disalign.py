@@ -291,11 +291,13 @@ class DisAlign(Calibrator):
             "train_loss": [epoch[chosen] for epoch in history["loss"]], "selection": selection,
             "head": {"form": form, "gate": gate}, "gate": gate_statistics(init_gate, final_gate),
         }
+        trained_on_val = chosen_spec.val_weight > 0  # the grid may keep a head that never saw a validation row (λ = 0)
         if regime is not None:
             report["regime"] = {**regime.to_dict(), "sentence": regime.sentence(),
-                                "recommendation": regime.recommendation(validation_rows_in_fit=plan.mixes_val)}
+                                "recommendation": regime.recommendation(validation_rows_in_fit=trained_on_val)}
         if plan.mixes_val:
             report["val_weight"] = curve[best]["val_weight"]
+        if trained_on_val:
             # The kept head trained on every validation row: eval scores it on this bank out of fold (report["validation"]).
             report["validation_rows_in_fit"] = {"rows": held_out.count, "digest": rows_digest(held_out.logits, held_out.labels)}
         report["magnitude"] = chosen_spec.magnitude

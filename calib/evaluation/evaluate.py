@@ -138,7 +138,7 @@ def validation_scores(val: Bank, estimators: dict[str, Calibrator]) -> dict:
     scores: dict = {"num_rows": int(labels.numel()), "mean_class_accuracy": {}, "nll": {}, "out_of_fold": []}
     for name, estimator in estimators.items():
         report = estimator.meta_.report
-        in_fit = report.get("validation_rows_in_fit", {}).get("digest") == digest and report["validation"].get("cross_fitted")
+        in_fit = report.get("validation_rows_in_fit", {}).get("digest") == digest  # then report["validation"] is out of fold
         if in_fit and estimator.meta_.target_prior is None:  # the out-of-fold scores are the balanced head's
             scores["mean_class_accuracy"][name] = report["validation"]["val_mean_class_accuracy"]
             scores["nll"][name] = report["validation"]["val_nll"]

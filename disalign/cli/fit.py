@@ -36,7 +36,8 @@ def parse_number_or_auto(text: str, *, high: float | None, expected: str, words:
     """One of ``words`` ('auto'), or a number in [0, high) ([0, ∞) without ``high``)."""
     if text in words:
         return text
-    alternatives = f"{expected}, " + ", ".join(map(repr, words[:-1])) + f" or {words[-1]!r}" if len(words) > 1 else f"{expected} or {words[0]!r}"
+    *others, last = [expected, *map(repr, words)]
+    alternatives = f"{', '.join(others)} or {last}"
     try:
         value = float(text)
     except ValueError:
